@@ -1,0 +1,1 @@
+"""Commands of the CLI that belong to no single part of the library."""

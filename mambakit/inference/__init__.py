@@ -1,0 +1,1 @@
+"""mambakit.inference"""
