@@ -1,0 +1,29 @@
+"""Suite-wide test settings.
+
+Without a GPU, Triton kernels run through Triton's interpreter. `triton.jit` reads TRITON_INTERPRET when a
+kernel is defined, so it is set here, before any test imports a kernel module.
+"""
+
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+settings.register_profile(
+    "ci", deadline=None, max_examples=20, suppress_health_check=[HealthCheck.too_slow], derandomize=False
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
