@@ -1,0 +1,144 @@
+"""Mamba-1 mixer (Gu & Dao 2023): gated selective SSM block with a causal depthwise conv.
+
+Data flow, shapes (batch, seqlen, ...):
+    in_proj: hidden (d_model) -> x, z (d_inner each)
+    x = silu(causal_conv1d(x))
+    x_proj: x -> dt_low (dt_rank), B, C (d_state each);  dt = dt_proj.weight @ dt_low
+    y = selective_scan(x, dt, A = -exp(A_log), B, C, D, z, dt_bias = dt_proj.bias, softplus)
+    out_proj: y (d_inner) -> d_model
+Parameter names follow the official state-spaces checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mambakit import ops
+from mambakit.inference.cache import MambaState
+from mambakit.layers.packing import check_hidden, check_state_batch, resolve_seq_idx
+from mambakit.layers.ssm_init import dt_bias_init, no_reinit, no_weight_decay
+
+
+class Mamba1(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        layer_idx: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        if not (isinstance(self.dt_rank, int) and self.dt_rank > 0):
+            raise ValueError(f"dt_rank must be 'auto' or a positive int, got {dt_rank!r}")
+        self.layer_idx = layer_idx
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **kw)
+        self.conv1d = nn.Conv1d(
+            self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1, bias=conv_bias, **kw
+        )
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **kw)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **kw)
+        with torch.no_grad():
+            bound = self.dt_rank**-0.5
+            self.dt_proj.weight.uniform_(-bound, bound)
+            self.dt_proj.bias.copy_(dt_bias_init(self.d_inner, dt_min, dt_max, dt_init_floor, device=device))
+        # S4D-real: A[d, n] = -(n + 1) for every channel
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A).to(dtype or torch.float32))
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device, dtype=dtype or torch.float32))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **kw)
+        no_weight_decay(self.A_log, self.D, self.dt_proj.bias)
+        no_reinit(self.dt_proj.weight, self.dt_proj.bias)
+
+    def _conv_weight(self) -> torch.Tensor:
+        return self.conv1d.weight[:, 0, :]  # (d_inner, d_conv)
+
+    def _ssm_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (..., d_inner) -> dt (..., d_inner) without bias, B and C (..., 1, d_state)."""
+        dt_low, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt_low, self.dt_proj.weight)  # the bias goes to the scan as dt_bias
+        return dt, B.unsqueeze(-2), C.unsqueeze(-2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        seq_idx: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        cache: MambaState | None = None,
+    ) -> torch.Tensor:
+        """hidden_states (batch, seqlen, d_model) -> (batch, seqlen, d_model).
+
+        With `cache` (from `allocate_inference_cache`) this is a prefill: it continues from the
+        cached state when the cache has consumed tokens and writes the final state back.
+        seq_idx (batch, seqlen) or cu_seqlens (nseqs + 1,) mark packed documents.
+        """
+        check_hidden(hidden_states, self.d_model)
+        batch, seqlen, _ = hidden_states.shape
+        seq_idx = resolve_seq_idx(seq_idx, cu_seqlens, batch, seqlen)
+        conv_init = ssm_init = None
+        if cache is not None:
+            check_state_batch("cache", cache.ssm_state.shape[0], batch)
+            if cache.seqlen_offset > 0:
+                # clones: the buffers are overwritten below and may be saved for backward
+                conv_init, ssm_init = cache.conv_state.clone(), cache.ssm_state.clone()
+        want_state = cache is not None
+
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
+        conv = ops.causal_conv1d(
+            x, self._conv_weight(), self.conv1d.bias, "silu", conv_init, want_state, seq_idx
+        )
+        x, conv_final = conv if want_state else (conv, None)
+        dt, B, C = self._ssm_inputs(x)
+        A = -torch.exp(self.A_log.float())
+        scan = ops.selective_scan(
+            x, dt, A, B, C, self.D, z, self.dt_proj.bias, True, ssm_init, want_state, seq_idx
+        )
+        y, ssm_final = scan if want_state else (scan, None)
+        if cache is not None:
+            with torch.no_grad():
+                cache.conv_state.copy_(conv_final)
+                cache.ssm_state.copy_(ssm_final)
+            cache.seqlen_offset += seqlen
+        return self.out_proj(y)
+
+    def step(self, hidden_states: torch.Tensor, cache: MambaState) -> torch.Tensor:
+        """One token: hidden_states (batch, 1, d_model) -> (batch, 1, d_model); advances `cache` in place."""
+        check_hidden(hidden_states, self.d_model, step=True)
+        check_state_batch("cache", cache.ssm_state.shape[0], hidden_states.shape[0])
+        x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)
+        x = ops.causal_conv1d_update(x, cache.conv_state, self._conv_weight(), self.conv1d.bias, "silu")
+        dt, B, C = self._ssm_inputs(x)
+        A = -torch.exp(self.A_log.float())
+        y = ops.selective_state_update(cache.ssm_state, x, dt, A, B, C, self.D, z, self.dt_proj.bias, True)
+        cache.seqlen_offset += 1
+        return self.out_proj(y).unsqueeze(1)
+
+    def allocate_inference_cache(
+        self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, device=None
+    ) -> MambaState:
+        """Zero state: conv (batch, d_inner, d_conv - 1) in `dtype`, SSM (batch, d_inner, d_state) float32."""
+        device = device or self.out_proj.weight.device
+        dtype = dtype or self.out_proj.weight.dtype
+        return MambaState(
+            conv_state=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
+            ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32),
+        )

@@ -1,0 +1,35 @@
+"""Initializations shared by the Mamba layers: the time-step bias and the no-weight-decay mark."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def dt_bias_init(
+    size: int, dt_min: float, dt_max: float, dt_init_floor: float, device=None, dtype=None
+) -> torch.Tensor:
+    """A bias b with softplus(b) = dt, dt log-uniform in [dt_min, dt_max] and at least dt_init_floor.
+
+    The layers pass this bias to the scan with dt_softplus=True, so the initial step sizes are dt.
+    """
+    if not 0 < dt_min <= dt_max:
+        raise ValueError(f"dt_min and dt_max must satisfy 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+    u = torch.rand(size, device=device, dtype=torch.float32)
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
+    # inverse of softplus: log(exp(dt) - 1) = dt + log(1 - exp(-dt)), stable for small dt
+    return (dt + torch.log(-torch.expm1(-dt))).to(dtype or torch.float32)
+
+
+def no_weight_decay(*params: nn.Parameter) -> None:
+    """Mark parameters that the optimizer groups exclude from weight decay (A_log, D, dt bias, norms)."""
+    for p in params:
+        p._no_weight_decay = True
+
+
+def no_reinit(*params: nn.Parameter) -> None:
+    """Mark parameters whose layer-specific init the model-wide init must keep."""
+    for p in params:
+        p._no_reinit = True
