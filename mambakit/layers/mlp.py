@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambakit.layers.packing import check_hidden
+from mambakit.layers.packing import check_hidden, resolve_seq_idx
 
 ACTIVATIONS = ("swiglu", "relu2")
 
@@ -45,8 +45,9 @@ class MLP(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         cache: None = None,
     ) -> torch.Tensor:
-        """Each position alone, so seq_idx, cu_seqlens and cache change nothing."""
+        """Each position alone, so seq_idx, cu_seqlens and cache change nothing (they are still checked)."""
         check_hidden(hidden_states, self.d_model)
+        resolve_seq_idx(seq_idx, cu_seqlens, hidden_states.shape[0], hidden_states.shape[1])
         h = self.fc1(hidden_states)
         if self.activation == "swiglu":
             y, gate = h.chunk(2, dim=-1)
