@@ -1,0 +1,152 @@
+"""Launches the SSD backward: `bwd_state` (reverse pass over chunks), then the two chunk kernels of
+`bwd_chunk`, then O(batch * seqlen * nheads) PyTorch glue for the scalar-per-position gradients
+(the in-chunk reverse cumsum that turns d cs into d(delta * A), and dt through softplus/clamp).
+
+Recomputation: nothing of size (chunk x chunk) is stored by the forward; the kernels recompute
+C B^T, the decay matrix and x dy^T in registers from x, B, C, delta, cs and the chunk states.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mambakit.ops.ssd.triton._common import dot_precision, pow2_at_least
+from mambakit.ops.ssd.triton.bwd_chunk import chunk_bwd_dC_kernel, chunk_bwd_dx_dB_kernel
+from mambakit.ops.ssd.triton.bwd_state import chunk_state_bwd_kernel
+from mambakit.ops.ssd.triton.forward import state_tile
+
+
+def heads_per_program(heads_per_group: int, programs: int) -> int:
+    """How many heads of a group one chunk program sums over: all of them when the grid is large
+    anyway (fewest partial sums of dB, dC), fewer when the GPU would otherwise idle."""
+    hpp = heads_per_group
+    while hpp % 2 == 0 and programs * (heads_per_group // hpp) < 1024 and hpp > 1:
+        hpp //= 2
+    return hpp
+
+
+def ssd_backward(
+    dy: torch.Tensor,
+    dfinal: torch.Tensor | None,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+    dt_limit: tuple[float, float],
+    has_initial_state: bool,
+    seq_idx: torch.Tensor | None,
+    y_pre: torch.Tensor,
+    final: torch.Tensor,
+    states: torch.Tensor,
+    delta: torch.Tensor,
+    cs: torch.Tensor,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_state) of `ssd_forward`'s inputs.
+
+    y_pre is y before the z gate (y itself without z). D is None or (nheads, headdim); B, C, z have
+    x's dtype. Entries for absent inputs are None.
+    """
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    nchunks = math.ceil(seqlen / chunk_size)
+    hpg = nheads // ngroups
+    acc = states.dtype
+    dev = x.device
+    prec = dot_precision(x.dtype)
+    seq_strides = (0, 0) if seq_idx is None else seq_idx.stride()
+
+    dz = None
+    if z is not None:
+        zf, dyf = z.to(acc), dy.to(acc)
+        sig = torch.sigmoid(zf)
+        dz = (dyf * y_pre.to(acc) * sig * (1 + zf * (1 - sig))).to(z.dtype)
+        dy = dyf * zf * sig
+    dy = dy.to(x.dtype).contiguous()  # the gradient before the gate, in the dtype of the tensor-core operands
+    y_pre = y_pre.contiguous()
+
+    # 1. reverse pass over chunks: G[c] (grad of chunk c's own state), d initial_state, d cs_end shares
+    bp, bn = state_tile(batch, nheads, headdim, dstate)
+    npn = math.ceil(headdim / bp) * math.ceil(dstate / bn)
+    G = torch.empty_like(states)
+    dh0 = torch.empty_like(final)
+    dcs_end = torch.empty(batch, nheads, nchunks, npn, device=dev, dtype=acc)
+    dfinal_c = None if dfinal is None else dfinal.to(acc).contiguous()
+    block_q = pow2_at_least(chunk_size)
+    chunk_state_bwd_kernel[(npn, batch, nheads)](
+        dy, C, seq_idx, cs, states, final, dfinal_c,
+        G, dh0, dcs_end,
+        seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg,
+        *dy.stride(), *C.stride(), *seq_strides,
+        HAS_DFINAL=dfinal_c is not None, HAS_SEQ=seq_idx is not None,
+        BLOCK_Q=block_q, BLOCK_P=bp, BLOCK_N=bn, PREC=prec,
+        num_warps=4 if block_q * max(bp, bn) <= 8192 else 8,
+    )  # fmt: skip
+
+    # 2. per-chunk gradients
+    block_m = min(64, block_q)
+    block_p = pow2_at_least(headdim)
+    block_n = pow2_at_least(dstate)
+    nmb = math.ceil(chunk_size / block_m)
+    hpp = heads_per_program(hpg, nmb * batch * nchunks * ngroups)
+    nsplit = hpg // hpp
+    dx = torch.empty(x.shape, device=dev, dtype=x.dtype)
+    dB_parts = torch.empty(nsplit, batch, seqlen, ngroups, dstate, device=dev, dtype=acc)
+    dC_parts = torch.empty_like(dB_parts)
+    ddelta = torch.empty_like(delta)
+    dcs = torch.empty_like(delta)
+    dD_parts = None
+    if D is not None:
+        dD_parts = torch.empty(batch, nchunks, nmb, nheads, headdim, device=dev, dtype=acc)
+    grid = (nmb, batch * nchunks, ngroups * nsplit)
+    warps = 4 if block_n * max(block_p, block_m) <= 8192 else 8
+    chunk_bwd_dx_dB_kernel[grid](
+        x, B, C, D, seq_idx, delta, cs, G, dy, y_pre,
+        dx, dB_parts, ddelta, dcs, dD_parts,
+        seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg, hpp, nsplit,
+        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *seq_strides,
+        HAS_D=D is not None, HAS_SEQ=seq_idx is not None,
+        BLOCK_M=block_m, BLOCK_K=block_m, BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec,
+        num_warps=warps,
+    )  # fmt: skip
+    chunk_bwd_dC_kernel[grid](
+        x, B, seq_idx, delta, cs, states, dy,
+        dC_parts,
+        seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg, hpp, nsplit,
+        *x.stride(), *B.stride(), *dy.stride(), *seq_strides,
+        HAS_SEQ=seq_idx is not None,
+        BLOCK_M=block_m, BLOCK_K=block_m, BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec,
+        num_warps=warps,
+    )  # fmt: skip
+    dB = dB_parts.sum(0).to(B.dtype)
+    dC = dC_parts.sum(0).to(C.dtype)
+    dD = None if D is None else dD_parts.sum((0, 1, 2)).to(D.dtype)
+
+    # 3. scalars per position: d cs -> d(delta A) by a reverse cumsum inside each chunk
+    ends = torch.clamp(torch.arange(1, nchunks + 1, device=dev) * chunk_size, max=seqlen) - 1
+    dcs[:, :, ends] += dcs_end.sum(-1)
+    pad = nchunks * chunk_size - seqlen
+    da = F.pad(dcs, (0, pad)).view(batch, nheads, nchunks, chunk_size)
+    da = da.flip(-1).cumsum(-1).flip(-1).reshape(batch, nheads, -1)[..., :seqlen]
+    ddelta = ddelta + da * A.to(acc)[None, :, None]
+    dA = (da * delta).sum((0, 2)).to(A.dtype)
+    ddelta = ddelta.transpose(1, 2)  # (batch, seqlen, nheads)
+    # dt -> delta by hand (autograd is off inside a custom op); same derivative rules as PyTorch's
+    # softplus (threshold 20) and clamp (gradient passes on the closed interval)
+    v = dt.to(acc) if dt_bias is None else dt.to(acc) + dt_bias.to(acc)
+    u = F.softplus(v) if dt_softplus else v
+    if tuple(dt_limit) != (0.0, math.inf):
+        ddelta = ddelta * ((u >= dt_limit[0]) & (u <= dt_limit[1]))
+    if dt_softplus:
+        ddelta = ddelta * torch.where(v > 20.0, 1.0, torch.sigmoid(v))
+    ddt = ddelta.to(dt.dtype)
+    dbias = None if dt_bias is None else ddelta.sum((0, 1)).to(dt_bias.dtype)
+    return dx, ddt, dA, dB, dC, dD, dz, dbias, (dh0 if has_initial_state else None)

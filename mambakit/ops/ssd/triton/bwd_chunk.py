@@ -1,0 +1,234 @@
+"""Backward passes 2 and 3 of 3: per-chunk gradients, in parallel over (batch, chunk, row block, group).
+
+With L_ts = exp(cs_t - cs_s) for s <= t in one chunk (and one document), dy the gradient of y before
+the z gate, S the state entering the chunk and G the gradient of what the chunk adds to the state
+leaving it (from `bwd_state`):
+  column kernel, rows s (what position s influenced):
+    dxdt_s = sum_{t >= s} (C_t . B_s) L_ts dy_t + exp(cs_end - cs_s) G B_s
+    dx_s = delta_s dxdt_s + D dy_s;   ddelta_s (direct) = x_s . dxdt_s
+    dB_s = sum_heads delta_s [ sum_{t >= s} L_ts (x_s . dy_t) C_t + exp(cs_end - cs_s) G^T x_s ]
+    dcs_s (its own part) = dy_s . (y_s - D x_s) - delta_s ddelta_s
+  row kernel, rows t (what position t read):
+    dC_t = sum_heads [ sum_{s <= t} L_ts delta_s (dy_t . x_s) B_s + exp(cs_t) S^T dy_t ]
+The dcs identity: every exp(cs_t - cs_s) term adds its value to dcs_t and subtracts it from dcs_s,
+and summed over a row those values are y_t (before D), over a column delta_s x_s . dxdt_s. The chunk
+end's extra share comes from `bwd_state`. A program handles `heads_per_prog` heads of one group so
+that dB, dC are summed over heads in registers; several programs per group write partial sums.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def chunk_bwd_dx_dB_kernel(
+    x_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, delta_ptr, cs_ptr, G_ptr, dy_ptr, y_ptr,
+    dx_ptr, dB_ptr, ddelta_ptr, dcs_ptr, dD_ptr,
+    seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group, heads_per_prog, nsplit,
+    sx_b, sx_l, sx_h, sx_p,
+    sB_b, sB_l, sB_g, sB_n,
+    sC_b, sC_l, sC_g, sC_n,
+    sy_b, sy_l, sy_h, sy_p,
+    sdx_b, sdx_l, sdx_h, sdx_p,
+    ss_b, ss_l,
+    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    m = tl.program_id(0)
+    nmb = tl.num_programs(0)
+    b = tl.program_id(1) // nchunks
+    c = tl.program_id(1) % nchunks
+    g = tl.program_id(2) // nsplit
+    split = tl.program_id(2) % nsplit
+    ACC = G_ptr.dtype.element_ty
+    DOT = x_ptr.dtype.element_ty
+    start = c * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - start)
+    last = start + chunk_len - 1
+
+    s_idx = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    smask = s_idx < chunk_len
+    pmask = offs_p < headdim
+    nmask = offs_n < dstate
+    ts = start + s_idx
+    sp_mask = smask[:, None] & pmask[None, :]
+    sn_mask = smask[:, None] & nmask[None, :]
+
+    Bs = tl.load(
+        B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n, mask=sn_mask, other=0.0
+    ).to(DOT)
+    if HAS_SEQ:
+        seq_s = tl.load(seq_ptr + b * ss_b + ts * ss_l, mask=smask, other=0)
+        seq_end = tl.load(seq_ptr + b * ss_b + last * ss_l)
+    dB_total = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+
+    for j in range(heads_per_prog):
+        h = g * heads_per_group + split * heads_per_prog + j
+        dcs_base = (b * nheads + h) * seqlen
+        cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
+        delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
+        cs_end = tl.load(cs_ptr + dcs_base + last)
+        xs = tl.load(
+            x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p, mask=sp_mask, other=0.0
+        )
+        xs_dot = xs.to(DOT)
+
+        # through the state leaving the chunk
+        st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
+        G = tl.load(
+            G_ptr + st_off + offs_p[:, None] * dstate + offs_n[None, :],
+            mask=pmask[:, None] & nmask[None, :],
+            other=0.0,
+        )  # (BLOCK_P, BLOCK_N)
+        scale = tl.exp(cs_end - cs_s)
+        if HAS_SEQ:
+            scale = tl.where(seq_s == seq_end, scale, 0.0)
+        scale = tl.where(smask, scale, 0.0)
+        G_dot = G.to(DOT)
+        dxdt = tl.dot(Bs, tl.trans(G_dot), input_precision=PREC).to(ACC) * scale[:, None]
+        dB = tl.dot(xs_dot, G_dot, input_precision=PREC).to(ACC) * scale[:, None]
+
+        # through the outputs of this chunk at t >= s
+        for k0 in range(m * BLOCK_M, chunk_len, BLOCK_K):
+            t_idx = k0 + tl.arange(0, BLOCK_K)
+            tmask = t_idx < chunk_len
+            tt = start + t_idx
+            Ct = tl.load(
+                C_ptr + b * sC_b + tt[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
+                mask=tmask[:, None] & nmask[None, :],
+                other=0.0,
+            ).to(DOT)
+            dyt = tl.load(
+                dy_ptr + b * sy_b + tt[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
+                mask=tmask[:, None] & pmask[None, :],
+                other=0.0,
+            ).to(DOT)
+            cs_t = tl.load(cs_ptr + dcs_base + tt, mask=tmask, other=0.0)
+            keep = (t_idx[None, :] >= s_idx[:, None]) & tmask[None, :]
+            if HAS_SEQ:
+                seq_t = tl.load(seq_ptr + b * ss_b + tt * ss_l, mask=tmask, other=0)
+                keep = keep & (seq_s[:, None] == seq_t[None, :])
+            Lt = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
+            cbT = tl.dot(Bs, tl.trans(Ct), input_precision=PREC).to(ACC)
+            dxdt += tl.dot((cbT * Lt).to(DOT), dyt, input_precision=PREC).to(ACC)
+            xdy = tl.dot(xs_dot, tl.trans(dyt), input_precision=PREC).to(ACC)
+            dB += tl.dot((xdy * Lt).to(DOT), Ct, input_precision=PREC).to(ACC)
+
+        dB_total += dB * delta_s[:, None]
+        xs = xs.to(ACC)
+        io_off = b * sy_b + ts[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p
+        dys = tl.load(dy_ptr + io_off, mask=sp_mask, other=0.0).to(ACC)
+        ys = tl.load(y_ptr + io_off, mask=sp_mask, other=0.0).to(ACC)
+        dx = dxdt * delta_s[:, None]
+        if HAS_D:
+            Dp = tl.load(D_ptr + h * headdim + offs_p, mask=pmask, other=0.0).to(ACC)
+            dx += dys * Dp[None, :]
+            ys -= xs * Dp[None, :]
+            dD = tl.sum(dys * xs, 0)
+            tl.store(dD_ptr + (((b * nchunks + c) * nmb + m) * nheads + h) * headdim + offs_p, dD, mask=pmask)
+        tl.store(
+            dx_ptr + b * sdx_b + ts[:, None] * sdx_l + h * sdx_h + offs_p[None, :] * sdx_p,
+            dx.to(dx_ptr.dtype.element_ty),
+            mask=sp_mask,
+        )
+        ddelta = tl.sum(xs * dxdt, 1)
+        dcs = tl.sum(dys * ys, 1) - delta_s * ddelta
+        tl.store(ddelta_ptr + dcs_base + ts, ddelta, mask=smask)
+        tl.store(dcs_ptr + dcs_base + ts, dcs, mask=smask)
+
+    # dB partial sums: (nsplit, batch, seqlen, ngroups, dstate), contiguous
+    ngroups = nheads // heads_per_group
+    batch = tl.num_programs(1) // nchunks
+    dB_off = (((split * batch + b) * seqlen + ts[:, None]) * ngroups + g) * dstate
+    tl.store(dB_ptr + dB_off + offs_n[None, :], dB_total, mask=sn_mask)
+
+
+@triton.jit
+def chunk_bwd_dC_kernel(
+    x_ptr, B_ptr, seq_ptr, delta_ptr, cs_ptr, states_ptr, dy_ptr,
+    dC_ptr,
+    seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group, heads_per_prog, nsplit,
+    sx_b, sx_l, sx_h, sx_p,
+    sB_b, sB_l, sB_g, sB_n,
+    sy_b, sy_l, sy_h, sy_p,
+    ss_b, ss_l,
+    HAS_SEQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    m = tl.program_id(0)
+    batch = tl.num_programs(1) // nchunks
+    b = tl.program_id(1) // nchunks
+    c = tl.program_id(1) % nchunks
+    g = tl.program_id(2) // nsplit
+    split = tl.program_id(2) % nsplit
+    ACC = states_ptr.dtype.element_ty
+    DOT = x_ptr.dtype.element_ty
+    start = c * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - start)
+
+    r = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    rmask = r < chunk_len
+    pmask = offs_p < headdim
+    nmask = offs_n < dstate
+    t = start + r
+    if HAS_SEQ:
+        seq_r = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=rmask, other=0)
+        seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(start - 1, 0) * ss_l)
+    dC = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    hi = tl.minimum((m + 1) * BLOCK_M, chunk_len)
+
+    for j in range(heads_per_prog):
+        h = g * heads_per_group + split * heads_per_prog + j
+        dcs_base = (b * nheads + h) * seqlen
+        cs_r = tl.load(cs_ptr + dcs_base + t, mask=rmask, other=0.0)
+        dyr = tl.load(
+            dy_ptr + b * sy_b + t[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
+            mask=rmask[:, None] & pmask[None, :],
+            other=0.0,
+        ).to(DOT)
+        st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
+        S = tl.load(
+            states_ptr + st_off + offs_p[:, None] * dstate + offs_n[None, :],
+            mask=pmask[:, None] & nmask[None, :],
+            other=0.0,
+        )  # (BLOCK_P, BLOCK_N)
+        scale = tl.exp(cs_r)
+        if HAS_SEQ:
+            scale = tl.where(seq_r == seq_prev, scale, 0.0)
+        dC += tl.dot(dyr, S.to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
+
+        for k0 in range(0, hi, BLOCK_K):
+            s_idx = k0 + tl.arange(0, BLOCK_K)
+            smask = s_idx < chunk_len
+            ts = start + s_idx
+            xs = tl.load(
+                x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
+                mask=smask[:, None] & pmask[None, :],
+                other=0.0,
+            ).to(DOT)
+            Bs = tl.load(
+                B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
+                mask=smask[:, None] & nmask[None, :],
+                other=0.0,
+            ).to(DOT)
+            cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
+            delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
+            keep = (r[:, None] >= s_idx[None, :]) & smask[None, :]
+            if HAS_SEQ:
+                seq_s = tl.load(seq_ptr + b * ss_b + ts * ss_l, mask=smask, other=0)
+                keep = keep & (seq_r[:, None] == seq_s[None, :])
+            L = tl.exp(tl.where(keep, cs_r[:, None] - cs_s[None, :], float("-inf")))
+            dyx = tl.dot(dyr, tl.trans(xs), input_precision=PREC).to(ACC)  # (BLOCK_M, BLOCK_K)
+            dC += tl.dot((dyx * L * delta_s[None, :]).to(DOT), Bs, input_precision=PREC).to(ACC)
+
+    ngroups = nheads // heads_per_group
+    dC_off = (((split * batch + b) * seqlen + t[:, None]) * ngroups + g) * dstate
+    tl.store(dC_ptr + dC_off + offs_n[None, :], dC, mask=rmask[:, None] & nmask[None, :])

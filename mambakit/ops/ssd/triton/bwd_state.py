@@ -1,0 +1,95 @@
+"""Backward pass 1 of 3: gradients of the states, walking the chunks in reverse.
+
+T_c, the gradient of the state entering chunk c, obeys (decay_c = exp(cs_end of c), zero across a
+document boundary inside c)
+    T_nchunks = d final_state,   T_c = dS_out[c] + decay_c * T_{c+1},   d initial_state = T_0
+where dS_out[c] = sum_t exp(cs_t) dy_t^T C_t is what the outputs of c read from the state (tl.dot).
+Each program owns a (headdim block x dstate block) tile of one (batch, head). It writes
+G[c] = T_{c+1} (the gradient of what chunk c adds to the state, read by the chunk kernels) and this
+tile's share of <T_{c+1}, S_{c+1}>, the gradient of chunk c's total log-decay cs_end (summed over
+tiles afterwards). That single inner product covers both the decay of the carried state and the
+exp(cs_end - cs_s) weights of the chunk's own contribution, because S_{c+1} is exactly their sum.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def chunk_state_bwd_kernel(
+    dy_ptr, C_ptr, seq_ptr, cs_ptr, states_ptr, final_ptr, dfinal_ptr,
+    G_ptr, dh0_ptr, dcsend_ptr,
+    seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group,
+    sy_b, sy_l, sy_h, sy_p,
+    sC_b, sC_l, sC_g, sC_n,
+    ss_b, ss_l,
+    HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    pid_pn = tl.program_id(0)
+    npn = tl.num_programs(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    npb = tl.cdiv(headdim, BLOCK_P)
+    pb = pid_pn % npb
+    nb = pid_pn // npb
+    ACC = states_ptr.dtype.element_ty
+    DOT = dy_ptr.dtype.element_ty
+    g = h // heads_per_group
+
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    pmask = offs_p < headdim
+    nmask = offs_n < dstate
+    pn_mask = pmask[:, None] & nmask[None, :]
+    pn_off = offs_p[:, None] * dstate + offs_n[None, :]
+    bh_off = (b * nheads + h) * headdim * dstate
+
+    if HAS_DFINAL:
+        T = tl.load(dfinal_ptr + bh_off + pn_off, mask=pn_mask, other=0.0).to(ACC)
+    else:
+        T = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC)
+    S_next = tl.load(final_ptr + bh_off + pn_off, mask=pn_mask, other=0.0)
+    dcs_base = (b * nheads + h) * seqlen
+
+    for i in range(nchunks):
+        c = nchunks - 1 - i
+        start = c * chunk_size
+        st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
+        tl.store(G_ptr + st_off + pn_off, T, mask=pn_mask)
+        share = tl.sum(tl.sum(T * S_next, 1), 0)
+        tl.store(dcsend_ptr + ((b * nheads + h) * nchunks + c) * npn + pid_pn, share)
+        S_next = tl.load(states_ptr + st_off + pn_off, mask=pn_mask, other=0.0)
+
+        t = start + offs_q
+        qmask = (offs_q < chunk_size) & (t < seqlen)
+        cs = tl.load(cs_ptr + dcs_base + t, mask=qmask, other=0.0)
+        last = tl.minimum(start + chunk_size, seqlen) - 1
+        cs_end = tl.load(cs_ptr + dcs_base + last)
+        w = tl.exp(cs)
+        decay = tl.exp(cs_end)
+        if HAS_SEQ:
+            seq = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=qmask, other=0)
+            seq_end = tl.load(seq_ptr + b * ss_b + last * ss_l)
+            seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(start - 1, 0) * ss_l)
+            w = tl.where(seq == seq_prev, w, 0.0)
+            decay = tl.where(seq_end == seq_prev, decay, 0.0)
+        w = tl.where(qmask, w, 0.0)
+        dy = tl.load(
+            dy_ptr + b * sy_b + t[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
+            mask=qmask[:, None] & pmask[None, :],
+            other=0.0,
+        )
+        Ct = tl.load(
+            C_ptr + b * sC_b + t[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
+            mask=qmask[:, None] & nmask[None, :],
+            other=0.0,
+        )
+        dyw = (dy.to(ACC) * w[:, None]).to(DOT)
+        dS_out = tl.dot(tl.trans(dyw), Ct.to(DOT), input_precision=PREC).to(ACC)
+        T = dS_out + decay * T
+
+    tl.store(dh0_ptr + bh_off + pn_off, T, mask=pn_mask)

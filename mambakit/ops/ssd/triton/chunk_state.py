@@ -1,0 +1,104 @@
+"""Forward pass 1 of 2: dt processing, in-chunk cumulative decay and the states entering each chunk.
+
+One program owns a (headdim block x dstate block) tile of one (batch, head) state and walks the chunks
+in order: for chunk c it stores the state entering c, then adds c's own contribution
+    S_local[c] = sum_s exp(cs_end - cs_s) * delta_s * x_s B_s^T        (tl.dot, tensor cores)
+after decaying the running state by exp(cs_end). Fusing the chunk states with the state passing means
+the per-chunk local states never go to memory: only the entering states (kept for the output pass and
+for backward) are written. Programs with tile (0, 0) also write delta and the in-chunk cumsum cs of
+delta * A, which the output pass and backward read.
+With seq_idx, only the last document of a chunk contributes to the state leaving it, and the
+incoming state survives a chunk only if no document boundary falls inside it (or at its start).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from mambakit.ops.ssd.triton._common import process_dt
+
+
+@triton.jit
+def chunk_state_fwd_kernel(
+    x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, seq_ptr, h0_ptr,
+    delta_ptr, cs_ptr, states_ptr, final_ptr,
+    seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group, dt_min, dt_max,
+    sx_b, sx_l, sx_h, sx_p,
+    sdt_b, sdt_l, sdt_h,
+    sB_b, sB_l, sB_g, sB_n,
+    ss_b, ss_l,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+    HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    pid_pn = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    npb = tl.cdiv(headdim, BLOCK_P)
+    pb = pid_pn % npb
+    nb = pid_pn // npb
+    ACC = states_ptr.dtype.element_ty
+    DOT = x_ptr.dtype.element_ty
+    g = h // heads_per_group
+
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    pmask = offs_p < headdim
+    nmask = offs_n < dstate
+    pn_mask = pmask[:, None] & nmask[None, :]
+    # states / final / h0 are contiguous (batch, [nchunks,] nheads, headdim, dstate)
+    pn_off = offs_p[:, None] * dstate + offs_n[None, :]
+
+    A = tl.load(A_ptr + h).to(ACC)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + h).to(ACC)
+    if HAS_INIT:
+        s = tl.load(h0_ptr + (b * nheads + h) * headdim * dstate + pn_off, mask=pn_mask, other=0.0).to(ACC)
+    else:
+        s = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC)
+    dcs_base = (b * nheads + h) * seqlen  # delta / cs are (batch, nheads, seqlen)
+
+    for c in range(nchunks):
+        start = c * chunk_size
+        t = start + offs_q
+        qmask = (offs_q < chunk_size) & (t < seqlen)
+        dt = tl.load(dt_ptr + b * sdt_b + t * sdt_l + h * sdt_h, mask=qmask, other=0.0).to(ACC)
+        delta = tl.where(qmask, process_dt(dt, bias, SOFTPLUS, HAS_LIMIT, dt_min, dt_max), 0.0)
+        a = delta * A
+        cs = tl.cumsum(a, axis=0)
+        writer = qmask & ((offs_q * 0 + pid_pn) == 0)  # one tile per (batch, head) writes delta, cs
+        tl.store(delta_ptr + dcs_base + t, delta, mask=writer)
+        tl.store(cs_ptr + dcs_base + t, cs, mask=writer)
+        cs_end = tl.sum(a, axis=0)
+        w = tl.exp(cs_end - cs) * delta
+        decay = tl.exp(cs_end)
+        if HAS_SEQ:
+            last = tl.minimum(start + chunk_size, seqlen) - 1
+            seq = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=qmask, other=0)
+            seq_end = tl.load(seq_ptr + b * ss_b + last * ss_l)
+            seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(start - 1, 0) * ss_l)
+            w = tl.where(seq == seq_end, w, 0.0)
+            decay = tl.where(seq_end == seq_prev, decay, 0.0)
+        w = tl.where(qmask, w, 0.0)
+
+        st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
+        tl.store(states_ptr + st_off + pn_off, s, mask=pn_mask)
+
+        x = tl.load(
+            x_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
+            mask=qmask[:, None] & pmask[None, :],
+            other=0.0,
+        )
+        Bt = tl.load(
+            B_ptr + b * sB_b + t[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
+            mask=qmask[:, None] & nmask[None, :],
+            other=0.0,
+        )
+        xw = (x.to(ACC) * w[:, None]).to(DOT)
+        local = tl.dot(tl.trans(xw), Bt.to(DOT), input_precision=PREC)
+        s = decay * s + local.to(ACC)
+
+    tl.store(final_ptr + (b * nheads + h) * headdim * dstate + pn_off, s, mask=pn_mask)

@@ -1,0 +1,111 @@
+"""Launches the SSD forward: `chunk_state` (states entering each chunk) then `chunk_scan` (outputs).
+
+Prediction, at the benchmark anchor (batch 4, nheads 64, headdim 64, ngroups 1, dstate 128, chunk 256,
+bf16 x/B/C, fp32 dt) and seqlen L = 8192 (32 chunks, 8192 (batch, chunk, head) triples):
+  FLOPs (one multiply-add = 2): chunk states Q*P*N*2 = 4.2 M per triple -> 34 G; state-to-output
+  C S^T Q*N*P*2 -> 34 G; intra-chunk scores x values Q*Q*P*2 -> 69 G (half of it above the diagonal,
+  skipped); C B^T per group 2.1 G (we recompute it per head on the causal half: +34 G of tensor-core
+  work traded for not storing it). Useful total ~140 GFLOP, ~0.14 ms at H100's ~990 bf16 TFLOP/s.
+  Bytes: x 268 MB read (twice: once per pass), y 268 MB written, B and C 17 MB, dt 8 MB, delta and cs
+  17 MB; states entering chunks (fp32) 268 MB written then read once = ~1.3 GB moved; the unavoidable
+  part (x, y, B, C, dt) is 0.55 GB, a floor of ~0.19 ms at 3 TB/s.
+  Bars: <= 0.5 ms forward and <= 2.5 ms forward+backward at L = 8192 (official Triton kernels: 1.29 ms
+  and 5.79 ms; flash-linear-attention's chunk_simple_gla forward 0.43 ms at L = 2048). Expected here:
+  ~0.45-0.6 ms forward, bound by the fp32 state traffic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mambakit.ops.ssd.triton._common import dot_precision, pow2_at_least
+from mambakit.ops.ssd.triton.chunk_scan import chunk_scan_fwd_kernel
+from mambakit.ops.ssd.triton.chunk_state import chunk_state_fwd_kernel
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def state_tile(batch: int, nheads: int, headdim: int, dstate: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_N) of the sequential state programs: big tiles, unless the grid would leave
+    most of the GPU idle (few batch x heads, e.g. one long sequence)."""
+    bp, bn = min(64, pow2_at_least(headdim)), min(64, pow2_at_least(dstate))
+    while batch * nheads * math.ceil(headdim / bp) * math.ceil(dstate / bn) < 256 and max(bp, bn) > 16:
+        if bn >= bp:
+            bn //= 2
+        else:
+            bp //= 2
+    return bp, bn
+
+
+def ssd_forward(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+    dt_limit: tuple[float, float],
+    initial_state: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunked forward. B, C, z must already have x's dtype; D is None or (nheads, headdim).
+
+    Returns y (batch, seqlen, nheads, headdim) in x's dtype; y before the z gate (None without z);
+    the final state (batch, nheads, headdim, dstate); the states entering each chunk
+    (batch, nchunks, nheads, headdim, dstate); delta and the in-chunk cumsum of delta * A, both
+    (batch, nheads, seqlen). States, delta and cs are float32 (float64 for float64 x).
+    """
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    nchunks = math.ceil(seqlen / chunk_size)
+    acc = acc_dtype(x)
+    dev = x.device
+    delta = torch.empty(batch, nheads, seqlen, device=dev, dtype=acc)
+    cs = torch.empty_like(delta)
+    states = torch.empty(batch, nchunks, nheads, headdim, dstate, device=dev, dtype=acc)
+    final = torch.empty(batch, nheads, headdim, dstate, device=dev, dtype=acc)
+    h0 = None if initial_state is None else initial_state.to(acc).contiguous()
+    seq_strides = (0, 0) if seq_idx is None else seq_idx.stride()
+    block_q = pow2_at_least(chunk_size)
+    prec = dot_precision(x.dtype)
+    has_limit = tuple(dt_limit) != (0.0, math.inf)
+
+    bp, bn = state_tile(batch, nheads, headdim, dstate)
+    grid = (math.ceil(headdim / bp) * math.ceil(dstate / bn), batch, nheads)
+    chunk_state_fwd_kernel[grid](
+        x, dt, A, dt_bias, B, seq_idx, h0,
+        delta, cs, states, final,
+        seqlen, nheads, headdim, dstate, chunk_size, nchunks, nheads // ngroups,
+        float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
+        *x.stride(), *dt.stride(), *B.stride(), *seq_strides,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
+        HAS_SEQ=seq_idx is not None, HAS_INIT=h0 is not None,
+        BLOCK_Q=block_q, BLOCK_P=bp, BLOCK_N=bn, PREC=prec,
+        num_warps=4 if block_q * max(bp, bn) <= 8192 else 8,
+    )  # fmt: skip
+
+    y = torch.empty_like(x)
+    y_pre = torch.empty_like(x) if z is not None else None
+    block_m = min(64, block_q)
+    block_p = min(64, pow2_at_least(headdim))
+    block_n = pow2_at_least(dstate)
+    z_strides = (0, 0, 0, 0) if z is None else z.stride()
+    grid = (nheads * math.ceil(headdim / block_p), math.ceil(chunk_size / block_m), batch * nchunks)
+    chunk_scan_fwd_kernel[grid](
+        x, B, C, z, D, seq_idx, delta, cs, states,
+        y, y_pre,
+        seqlen, nheads, headdim, dstate, chunk_size, nchunks, nheads // ngroups,
+        *x.stride(), *B.stride(), *C.stride(), *z_strides, *y.stride(), *seq_strides,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None,
+        BLOCK_M=block_m, BLOCK_K=block_m, BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec,
+        num_warps=4 if block_n <= 128 else 8, num_stages=2,
+    )  # fmt: skip
+    return y, y_pre, final, states, delta, cs
