@@ -98,8 +98,12 @@ def _selective_scan_fwd_kernel(
         )  # fmt: skip
         x = tl.load(x_ptr + b * s_x_b + offs_l[:, None] * s_x_l + offs_d[None, :], mask=mask_ld, other=0.0)
         x = x.to(ACC)
-        Bt = tl.load(B_ptr + b * s_B_b + offs_l[:, None] * s_B_l + g * s_B_g + offs_n[None, :], mask=mask_ln, other=0.0)
-        Ct = tl.load(C_ptr + b * s_C_b + offs_l[:, None] * s_C_l + g * s_C_g + offs_n[None, :], mask=mask_ln, other=0.0)
+        Bt = tl.load(
+            B_ptr + b * s_B_b + offs_l[:, None] * s_B_l + g * s_B_g + offs_n[None, :], mask=mask_ln, other=0.0
+        )
+        Ct = tl.load(
+            C_ptr + b * s_C_b + offs_l[:, None] * s_C_l + g * s_C_g + offs_n[None, :], mask=mask_ln, other=0.0
+        )
         Bt = Bt.to(ACC)
         Ct = Ct.to(ACC)
 
@@ -119,7 +123,9 @@ def _selective_scan_fwd_kernel(
         if HAS_D:
             y += Dv[None, :] * x
         if HAS_Z:
-            z = tl.load(z_ptr + b * s_z_b + offs_l[:, None] * s_z_l + offs_d[None, :], mask=mask_ld, other=0.0)
+            z = tl.load(
+                z_ptr + b * s_z_b + offs_l[:, None] * s_z_l + offs_d[None, :], mask=mask_ld, other=0.0
+            )
             z = z.to(ACC)
             y *= z / (1.0 + tl.exp(-z))
         tl.store(
