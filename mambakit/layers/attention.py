@@ -68,7 +68,8 @@ class Attention(nn.Module):
     def _rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         if self.rotary_emb_dim == 0:
             return q, k
-        cos, sin = rotary_cos_sin(positions, self.rotary_emb_dim, self.rope_theta)
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        cos, sin = rotary_cos_sin(positions, self.rotary_emb_dim, self.rope_theta, dtype)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def _attend(

@@ -20,7 +20,7 @@ from torch import nn
 from mambakit import ops
 from mambakit.inference.cache import MambaState
 from mambakit.layers.packing import check_hidden, check_state_batch, resolve_seq_idx
-from mambakit.layers.ssm_init import dt_bias_init, no_reinit, no_weight_decay
+from mambakit.layers.ssm_init import dt_bias_init, no_reinit, no_weight_decay, state_dtype
 
 
 class Mamba1(nn.Module):
@@ -108,7 +108,7 @@ class Mamba1(nn.Module):
         )
         x, conv_final = conv if want_state else (conv, None)
         dt, B, C = self._ssm_inputs(x)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(self.A_log.to(state_dtype(self.A_log.dtype)))
         scan = ops.selective_scan(
             x, dt, A, B, C, self.D, z, self.dt_proj.bias, True, ssm_init, want_state, seq_idx
         )
@@ -127,7 +127,7 @@ class Mamba1(nn.Module):
         x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)
         x = ops.causal_conv1d_update(x, cache.conv_state, self._conv_weight(), self.conv1d.bias, "silu")
         dt, B, C = self._ssm_inputs(x)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(self.A_log.to(state_dtype(self.A_log.dtype)))
         y = ops.selective_state_update(cache.ssm_state, x, dt, A, B, C, self.D, z, self.dt_proj.bias, True)
         cache.seqlen_offset += 1
         return self.out_proj(y).unsqueeze(1)
@@ -140,5 +140,7 @@ class Mamba1(nn.Module):
         dtype = dtype or self.out_proj.weight.dtype
         return MambaState(
             conv_state=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
-            ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32),
+            ssm_state=torch.zeros(
+                batch_size, self.d_inner, self.d_state, device=device, dtype=state_dtype(self.A_log.dtype)
+            ),
         )

@@ -20,7 +20,7 @@ from mambakit import ops
 from mambakit.inference.cache import MambaState
 from mambakit.layers.norm import GatedRMSNorm
 from mambakit.layers.packing import check_hidden, check_state_batch, cu_seqlens_as_seq_idx
-from mambakit.layers.ssm_init import dt_bias_init, no_weight_decay
+from mambakit.layers.ssm_init import dt_bias_init, no_weight_decay, state_dtype
 
 
 class Mamba2(nn.Module):
@@ -137,7 +137,7 @@ class Mamba2(nn.Module):
         )
         xBC, conv_final = conv if want_state else (conv, None)
         x, B, C = self._split_xbc(xBC)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(self.A_log.to(state_dtype(self.A_log.dtype)))
         scan = ops.ssd(
             x, dt, A, B, C, self.chunk_size, self.D, None, self.dt_bias, True, self.dt_limit,
             ssm_init, want_state, seq_idx, cu_seqlens,
@@ -161,7 +161,7 @@ class Mamba2(nn.Module):
         )
         xBC = ops.causal_conv1d_update(xBC, cache.conv_state, self._conv_weight(), self.conv1d.bias, "silu")
         x, B, C = self._split_xbc(xBC)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(self.A_log.to(state_dtype(self.A_log.dtype)))
         y = ops.ssd_state_update(
             cache.ssm_state, x, dt, A, B, C, self.D, None, self.dt_bias, True, self.dt_limit
         )
@@ -179,6 +179,11 @@ class Mamba2(nn.Module):
         return MambaState(
             conv_state=torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
             ssm_state=torch.zeros(
-                batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32
+                batch_size,
+                self.nheads,
+                self.headdim,
+                self.d_state,
+                device=device,
+                dtype=state_dtype(self.A_log.dtype),
             ),
         )

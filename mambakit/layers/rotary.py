@@ -6,25 +6,24 @@ import torch
 
 
 def rotary_cos_sin(
-    positions: torch.Tensor, rotary_dim: int, theta: float = 10000.0
+    positions: torch.Tensor, rotary_dim: int, theta: float = 10000.0, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (batch, seqlen) integer -> cos, sin (batch, seqlen, rotary_dim // 2), float32."""
-    inv_freq = theta ** (
-        -torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32) / rotary_dim
-    )
-    angles = positions.to(torch.float32)[..., None] * inv_freq
+    """positions (batch, seqlen) integer -> cos, sin (batch, seqlen, rotary_dim // 2) in `dtype`
+    (float32, or float64 for a float64 model)."""
+    inv_freq = theta ** (-torch.arange(0, rotary_dim, 2, device=positions.device, dtype=dtype) / rotary_dim)
+    angles = positions.to(dtype)[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (i, i + rotary_dim / 2) of the first rotary_dim features of each head.
 
-    x (batch, seqlen, nheads, head_dim); cos, sin (batch, seqlen, rotary_dim // 2). Computed in float32,
-    returned in x's dtype; features past rotary_dim pass through.
+    x (batch, seqlen, nheads, head_dim); cos, sin (batch, seqlen, rotary_dim // 2). Computed in cos's
+    dtype, returned in x's dtype; features past rotary_dim pass through.
     """
     half = cos.shape[-1]
     rot, rest = x[..., : 2 * half], x[..., 2 * half :]
-    x1, x2 = rot.float().chunk(2, dim=-1)
+    x1, x2 = rot.to(cos.dtype).chunk(2, dim=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
     return torch.cat([rotated, rest], dim=-1)

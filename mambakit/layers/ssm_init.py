@@ -33,3 +33,8 @@ def no_reinit(*params: nn.Parameter) -> None:
     """Mark parameters whose layer-specific init the model-wide init must keep."""
     for p in params:
         p._no_reinit = True
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Recurrent state and A are float32 (float64 when the layer itself is float64, e.g. for gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
