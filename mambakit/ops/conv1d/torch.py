@@ -1,9 +1,11 @@
-"""PyTorch backend of causal depthwise conv1d: one grouped `F.conv1d` over the state-prefixed input.
+"""PyTorch backend of causal depthwise conv1d: `width` fused multiply-adds over shifted views of the
+state-prefixed input, in the public (batch, seqlen, dim) layout.
 
-With seq_idx, the taps that would cross a document boundary are masked on a strided (unfold) view of
-the input windows, so the whole sequence is still one vectorized op. Autograd by PyTorch (gradients
-reach x, weight, bias and initial_state). The one-token step is the reference's: it is already a
-single vectorized multiply-add over the window.
+Measured on CPU (fp32, 2 threads, 130M conv shape) this beats a grouped `F.conv1d` many times over:
+no transposes to channels-first and back, and depthwise `F.conv1d` is slow on CPU for tiny widths.
+With seq_idx the taps that would cross a document boundary are masked. Autograd by PyTorch (gradients
+reach x, weight, bias and initial_state). The one-token step is the reference's: it is already one
+vectorized multiply-add over the window.
 """
 
 from __future__ import annotations
@@ -34,31 +36,35 @@ def causal_conv1d_impl(
     width = weight.shape[1]
     acc = compute_dtype(x, weight)
     # half inputs are upcast: float32 accumulation is what the reference and the GPU kernels do
-    xt = x.transpose(1, 2).to(acc)  # (batch, dim, seqlen)
     if initial_state is None:
-        xt = F.pad(xt, (width - 1, 0))
+        xs = F.pad(x.to(acc), (0, 0, width - 1, 0))
     else:
-        xt = torch.cat([initial_state.to(acc), xt], dim=2)  # (batch, dim, width - 1 + seqlen)
-    w = weight.to(acc)
-    b = None if bias is None else bias.to(acc)
+        xs = torch.cat([initial_state.transpose(1, 2).to(acc), x.to(acc)], dim=1)
+    # xs: (batch, width - 1 + seqlen, dim), position t of x at index t + width - 1
+    taps = weight.t().to(acc).contiguous()  # (width, dim): a contiguous row per tap is what makes it fast
+    doc = None if seq_idx is None else extended_doc_ids(seq_idx, width)
 
-    if seq_idx is None:
-        out = F.conv1d(xt, w[:, None, :], b, groups=dim)  # (batch, dim, seqlen)
+    def tap_input(k: int) -> torch.Tensor:
+        window = xs[:, k : k + seqlen]
+        if doc is None:
+            return window
+        return window * (doc[:, k : k + seqlen] == doc[:, width - 1 :])[..., None]
+
+    last = width - 1
+    if bias is None:
+        out = taps[last] * tap_input(last)
     else:
-        doc = extended_doc_ids(seq_idx, width)  # (batch, width - 1 + seqlen)
-        same_doc = doc.unfold(1, width, 1) == doc[:, width - 1 :, None]  # (batch, seqlen, width)
-        windows = xt.unfold(2, width, 1) * same_doc[:, None].to(acc)  # (batch, dim, seqlen, width)
-        out = torch.einsum("bdlk,dk->bdl", windows, w)
-        if b is not None:
-            out = out + b[:, None]
-    out = activate(out, activation).transpose(1, 2).to(x.dtype).contiguous()
+        out = torch.addcmul(bias.to(acc), taps[last], tap_input(last))
+    for k in range(last):
+        out.addcmul_(taps[k], tap_input(k))
+    out = activate(out, activation).to(x.dtype)
 
     if not return_final_state:
         return out, None
-    final = xt[:, :, seqlen:]  # the last width-1 inputs, (batch, dim, width - 1)
-    if seq_idx is not None:
-        final = final * (doc[:, seqlen:] == doc[:, -1:])[:, None].to(acc)
-    return out, final.to(x.dtype)
+    final = xs[:, seqlen:]  # the last width-1 inputs, (batch, width - 1, dim)
+    if doc is not None:
+        final = final * (doc[:, seqlen:] == doc[:, -1:])[..., None]
+    return out, final.transpose(1, 2).to(x.dtype)
 
 
 __all__ = ["causal_conv1d_impl", "causal_conv1d_update_impl"]
