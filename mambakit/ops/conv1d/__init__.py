@@ -13,7 +13,7 @@ import torch
 from mambakit.ops._backend import resolve_backend
 from mambakit.ops._checks import check_optional, check_seq_idx, check_tensor
 
-_IMPLEMENTED = ("reference", "torch")  # the Triton helper adds "triton" when its kernels land
+_IMPLEMENTED = ("reference", "torch", "triton")
 _MODULES = {"reference": ".reference", "torch": ".torch", "triton": ".triton"}
 _ACTIVATIONS = (None, "silu")
 

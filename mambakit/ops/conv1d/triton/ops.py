@@ -93,7 +93,7 @@ def conv_fwd(
         ACC=_acc_dtype(x, weight, initial_state),
     )
     if _interpreting():
-        bl, bd = 16, 32
+        bl, bd = 16, 64
         grid = (triton.cdiv(seqlen, bl), triton.cdiv(dim, bd), batch)
         conv_fwd_kernel[grid](*args, **flags, BLOCK_L=bl, BLOCK_D=bd)
     else:
@@ -106,9 +106,7 @@ def conv_fwd(
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def conv_bwd(
@@ -134,16 +132,18 @@ def conv_bwd(
         return dx, dw, None if bias is None else torch.zeros_like(bias), dinit
     acc_tl = _acc_dtype(x, weight, initial_state)
     acc = torch.float64 if acc_tl == tl.float64 else torch.float32
+    ext_start = -(width - 1) if initial_state is not None else 0
     if _interpreting():
-        block_l, block_d, warps = 16, 32, 4
+        # small row blocks and two chunks: tests at tiny sizes still cross chunk and loop boundaries
+        block_l, block_d, warps = 16, 64, 4
+        n_blocks = triton.cdiv(seqlen - ext_start, block_l)
+        n_chunks = min(n_blocks, 2)
     else:
         block_l, block_d, warps = (32, 64, 4) if silu else (64, 64, 4)
-    ext_start = -(width - 1) if initial_state is not None else 0
-    n_blocks = triton.cdiv(seqlen - ext_start, block_l)
+        n_blocks = triton.cdiv(seqlen - ext_start, block_l)
+        # enough programs to fill the GPU several times over; each keeps its dweight partial in registers
+        n_chunks = min(n_blocks, max(1, (8 * _num_sms(x.device)) // (triton.cdiv(dim, block_d) * batch)))
     d_blocks = triton.cdiv(dim, block_d)
-    # enough programs to fill the GPU several times over; each keeps its dweight partial in registers
-    want = max(1, (8 * _num_sms(x.device)) // (d_blocks * batch))
-    n_chunks = min(n_blocks, want)
     iters = triton.cdiv(n_blocks, n_chunks)
     n_chunks = triton.cdiv(n_blocks, iters)
     block_w = triton.next_power_of_2(width)
