@@ -64,6 +64,8 @@ def test_rms_norm_fwd_bwd(backend, dtype, shape):
     want = rms_def(xd, wd, EPS)
     (want * gy).sum().backward()
     _compare(y, want.detach(), dtype)
+    with torch.inference_mode():  # backends may take another path when autograd is off
+        _compare(rms_norm(x, w, EPS, backend=backend), want.detach(), dtype, "no grad")
     # the gradient is of the dtype-rounded input; compare in float32 scale
     _compare(xg.grad, xd.grad, dtype, "x.grad")
     assert wg.grad.dtype == torch.float32
@@ -92,6 +94,9 @@ def test_gated_rms_norm_fwd_bwd(backend, dtype, norm_before_gate, shape, group_s
     want = gated_def(xd, zd, wd, EPS, group_size or shape[-1], norm_before_gate)
     (want * gy).sum().backward()
     _compare(y, want.detach(), dtype)
+    with torch.inference_mode():
+        y_ng = gated_rms_norm(x, z, w, EPS, group_size, norm_before_gate, backend=backend)
+    _compare(y_ng, want.detach(), dtype, "no grad")
     _compare(xg.grad, xd.grad, dtype, "x.grad")
     _compare(zg.grad, zd.grad, dtype, "z.grad")
     torch.testing.assert_close(wg.grad.double(), wd.grad, rtol=TOL[dtype][0], atol=TOL[dtype][1] * 4)
@@ -134,6 +139,10 @@ def test_add_rms_norm_fwd_bwd(backend, dtype, residual_in_fp32, has_residual, sh
     (want * gy + total * gr).sum().backward()
     _compare(normed, want.detach(), dtype)
     _compare(res_out, total.detach(), res_dtype, "residual_out")
+    with torch.inference_mode():
+        normed_ng, res_ng = add_rms_norm(x, residual, w, EPS, residual_in_fp32, backend=backend)
+    _compare(normed_ng, want.detach(), dtype, "no grad")
+    _compare(res_ng, total.detach(), res_dtype, "no grad residual_out")
     _compare(xg.grad, xd.grad, dtype, "x.grad")
     if has_residual:
         # its gradient flows back through the normed output, rounded to x's dtype
@@ -153,10 +162,26 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(fn, (x, r, w))
 
 
+def test_no_grad_path_leaves_inputs_alone():
+    x, z, r, w = rand((3, 16), seed=1), rand((3, 16), seed=2), rand((3, 16), seed=3), rand((16,), seed=4)
+    copies = [t.clone() for t in (x, z, r, w)]
+    for backend in BACKENDS:
+        with torch.no_grad():
+            rms_norm(x, w, backend=backend)
+            gated_rms_norm(x, z, w, EPS, 8, True, backend=backend)
+            gated_rms_norm(x, z, w, EPS, 8, False, backend=backend)
+            add_rms_norm(x, r, w, EPS, True, backend=backend)
+            add_rms_norm(x, None, w, EPS, False, backend=backend)
+        for t, c in zip((x, z, r, w), copies):
+            assert torch.equal(t, c)
+
+
 def test_eps_is_used():
     x, w = torch.full((1, 4), 1e-3), torch.ones(4)
     for backend in BACKENDS:
         torch.testing.assert_close(rms_norm(x, w, 1.0, backend=backend), x / (1e-6 + 1.0) ** 0.5)
+        with torch.no_grad():
+            torch.testing.assert_close(rms_norm(x, w, 1.0, backend=backend), x / (1e-6 + 1.0) ** 0.5)
 
 
 def test_bad_arguments_name_the_argument():

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _acc(*tensors: torch.Tensor | None) -> torch.dtype:
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float32, or float64 when an input is float64 (so that gradcheck sees full precision)."""
     return (
         torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
     )
@@ -23,7 +24,7 @@ def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rms_norm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., dim); weight (dim,). Returns (..., dim) in x's dtype."""
-    acc = _acc(x, weight)
+    acc = compute_dtype(x, weight)
     return (_normalize(x.to(acc), eps) * weight.to(acc)).to(x.dtype)
 
 
@@ -37,7 +38,7 @@ def gated_rms_norm_impl(
 ) -> torch.Tensor:
     """x, z (..., dim); weight (dim,); each run of `group_size` channels is normalized on its own.
     Returns (..., dim) in x's dtype."""
-    acc = _acc(x, z, weight)
+    acc = compute_dtype(x, z, weight)
     h, gate = x.to(acc), F.silu(z.to(acc))
     if not norm_before_gate:
         h = h * gate
@@ -58,8 +59,11 @@ def add_rms_norm_impl(
     """x, residual (..., dim); weight (dim,). Returns (normed in x's dtype, residual_out): the sum
     x + residual, in float32 if residual_in_fp32 (float64 inputs stay float64) else in x's dtype.
     The norm reads the unrounded sum, as a fused kernel does."""
-    acc = _acc(x, residual, weight)
+    acc = compute_dtype(x, residual, weight)
     total = x.to(acc) if residual is None else x.to(acc) + residual.to(acc)
     normed = (_normalize(total, eps) * weight.to(acc)).to(x.dtype)
-    res_dtype = torch.promote_types(x.dtype, torch.float32) if residual_in_fp32 else x.dtype
-    return normed, total.to(res_dtype)
+    return normed, total.to(residual_dtype(x.dtype, residual_in_fp32))
+
+
+def residual_dtype(x_dtype: torch.dtype, residual_in_fp32: bool) -> torch.dtype:
+    return torch.promote_types(x_dtype, torch.float32) if residual_in_fp32 else x_dtype
