@@ -21,7 +21,7 @@ from mambakit.ops._checks import (
     check_tensor,
 )
 
-_IMPLEMENTED = ("reference", "torch", "triton")  # the Triton helper adds "triton" when its kernels land
+_IMPLEMENTED = ("reference", "torch", "triton")
 _MODULES = {"reference": ".reference", "torch": ".torch", "triton": ".triton"}
 
 

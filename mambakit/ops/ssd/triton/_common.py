@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
 
@@ -31,3 +34,10 @@ def dot_precision(dtype) -> str:
     """fp32 inputs use exact ("ieee") products so that results match the reference to ~1e-5;
     bf16/fp16 operands go to tensor cores regardless of this flag."""
     return "ieee"
+
+
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    """True where tl.dot must not see bf16 operands: Triton's CPU interpreter multiplies bf16 tiles as
+    their raw uint16 bits (wrong results), so under TRITON_INTERPRET=1 bf16 tiles are upcast to fp32
+    (exactly representable) before the product. Never true on a GPU."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"

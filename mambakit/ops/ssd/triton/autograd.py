@@ -115,7 +115,7 @@ def _(dy, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min
 def _setup_context(ctx, inputs, output) -> None:
     x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_state, seq_idx = inputs
     y, y_pre, final, states, delta, cs = output
-    y_pre = y if z is None else y_pre
+    # y before the gate is needed only for dz; the kernels recompute everything else
     ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, y_pre, final, states, delta, cs)
     ctx.args = (chunk_size, dt_softplus, dt_min, dt_max, initial_state is not None)
 

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mambakit.ops.ssd.triton._common import dot_precision, pow2_at_least
+from mambakit.ops.ssd.triton._common import dot_in_fp32, dot_precision, pow2_at_least
 from mambakit.ops.ssd.triton.bwd_chunk import chunk_bwd_dC_kernel, chunk_bwd_dx_dB_kernel
 from mambakit.ops.ssd.triton.bwd_state import chunk_state_bwd_kernel
 from mambakit.ops.ssd.triton.forward import state_tile
@@ -52,7 +52,7 @@ def ssd_backward(
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_state) of `ssd_forward`'s inputs.
 
-    y_pre is y before the z gate (y itself without z). D is None or (nheads, headdim); B, C, z have
+    y_pre is y before the z gate (unused without z). D is None or (nheads, headdim); B, C, z have
     x's dtype. Entries for absent inputs are None.
     """
     batch, seqlen, nheads, headdim = x.shape
@@ -62,6 +62,7 @@ def ssd_backward(
     acc = states.dtype
     dev = x.device
     prec = dot_precision(x.dtype)
+    f32 = dot_in_fp32(x.dtype)
     seq_strides = (0, 0) if seq_idx is None else seq_idx.stride()
 
     dz = None
@@ -69,9 +70,8 @@ def ssd_backward(
         zf, dyf = z.to(acc), dy.to(acc)
         sig = torch.sigmoid(zf)
         dz = (dyf * y_pre.to(acc) * sig * (1 + zf * (1 - sig))).to(z.dtype)
-        dy = dyf * zf * sig
-    dy = dy.to(x.dtype).contiguous()  # the gradient before the gate, in the dtype of the tensor-core operands
-    y_pre = y_pre.contiguous()
+        dy = dyf * zf * sig  # kept in float32: the kernels round tiles to x's dtype only for tl.dot
+    dy = dy.contiguous()
 
     # 1. reverse pass over chunks: G[c] (grad of chunk c's own state), d initial_state, d cs_end shares
     bp, bn = state_tile(batch, nheads, headdim, dstate)
@@ -87,7 +87,7 @@ def ssd_backward(
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg,
         *dy.stride(), *C.stride(), *seq_strides,
         HAS_DFINAL=dfinal_c is not None, HAS_SEQ=seq_idx is not None,
-        BLOCK_Q=block_q, BLOCK_P=bp, BLOCK_N=bn, PREC=prec,
+        BLOCK_Q=block_q, BLOCK_P=bp, BLOCK_N=bn, PREC=prec, DOT_F32=f32,
         num_warps=4 if block_q * max(bp, bn) <= 8192 else 8,
     )  # fmt: skip
 
@@ -109,21 +109,21 @@ def ssd_backward(
     grid = (nmb, batch * nchunks, ngroups * nsplit)
     warps = 4 if block_n * max(block_p, block_m) <= 8192 else 8
     chunk_bwd_dx_dB_kernel[grid](
-        x, B, C, D, seq_idx, delta, cs, G, dy, y_pre,
-        dx, dB_parts, ddelta, dcs, dD_parts,
+        x, B, C, D, seq_idx, delta, cs, G, dy,
+        dx, dB_parts, ddelta, dD_parts,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg, hpp, nsplit,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *seq_strides,
         HAS_D=D is not None, HAS_SEQ=seq_idx is not None,
-        BLOCK_M=block_m, BLOCK_K=block_m, BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec,
+        BLOCK_M=block_m, BLOCK_K=block_m, BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32,
         num_warps=warps,
     )  # fmt: skip
     chunk_bwd_dC_kernel[grid](
-        x, B, seq_idx, delta, cs, states, dy,
-        dC_parts,
+        x, B, C, seq_idx, delta, cs, states, dy,
+        dC_parts, dcs,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg, hpp, nsplit,
-        *x.stride(), *B.stride(), *dy.stride(), *seq_strides,
+        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *seq_strides,
         HAS_SEQ=seq_idx is not None,
-        BLOCK_M=block_m, BLOCK_K=block_m, BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec,
+        BLOCK_M=block_m, BLOCK_K=block_m, BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32,
         num_warps=warps,
     )  # fmt: skip
     dB = dB_parts.sum(0).to(B.dtype)
@@ -131,6 +131,7 @@ def ssd_backward(
     dD = None if D is None else dD_parts.sum((0, 1, 2)).to(D.dtype)
 
     # 3. scalars per position: d cs -> d(delta A) by a reverse cumsum inside each chunk
+    dcs -= delta * ddelta
     ends = torch.clamp(torch.arange(1, nchunks + 1, device=dev) * chunk_size, max=seqlen) - 1
     dcs[:, :, ends] += dcs_end.sum(-1)
     pad = nchunks * chunk_size - seqlen

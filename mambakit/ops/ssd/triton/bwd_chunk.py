@@ -7,11 +7,12 @@ leaving it (from `bwd_state`):
     dxdt_s = sum_{t >= s} (C_t . B_s) L_ts dy_t + exp(cs_end - cs_s) G B_s
     dx_s = delta_s dxdt_s + D dy_s;   ddelta_s (direct) = x_s . dxdt_s
     dB_s = sum_heads delta_s [ sum_{t >= s} L_ts (x_s . dy_t) C_t + exp(cs_end - cs_s) G^T x_s ]
-    dcs_s (its own part) = dy_s . (y_s - D x_s) - delta_s ddelta_s
   row kernel, rows t (what position t read):
     dC_t = sum_heads [ sum_{s <= t} L_ts delta_s (dy_t . x_s) B_s + exp(cs_t) S^T dy_t ]
+    dcs_t (row part) = dy_t . (y_t - D x_t), recomputed in fp32 from the same products (a bf16 y
+    saved by the forward would lose too much to cancellation in d A)
 The dcs identity: every exp(cs_t - cs_s) term adds its value to dcs_t and subtracts it from dcs_s,
-and summed over a row those values are y_t (before D), over a column delta_s x_s . dxdt_s. The chunk
+and summed over a row those values are dy_t . y_t (before D), over a column delta_s x_s . dxdt_s. The chunk
 end's extra share comes from `bwd_state`. A program handles `heads_per_prog` heads of one group so
 that dB, dC are summed over heads in registers; several programs per group write partial sums.
 """
@@ -24,8 +25,8 @@ import triton.language as tl
 
 @triton.jit
 def chunk_bwd_dx_dB_kernel(
-    x_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, delta_ptr, cs_ptr, G_ptr, dy_ptr, y_ptr,
-    dx_ptr, dB_ptr, ddelta_ptr, dcs_ptr, dD_ptr,
+    x_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, delta_ptr, cs_ptr, G_ptr, dy_ptr,
+    dx_ptr, dB_ptr, ddelta_ptr, dD_ptr,
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group, heads_per_prog, nsplit,
     sx_b, sx_l, sx_h, sx_p,
     sB_b, sB_l, sB_g, sB_n,
@@ -35,7 +36,7 @@ def chunk_bwd_dx_dB_kernel(
     ss_b, ss_l,
     HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     m = tl.program_id(0)
     nmb = tl.num_programs(0)
@@ -45,6 +46,8 @@ def chunk_bwd_dx_dB_kernel(
     split = tl.program_id(2) % nsplit
     ACC = G_ptr.dtype.element_ty
     DOT = x_ptr.dtype.element_ty
+    if DOT_F32:  # see _common.dot_in_fp32
+        DOT = tl.float32
     start = c * chunk_size
     chunk_len = tl.minimum(chunk_size, seqlen - start)
     last = start + chunk_len - 1
@@ -122,13 +125,11 @@ def chunk_bwd_dx_dB_kernel(
         dB_total += dB * delta_s[:, None]
         xs = xs.to(ACC)
         io_off = b * sy_b + ts[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p
-        dys = tl.load(dy_ptr + io_off, mask=sp_mask, other=0.0).to(ACC)
-        ys = tl.load(y_ptr + io_off, mask=sp_mask, other=0.0).to(ACC)
         dx = dxdt * delta_s[:, None]
         if HAS_D:
+            dys = tl.load(dy_ptr + io_off, mask=sp_mask, other=0.0).to(ACC)
             Dp = tl.load(D_ptr + h * headdim + offs_p, mask=pmask, other=0.0).to(ACC)
             dx += dys * Dp[None, :]
-            ys -= xs * Dp[None, :]
             dD = tl.sum(dys * xs, 0)
             tl.store(dD_ptr + (((b * nchunks + c) * nmb + m) * nheads + h) * headdim + offs_p, dD, mask=pmask)
         tl.store(
@@ -137,9 +138,7 @@ def chunk_bwd_dx_dB_kernel(
             mask=sp_mask,
         )
         ddelta = tl.sum(xs * dxdt, 1)
-        dcs = tl.sum(dys * ys, 1) - delta_s * ddelta
         tl.store(ddelta_ptr + dcs_base + ts, ddelta, mask=smask)
-        tl.store(dcs_ptr + dcs_base + ts, dcs, mask=smask)
 
     # dB partial sums: (nsplit, batch, seqlen, ngroups, dstate), contiguous
     ngroups = nheads // heads_per_group
@@ -150,16 +149,17 @@ def chunk_bwd_dx_dB_kernel(
 
 @triton.jit
 def chunk_bwd_dC_kernel(
-    x_ptr, B_ptr, seq_ptr, delta_ptr, cs_ptr, states_ptr, dy_ptr,
-    dC_ptr,
+    x_ptr, B_ptr, C_ptr, seq_ptr, delta_ptr, cs_ptr, states_ptr, dy_ptr,
+    dC_ptr, dcs_ptr,
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group, heads_per_prog, nsplit,
     sx_b, sx_l, sx_h, sx_p,
     sB_b, sB_l, sB_g, sB_n,
+    sC_b, sC_l, sC_g, sC_n,
     sy_b, sy_l, sy_h, sy_p,
     ss_b, ss_l,
     HAS_SEQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     m = tl.program_id(0)
     batch = tl.num_programs(1) // nchunks
@@ -169,6 +169,8 @@ def chunk_bwd_dC_kernel(
     split = tl.program_id(2) % nsplit
     ACC = states_ptr.dtype.element_ty
     DOT = x_ptr.dtype.element_ty
+    if DOT_F32:  # see _common.dot_in_fp32
+        DOT = tl.float32
     start = c * chunk_size
     chunk_len = tl.minimum(chunk_size, seqlen - start)
 
@@ -184,6 +186,11 @@ def chunk_bwd_dC_kernel(
         seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(start - 1, 0) * ss_l)
     dC = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     hi = tl.minimum((m + 1) * BLOCK_M, chunk_len)
+    Cr = tl.load(
+        C_ptr + b * sC_b + t[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
+        mask=rmask[:, None] & nmask[None, :],
+        other=0.0,
+    ).to(DOT)
 
     for j in range(heads_per_prog):
         h = g * heads_per_group + split * heads_per_prog + j
@@ -203,7 +210,9 @@ def chunk_bwd_dC_kernel(
         scale = tl.exp(cs_r)
         if HAS_SEQ:
             scale = tl.where(seq_r == seq_prev, scale, 0.0)
-        dC += tl.dot(dyr, S.to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
+        dyS = tl.dot(dyr, S.to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
+        dC += dyS
+        dcs = tl.sum(dyS * Cr.to(ACC), 1)  # dy_t . (state part of y_t)
 
         for k0 in range(0, hi, BLOCK_K):
             s_idx = k0 + tl.arange(0, BLOCK_K)
@@ -227,7 +236,11 @@ def chunk_bwd_dC_kernel(
                 keep = keep & (seq_r[:, None] == seq_s[None, :])
             L = tl.exp(tl.where(keep, cs_r[:, None] - cs_s[None, :], float("-inf")))
             dyx = tl.dot(dyr, tl.trans(xs), input_precision=PREC).to(ACC)  # (BLOCK_M, BLOCK_K)
-            dC += tl.dot((dyx * L * delta_s[None, :]).to(DOT), Bs, input_precision=PREC).to(ACC)
+            E = dyx * L * delta_s[None, :]
+            dC += tl.dot(E.to(DOT), Bs, input_precision=PREC).to(ACC)
+            cb = tl.dot(Cr, tl.trans(Bs), input_precision=PREC).to(ACC)
+            dcs += tl.sum(E * cb, 1)  # dy_t . (chunk part of y_t), recomputed in fp32
+        tl.store(dcs_ptr + dcs_base + t, dcs, mask=rmask)
 
     ngroups = nheads // heads_per_group
     dC_off = (((split * batch + b) * seqlen + t[:, None]) * ngroups + g) * dstate

@@ -26,7 +26,8 @@ def chunk_state_bwd_kernel(
     sC_b, sC_l, sC_g, sC_n,
     ss_b, ss_l,
     HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     pid_pn = tl.program_id(0)
     npn = tl.num_programs(0)
@@ -36,7 +37,9 @@ def chunk_state_bwd_kernel(
     pb = pid_pn % npb
     nb = pid_pn // npb
     ACC = states_ptr.dtype.element_ty
-    DOT = dy_ptr.dtype.element_ty
+    DOT = C_ptr.dtype.element_ty
+    if DOT_F32:  # see _common.dot_in_fp32
+        DOT = tl.float32
     g = h // heads_per_group
 
     offs_q = tl.arange(0, BLOCK_Q)

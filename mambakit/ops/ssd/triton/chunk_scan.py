@@ -29,7 +29,7 @@ def chunk_scan_fwd_kernel(
     ss_b, ss_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     npb = tl.cdiv(headdim, BLOCK_P)
     h = tl.program_id(0) // npb
@@ -40,6 +40,8 @@ def chunk_scan_fwd_kernel(
     g = h // heads_per_group
     ACC = states_ptr.dtype.element_ty
     DOT = x_ptr.dtype.element_ty
+    if DOT_F32:  # see _common.dot_in_fp32
+        DOT = tl.float32
     start = c * chunk_size
     chunk_len = tl.minimum(chunk_size, seqlen - start)
 

@@ -30,7 +30,8 @@ def chunk_state_fwd_kernel(
     ss_b, ss_l,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     pid_pn = tl.program_id(0)
     b = tl.program_id(1)
@@ -40,6 +41,8 @@ def chunk_state_fwd_kernel(
     nb = pid_pn // npb
     ACC = states_ptr.dtype.element_ty
     DOT = x_ptr.dtype.element_ty
+    if DOT_F32:  # see _common.dot_in_fp32
+        DOT = tl.float32
     g = h // heads_per_group
 
     offs_q = tl.arange(0, BLOCK_Q)

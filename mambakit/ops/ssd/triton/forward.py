@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from mambakit.ops.ssd.triton._common import dot_precision, pow2_at_least
+from mambakit.ops.ssd.triton._common import dot_in_fp32, dot_precision, pow2_at_least
 from mambakit.ops.ssd.triton.chunk_scan import chunk_scan_fwd_kernel
 from mambakit.ops.ssd.triton.chunk_state import chunk_state_fwd_kernel
 
@@ -76,6 +76,7 @@ def ssd_forward(
     seq_strides = (0, 0) if seq_idx is None else seq_idx.stride()
     block_q = pow2_at_least(chunk_size)
     prec = dot_precision(x.dtype)
+    f32 = dot_in_fp32(x.dtype)
     has_limit = tuple(dt_limit) != (0.0, math.inf)
 
     bp, bn = state_tile(batch, nheads, headdim, dstate)
@@ -88,7 +89,7 @@ def ssd_forward(
         *x.stride(), *dt.stride(), *B.stride(), *seq_strides,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
         HAS_SEQ=seq_idx is not None, HAS_INIT=h0 is not None,
-        BLOCK_Q=block_q, BLOCK_P=bp, BLOCK_N=bn, PREC=prec,
+        BLOCK_Q=block_q, BLOCK_P=bp, BLOCK_N=bn, PREC=prec, DOT_F32=f32,
         num_warps=4 if block_q * max(bp, bn) <= 8192 else 8,
     )  # fmt: skip
 
@@ -105,7 +106,7 @@ def ssd_forward(
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, nheads // ngroups,
         *x.stride(), *B.stride(), *C.stride(), *z_strides, *y.stride(), *seq_strides,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None,
-        BLOCK_M=block_m, BLOCK_K=block_m, BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec,
+        BLOCK_M=block_m, BLOCK_K=block_m, BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32,
         num_warps=4 if block_n <= 128 else 8, num_stages=2,
     )  # fmt: skip
     return y, y_pre, final, states, delta, cs

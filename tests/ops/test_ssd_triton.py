@@ -1,0 +1,243 @@
+"""SSD Triton backend against the reference: forward, gradients of every input, states, packing, the
+one-token step, and torch.compile tracing. On CPU the kernels run through Triton's interpreter, so
+shapes stay tiny; the `gpu` tests check long sequences against the chunked PyTorch backend."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mambakit.ops.ssd import ssd, ssd_state_update
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, name: str) -> None:
+    """Max abs error within tol times the largest |expected| (plus a hair for all-zero tensors)."""
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    assert err <= tol * scale + 1e-6, f"{name}: max error {err:.3g} vs scale {scale:.3g} (tol {tol})"
+
+
+def make_inputs(
+    batch, seqlen, nheads, headdim, ngroups, dstate, *, D_shape="head", z=True, bias=True, h0=True,
+    nstates=None, dtype=torch.float32, seed=0,
+):  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(DEV)
+
+    ins = {
+        "x": rnd(batch, seqlen, nheads, headdim).to(dtype),
+        "dt": rnd(batch, seqlen, nheads, scale=0.5),
+        "A": -torch.rand(nheads, generator=gen).to(DEV) - 0.2,
+        "B": rnd(batch, seqlen, ngroups, dstate).to(dtype),
+        "C": rnd(batch, seqlen, ngroups, dstate).to(dtype),
+        "D": None if D_shape is None else rnd(*((nheads,) if D_shape == "head" else (nheads, headdim))),
+        "z": rnd(batch, seqlen, nheads, headdim).to(dtype) if z else None,
+        "dt_bias": rnd(nheads, scale=0.5) if bias else None,
+        "initial_state": rnd(nstates or batch, nheads, headdim, dstate) if h0 else None,
+    }
+    return ins
+
+
+def run(ins, backend, upcast=False, **kw):
+    """y, final state and the gradients of every input under fixed random output cotangents."""
+    leaves = {
+        k: (None if v is None else (v.float() if upcast else v).detach().requires_grad_(True))
+        for k, v in ins.items()
+    }
+    y, final = ssd(**leaves, return_final_state=True, backend=backend, **kw)
+    gen = torch.Generator().manual_seed(123)
+    gy = torch.randn(y.shape, generator=gen).to(DEV)
+    gf = torch.randn(final.shape, generator=gen).to(DEV)
+    ((y.float() * gy).sum() + (final * gf).sum()).backward()
+    return y, final, {k: v.grad for k, v in leaves.items() if v is not None}
+
+
+def compare(ins, tol, upcast_ref=False, **kw):
+    y_r, f_r, g_r = run(ins, "reference", upcast=upcast_ref, **kw)
+    y_t, f_t, g_t = run(ins, "triton", **kw)
+    assert y_t.dtype == ins["x"].dtype
+    assert_close(y_t, y_r, tol, "y")
+    assert_close(f_t, f_r, tol, "final_state")
+    assert set(g_t) == set(g_r)
+    for name in g_r:
+        assert_close(g_t[name], g_r[name], tol, f"grad of {name}")
+
+
+CASES = [
+    # batch, seqlen, nheads, headdim, ngroups, dstate, chunk, options
+    (1, 1, 2, 8, 1, 8, 16, {}),
+    (2, 5, 2, 8, 2, 16, 16, {"dt_softplus": True}),
+    (2, 40, 4, 8, 2, 16, 16, {"dt_softplus": True}),
+    (1, 40, 4, 16, 1, 8, 32, {"dt_softplus": True, "dt_limit": (0.05, 0.6)}),
+    (2, 40, 2, 8, 1, 16, 24, {"dt_softplus": True}),  # chunk size not a power of two
+    (1, 33, 2, 16, 2, 8, 16, {}),  # no softplus: dt may be negative, as in the reference
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_l{}_h{}_p{}_g{}_n{}_q{}".format(*c[:7]))
+def test_forward_backward_match_reference_fp32(case):
+    batch, seqlen, nheads, headdim, ngroups, dstate, chunk, opts = case
+    ins = make_inputs(
+        batch, seqlen, nheads, headdim, ngroups, dstate, D_shape="head" if seqlen % 2 else "head_dim"
+    )
+    if not opts.get("dt_softplus"):
+        ins["dt"] = ins["dt"].abs()  # keep the decay below one so values stay comparable in scale
+    compare(ins, 1e-4, chunk_size=chunk, **opts)
+
+
+def test_optional_inputs_absent():
+    ins = make_inputs(1, 40, 2, 8, 1, 16, D_shape=None, z=False, bias=False, h0=False)
+    compare(ins, 1e-4, chunk_size=16, dt_softplus=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_seq_idx_resets_state_at_document_boundaries(dtype):
+    ins = make_inputs(2, 40, 4, 8, 2, 16, seed=1)
+    # boundaries inside a chunk, exactly at a chunk start (16, 32), and a one-token document
+    seq = torch.tensor([[0] * 7 + [1] * 9 + [2] * 16 + [3] + [4] * 7, [0] * 40], dtype=dtype, device=DEV)
+    compare(ins, 1e-4, chunk_size=16, dt_softplus=True, seq_idx=seq)
+
+
+def test_cu_seqlens_with_per_sequence_states():
+    cu = torch.tensor([0, 5, 21, 40], dtype=torch.int32, device=DEV)
+    ins = make_inputs(1, 40, 2, 8, 1, 16, nstates=3, seed=2)
+    compare(ins, 1e-4, chunk_size=16, dt_softplus=True, cu_seqlens=cu)
+
+
+def test_cu_seqlens_without_states_equals_separate_sequences():
+    cu = torch.tensor([0, 11, 40], dtype=torch.int64, device=DEV)
+    ins = make_inputs(1, 40, 2, 8, 1, 16, h0=False, seed=3)
+    kw = dict(chunk_size=16, dt_softplus=True)
+    y = ssd(**ins, cu_seqlens=cu, backend="triton", **kw)
+    for start, end in ((0, 11), (11, 40)):
+        part = {k: (v[:, start:end] if k in ("x", "dt", "B", "C", "z") else v) for k, v in ins.items()}
+        assert_close(y[:, start:end], ssd(**part, backend="reference", **kw), 1e-4, f"y[{start}:{end}]")
+
+
+def test_bfloat16_matches_reference_on_upcast_inputs():
+    ins = make_inputs(2, 40, 4, 16, 2, 16, dtype=torch.bfloat16, seed=4)
+    compare(ins, 3e-2, upcast_ref=True, chunk_size=32, dt_softplus=True)
+
+
+def test_result_does_not_depend_on_chunk_size():
+    ins = make_inputs(1, 40, 2, 8, 1, 16, seed=5)
+    y16, f16 = ssd(**ins, chunk_size=16, dt_softplus=True, return_final_state=True, backend="triton")
+    y64, f64 = ssd(**ins, chunk_size=64, dt_softplus=True, return_final_state=True, backend="triton")
+    assert_close(y16, y64, 1e-5, "y")
+    assert_close(f16, f64, 1e-5, "final_state")
+
+
+def test_gradcheck_float64():
+    ins = make_inputs(1, 5, 2, 4, 1, 4, dtype=torch.float64, seed=6)
+    ins = {k: v.double().requires_grad_(True) for k, v in ins.items()}
+    seq = torch.tensor([[0, 0, 0, 1, 1]], device=DEV)
+
+    def f(*args):
+        x, dt, A, B, C, D, z, dt_bias, h0 = args
+        kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=True, initial_state=h0, seq_idx=seq)
+        return ssd(x, dt, A, B, C, chunk_size=4, return_final_state=True, backend="triton", **kw)
+
+    assert torch.autograd.gradcheck(f, tuple(ins[k] for k in NAMES), fast_mode=True, atol=1e-6, rtol=1e-4)
+
+
+def test_torch_compile_traces_forward_and_backward():
+    """The backend entry traces in one graph (the custom ops' fake kernels give the shapes)."""
+    from mambakit.ops.ssd.triton import ssd_impl
+
+    ins = make_inputs(1, 20, 2, 8, 1, 8, seed=7)
+    seq = torch.tensor([[0] * 9 + [1] * 11], device=DEV)
+
+    def f(x, dt, A, B, C, D, z, dt_bias, initial_state):
+        y, final = ssd_impl(
+            x, dt, A, B, C, 16, D, z, dt_bias, True, (0.0, math.inf), initial_state, True, seq, None
+        )
+        return y.square().sum() + final.square().sum()
+
+    leaves = [ins[k].detach().requires_grad_(True) for k in NAMES]
+    loss = torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves)
+    loss.backward()
+    eager = [ins[k].detach().requires_grad_(True) for k in NAMES]
+    ref = f(*eager)
+    ref.backward()
+    assert_close(loss.detach(), ref.detach(), 1e-6, "loss")
+    for name, a, b in zip(NAMES, leaves, eager):
+        assert_close(a.grad, b.grad, 1e-6, f"grad of {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opts", [{}, {"dt_softplus": True, "dt_limit": (0.1, 0.5)}])
+def test_state_update_matches_reference_step(dtype, opts):
+    gen = torch.Generator().manual_seed(8)
+    batch, nheads, headdim, ngroups, dstate = 2, 4, 8, 2, 16
+    state = torch.randn(batch, nheads, headdim, dstate, generator=gen).to(DEV)
+    args = dict(
+        x=torch.randn(batch, nheads, headdim, generator=gen).to(DEV, dtype),
+        dt=torch.rand(batch, nheads, generator=gen).to(DEV),
+        A=-torch.rand(nheads, generator=gen).to(DEV),
+        B=torch.randn(batch, ngroups, dstate, generator=gen).to(DEV, dtype),
+        C=torch.randn(batch, ngroups, dstate, generator=gen).to(DEV, dtype),
+        D=torch.randn(nheads, headdim, generator=gen).to(DEV),
+        z=torch.randn(batch, nheads, headdim, generator=gen).to(DEV, dtype),
+        dt_bias=torch.randn(nheads, generator=gen).to(DEV),
+    )
+    s_ref, s_tri = state.clone(), state.clone()
+    y_ref = ssd_state_update(s_ref, **args, backend="reference", **opts)
+    y_tri = ssd_state_update(s_tri, **args, backend="triton", **opts)
+    assert y_tri.dtype == dtype
+    assert_close(s_tri, s_ref, 1e-5, "state")
+    assert_close(y_tri.float(), y_ref.float(), 1e-5 if dtype == torch.float32 else 1e-2, "y")
+
+
+def test_state_update_continues_the_chunked_scan():
+    """Prefill with the chunked kernels, then one step: equals the chunked scan over one more token."""
+    ins = make_inputs(2, 17, 2, 8, 1, 16, z=False, seed=9)
+    kw = dict(chunk_size=16, dt_softplus=True)
+    full = ssd(**ins, backend="triton", **kw)
+    head = {k: (v[:, :16] if k in ("x", "dt", "B", "C") else v) for k, v in ins.items()}
+    _, state = ssd(**head, return_final_state=True, backend="triton", **kw)
+    y = ssd_state_update(state, ins["x"][:, 16], ins["dt"][:, 16], ins["A"], ins["B"][:, 16], ins["C"][:, 16],
+                         D=ins["D"], dt_bias=ins["dt_bias"], dt_softplus=True, backend="triton")  # fmt: skip
+    assert_close(y, full[:, 16], 1e-5, "y")
+
+
+def test_bad_arguments_name_the_argument():
+    ins = make_inputs(1, 8, 2, 8, 1, 8, h0=False)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ssd(**ins, chunk_size=0, backend="triton")
+    with pytest.raises(ValueError, match="dt_limit"):
+        ssd(**ins, dt_limit=(1.0, 0.5), backend="triton")
+    with pytest.raises(ValueError, match="initial_state"):
+        ssd(**{**ins, "initial_state": torch.zeros(1, 2, 8, 9, device=DEV)}, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqlen", [4096, 16384])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_sequences_match_torch_backend_on_gpu(seqlen, dtype):
+    ins = make_inputs(2, seqlen, 8, 64, 2, 64, dtype=dtype, seed=10)
+    seq = (torch.arange(seqlen, device=DEV) // 3000)[None].expand(2, seqlen).contiguous()
+    kw = dict(chunk_size=256, dt_softplus=True, seq_idx=seq)
+    y_r, f_r, g_r = run(ins, "torch", upcast=True, **kw)
+    y_t, f_t, g_t = run(ins, "triton", **kw)
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    assert_close(y_t.float(), y_r, tol, "y")
+    assert_close(f_t, f_r, tol, "final_state")
+    for name in g_r:
+        assert_close(g_t[name].float(), g_r[name], tol, f"grad of {name}")
+
+
+@pytest.mark.gpu
+def test_million_tokens_forward_is_finite_on_gpu():
+    ins = make_inputs(1, 1 << 20, 8, 64, 1, 128, dtype=torch.bfloat16, z=False, h0=False, seed=11)
+    y = ssd(**ins, chunk_size=256, dt_softplus=True, backend="triton")
+    assert torch.isfinite(y).all()
+    assert math.isfinite(y.float().abs().max().item())
