@@ -14,7 +14,7 @@ import torch
 from mambakit.ops._backend import resolve_backend
 from mambakit.ops._checks import check_any_rank, check_divides, check_optional, check_tensor
 
-_IMPLEMENTED = ("reference", "torch")  # the Triton helper adds "triton" when its kernels land
+_IMPLEMENTED = ("reference", "torch", "triton")
 _MODULES = {"reference": ".reference", "torch": ".torch", "triton": ".triton"}
 
 

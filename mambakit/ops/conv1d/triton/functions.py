@@ -48,12 +48,11 @@ def _bwd_op(
 
 @_bwd_op.register_fake
 def _(x, weight, bias, silu, initial_state, seq_idx, dout, dfinal):
-    empty = x.new_empty(0)
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(weight),
-        empty if bias is None else torch.empty_like(bias),
-        empty if initial_state is None else torch.empty_like(initial_state),
+        x.new_empty(0) if bias is None else torch.empty_like(bias),
+        x.new_empty(0) if initial_state is None else torch.empty_like(initial_state),
     )
 
 
