@@ -50,9 +50,9 @@ def _bwd_op(
 def _(x, weight, bias, silu, initial_state, seq_idx, dout, dfinal):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
-        torch.empty_like(weight),
-        x.new_empty(0) if bias is None else torch.empty_like(bias),
-        x.new_empty(0) if initial_state is None else torch.empty_like(initial_state),
+        weight.new_empty(weight.shape),
+        x.new_empty(0) if bias is None else bias.new_empty(bias.shape),
+        x.new_empty(0) if initial_state is None else initial_state.new_empty(initial_state.shape),
     )
 
 

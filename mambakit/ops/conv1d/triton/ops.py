@@ -73,7 +73,7 @@ def conv_fwd(
         initial_state if initial_state is not None else x,
         seq_idx if seq_idx is not None else x,
         out,
-        final,
+        final if store_final else x,
         seqlen,
         dim,
         *x.stride(),
@@ -124,12 +124,12 @@ def conv_bwd(
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    dinit = None if initial_state is None else torch.zeros_like(initial_state)
+    dinit = None if initial_state is None else initial_state.new_zeros(initial_state.shape)
     if seqlen == 0 or batch == 0 or dim == 0:
         if dinit is not None and dfinal is not None:
             dinit += dfinal.to(dinit.dtype)
-        dw = torch.zeros_like(weight)
-        return dx, dw, None if bias is None else torch.zeros_like(bias), dinit
+        dw = weight.new_zeros(weight.shape)
+        return dx, dw, None if bias is None else bias.new_zeros(bias.shape), dinit
     acc_tl = _acc_dtype(x, weight, initial_state)
     acc = torch.float64 if acc_tl == tl.float64 else torch.float32
     ext_start = -(width - 1) if initial_state is not None else 0
@@ -186,7 +186,7 @@ def conv_bwd(
         BLOCK_D=block_d,
         num_warps=warps,
     )
-    dw = dw_part[:, :width].sum(0).t().to(weight.dtype)
+    dw = dw_part[:, :width].sum(0).t().to(weight.dtype).contiguous()
     db = None if bias is None else db_part.sum(0).to(bias.dtype)
     return dx, dw, db, dinit
 

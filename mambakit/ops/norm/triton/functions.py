@@ -61,10 +61,10 @@ def _bwd_op(
 @_bwd_op.register_fake
 def _(dy, dres_out, x, z, residual, weight, eps, group_size, norm_before_gate):
     return (
-        torch.empty_like(x),
-        x.new_empty(0) if z is None else torch.empty_like(z),
-        x.new_empty(0) if residual is None else torch.empty_like(residual),
-        torch.empty_like(weight),
+        x.new_empty(x.shape),
+        x.new_empty(0) if z is None else z.new_empty(z.shape),
+        x.new_empty(0) if residual is None else residual.new_empty(residual.shape),
+        weight.new_empty(weight.shape),
     )
 
 

@@ -111,7 +111,7 @@ def norm_bwd(
             dres.copy_(dx)
         if dz is not None:
             dz.zero_()
-        return dx, dz, dres, torch.zeros_like(weight)
+        return dx, dz, dres, weight.new_zeros(weight.shape)
     dx2 = dx.view(-1, dim)
     dz2 = None if dz is None else dz.view(-1, dim)
     dr2 = None if dres is None else dres.view(-1, dim)
