@@ -41,3 +41,45 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
     their raw uint16 bits (wrong results), so under TRITON_INTERPRET=1 bf16 tiles are upcast to fp32
     (exactly representable) before the product. Never true on a GPU."""
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _chunk_configs(configs, named_args, **kwargs):
+    """Keep the tile configs that suit the operand width: wide (bf16/fp16 tensor-core) tiles, or small
+    ones for fp32/fp64, whose exact products run on CUDA cores and need more registers and shared memory."""
+    wide = named_args["x_ptr"].element_size() <= 2
+    keep = [c for c in configs if (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] >= 2048) == wide]
+    return keep or configs
+
+
+def chunk_tuned(fn=None, *, reset_to_zero: tuple[str, ...] = ()):
+    """triton.autotune over row/column tiles, warps and stages for the per-chunk kernels, keyed on the
+    head and chunk sizes (Triton adds the dtypes). Every config computes the same result; they differ
+    only in speed, so the tuner may pick any. Under the interpreter the launcher passes one tile itself.
+    `reset_to_zero` names outputs that a config fills only partly (partial sums laid out by BLOCK_M)."""
+    if fn is None:
+        return lambda f: chunk_tuned(f, reset_to_zero=reset_to_zero)
+    if interpreting():
+        return fn
+    wide = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)]
+    narrow = [(32, 32, 4, 1), (32, 32, 4, 2), (32, 16, 4, 2)]
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, k, w, s in wide + narrow
+    ]
+    return triton.autotune(
+        configs=configs,
+        key=["nheads", "headdim", "dstate", "chunk_size", "heads_per_group"],
+        prune_configs_by={"early_config_prune": _chunk_configs},
+        reset_to_zero=list(reset_to_zero),
+    )(fn)
+
+
+def chunk_tiles(block_q: int) -> dict:
+    """Launch arguments for a `chunk_tuned` kernel: none on a GPU (the tuner picks), one tile under the
+    interpreter."""
+    if not interpreting():
+        return {}
+    return {"BLOCK_M": min(64, block_q), "BLOCK_K": min(64, block_q)}

@@ -13,10 +13,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mambakit.ops.ssd.triton._common import dot_in_fp32, dot_precision, pow2_at_least
+from mambakit.ops.ssd.triton._common import chunk_tiles, dot_in_fp32, dot_precision, pow2_at_least
 from mambakit.ops.ssd.triton.bwd_chunk import chunk_bwd_dC_kernel, chunk_bwd_dx_dB_kernel
 from mambakit.ops.ssd.triton.bwd_state import chunk_state_bwd_kernel
-from mambakit.ops.ssd.triton.forward import state_tile
+from mambakit.ops.ssd.triton.forward import state_launch
 
 
 def heads_per_program(heads_per_group: int, programs: int) -> int:
@@ -74,8 +74,8 @@ def ssd_backward(
     dy = dy.contiguous()
 
     # 1. reverse pass over chunks: G[c] (grad of chunk c's own state), d initial_state, d cs_end shares
-    bp, bn = state_tile(batch, nheads, headdim, dstate)
-    npn = math.ceil(headdim / bp) * math.ceil(dstate / bn)
+    st = state_launch(x, nheads, headdim, dstate)
+    npn = math.ceil(headdim / st["BLOCK_P"]) * math.ceil(dstate / st["BLOCK_N"])
     G = torch.empty_like(states)
     dh0 = torch.empty_like(final)
     dcs_end = torch.empty(batch, nheads, nchunks, npn, device=dev, dtype=acc)
@@ -87,35 +87,35 @@ def ssd_backward(
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg,
         *dy.stride(), *C.stride(), *seq_strides,
         HAS_DFINAL=dfinal_c is not None, HAS_SEQ=seq_idx is not None,
-        BLOCK_Q=block_q, BLOCK_P=bp, BLOCK_N=bn, PREC=prec, DOT_F32=f32,
-        num_warps=4 if block_q * max(bp, bn) <= 8192 else 8,
+        BLOCK_Q=block_q, PREC=prec, DOT_F32=f32, **st,
     )  # fmt: skip
 
     # 2. per-chunk gradients
-    block_m = min(64, block_q)
     block_p = pow2_at_least(headdim)
     block_n = pow2_at_least(dstate)
-    nmb = math.ceil(chunk_size / block_m)
-    hpp = heads_per_program(hpg, nmb * batch * nchunks * ngroups)
+    hpp = heads_per_program(hpg, math.ceil(chunk_size / 64) * batch * nchunks * ngroups)
     nsplit = hpg // hpp
     dx = torch.empty(x.shape, device=dev, dtype=x.dtype)
     dB_parts = torch.empty(nsplit, batch, seqlen, ngroups, dstate, device=dev, dtype=acc)
     dC_parts = torch.empty_like(dB_parts)
     ddelta = torch.empty_like(delta)
     dcs = torch.empty_like(delta)
-    dD_parts = None
-    if D is not None:
-        dD_parts = torch.empty(batch, nchunks, nmb, nheads, headdim, device=dev, dtype=acc)
-    grid = (nmb, batch * nchunks, ngroups * nsplit)
-    warps = 4 if block_n * max(block_p, block_m) <= 8192 else 8
+    # dD partial sums, laid out by row block: room for the most blocks any tile config uses (16 rows);
+    # unused entries stay zero (the tuner re-zeroes it between trial configs). A stub without D.
+    dD_shape = (batch, nchunks, math.ceil(chunk_size / 16), nheads, headdim) if D is not None else (1,)
+    dD_parts = torch.zeros(dD_shape, device=dev, dtype=acc)
+
+    def grid(meta):
+        return (math.ceil(chunk_size / meta["BLOCK_M"]), batch * nchunks, ngroups * nsplit)
+
+    tiles = chunk_tiles(block_q)
     chunk_bwd_dx_dB_kernel[grid](
         x, B, C, D, seq_idx, delta, cs, G, dy,
         dx, dB_parts, ddelta, dD_parts,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg, hpp, nsplit,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *seq_strides,
         HAS_D=D is not None, HAS_SEQ=seq_idx is not None,
-        BLOCK_M=block_m, BLOCK_K=block_m, BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32,
-        num_warps=warps,
+        BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32, **tiles,
     )  # fmt: skip
     chunk_bwd_dC_kernel[grid](
         x, B, C, seq_idx, delta, cs, states, dy,
@@ -123,8 +123,7 @@ def ssd_backward(
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg, hpp, nsplit,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *seq_strides,
         HAS_SEQ=seq_idx is not None,
-        BLOCK_M=block_m, BLOCK_K=block_m, BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32,
-        num_warps=warps,
+        BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32, **tiles,
     )  # fmt: skip
     dB = dB_parts.sum(0).to(B.dtype)
     dC = dC_parts.sum(0).to(C.dtype)

@@ -22,7 +22,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from mambakit.ops.ssd.triton._common import chunk_tuned
 
+
+@chunk_tuned(reset_to_zero=("dD_ptr",))
 @triton.jit
 def chunk_bwd_dx_dB_kernel(
     x_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, delta_ptr, cs_ptr, G_ptr, dy_ptr,
@@ -94,7 +97,8 @@ def chunk_bwd_dx_dB_kernel(
         scale = tl.where(smask, scale, 0.0)
         G_dot = G.to(DOT)
         dxdt = tl.dot(Bs, tl.trans(G_dot), input_precision=PREC).to(ACC) * scale[:, None]
-        dB = tl.dot(xs_dot, G_dot, input_precision=PREC).to(ACC) * scale[:, None]
+        # dB sums over heads directly (delta_s folded into the row scales): no per-head accumulator
+        dB_total += tl.dot(xs_dot, G_dot, input_precision=PREC).to(ACC) * (scale * delta_s)[:, None]
 
         # through the outputs of this chunk at t >= s
         for k0 in range(m * BLOCK_M, chunk_len, BLOCK_K):
@@ -120,9 +124,8 @@ def chunk_bwd_dx_dB_kernel(
             cbT = tl.dot(Bs, tl.trans(Ct), input_precision=PREC).to(ACC)
             dxdt += tl.dot((cbT * Lt).to(DOT), dyt, input_precision=PREC).to(ACC)
             xdy = tl.dot(xs_dot, tl.trans(dyt), input_precision=PREC).to(ACC)
-            dB += tl.dot((xdy * Lt).to(DOT), Ct, input_precision=PREC).to(ACC)
+            dB_total += tl.dot((xdy * Lt * delta_s[:, None]).to(DOT), Ct, input_precision=PREC).to(ACC)
 
-        dB_total += dB * delta_s[:, None]
         xs = xs.to(ACC)
         io_off = b * sy_b + ts[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p
         dx = dxdt * delta_s[:, None]
@@ -147,6 +150,7 @@ def chunk_bwd_dx_dB_kernel(
     tl.store(dB_ptr + dB_off + offs_n[None, :], dB_total, mask=sn_mask)
 
 
+@chunk_tuned
 @triton.jit
 def chunk_bwd_dC_kernel(
     x_ptr, B_ptr, C_ptr, seq_ptr, delta_ptr, cs_ptr, states_ptr, dy_ptr,

@@ -15,7 +15,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from mambakit.ops.ssd.triton._common import chunk_tuned
 
+
+@chunk_tuned
 @triton.jit
 def chunk_scan_fwd_kernel(
     x_ptr, B_ptr, C_ptr, z_ptr, D_ptr, seq_ptr, delta_ptr, cs_ptr, states_ptr,

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from mambakit.ops.ssd.triton._common import dot_in_fp32, dot_precision, pow2_at_least
+from mambakit.ops.ssd.triton._common import chunk_tiles, dot_in_fp32, dot_precision, pow2_at_least
 from mambakit.ops.ssd.triton.chunk_scan import chunk_scan_fwd_kernel
 from mambakit.ops.ssd.triton.chunk_state import chunk_state_fwd_kernel
 
@@ -29,16 +29,26 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def state_tile(batch: int, nheads: int, headdim: int, dstate: int) -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_N) of the sequential state programs: big tiles, unless the grid would leave
-    most of the GPU idle (few batch x heads, e.g. one long sequence)."""
-    bp, bn = min(64, pow2_at_least(headdim)), min(64, pow2_at_least(dstate))
-    while batch * nheads * math.ceil(headdim / bp) * math.ceil(dstate / bn) < 256 and max(bp, bn) > 16:
+def state_launch(x: torch.Tensor, nheads: int, headdim: int, dstate: int) -> dict:
+    """Tiles and warps of the sequential state programs (`chunk_state`, `bwd_state`).
+
+    bf16/fp16: (64 x 64) state tiles, unless the grid (batch * nheads * tiles) would leave most of the
+    GPU idle (few heads, e.g. one long sequence), then smaller ones. fp32/fp64: exact products run on
+    CUDA cores, whose operand tiles of a whole chunk need far more shared memory: (32 x 32) tiles and
+    no software pipelining keep them within an H100's 227 KB (checked by compiling for sm_90).
+    """
+    wide = x.element_size() <= 2
+    top = 64 if wide else 32
+    bp, bn = min(top, pow2_at_least(headdim)), min(top, pow2_at_least(dstate))
+    while x.shape[0] * nheads * math.ceil(headdim / bp) * math.ceil(dstate / bn) < 256 and max(bp, bn) > 16:
         if bn >= bp:
             bn //= 2
         else:
             bp //= 2
-    return bp, bn
+    launch = {"BLOCK_P": bp, "BLOCK_N": bn, "num_warps": 8}
+    if not wide:
+        launch["num_stages"] = 1
+    return launch
 
 
 def ssd_forward(
@@ -79,8 +89,8 @@ def ssd_forward(
     f32 = dot_in_fp32(x.dtype)
     has_limit = tuple(dt_limit) != (0.0, math.inf)
 
-    bp, bn = state_tile(batch, nheads, headdim, dstate)
-    grid = (math.ceil(headdim / bp) * math.ceil(dstate / bn), batch, nheads)
+    st = state_launch(x, nheads, headdim, dstate)
+    grid = (math.ceil(headdim / st["BLOCK_P"]) * math.ceil(dstate / st["BLOCK_N"]), batch, nheads)
     chunk_state_fwd_kernel[grid](
         x, dt, A, dt_bias, B, seq_idx, h0,
         delta, cs, states, final,
@@ -89,24 +99,28 @@ def ssd_forward(
         *x.stride(), *dt.stride(), *B.stride(), *seq_strides,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
         HAS_SEQ=seq_idx is not None, HAS_INIT=h0 is not None,
-        BLOCK_Q=block_q, BLOCK_P=bp, BLOCK_N=bn, PREC=prec, DOT_F32=f32,
-        num_warps=4 if block_q * max(bp, bn) <= 8192 else 8,
+        BLOCK_Q=block_q, PREC=prec, DOT_F32=f32, **st,
     )  # fmt: skip
 
     y = torch.empty_like(x)
     y_pre = torch.empty_like(x) if z is not None else None
-    block_m = min(64, block_q)
     block_p = min(64, pow2_at_least(headdim))
     block_n = pow2_at_least(dstate)
     z_strides = (0, 0, 0, 0) if z is None else z.stride()
-    grid = (nheads * math.ceil(headdim / block_p), math.ceil(chunk_size / block_m), batch * nchunks)
+
+    def grid(meta):
+        return (
+            nheads * math.ceil(headdim / block_p),
+            math.ceil(chunk_size / meta["BLOCK_M"]),
+            batch * nchunks,
+        )
+
     chunk_scan_fwd_kernel[grid](
         x, B, C, z, D, seq_idx, delta, cs, states,
         y, y_pre,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, nheads // ngroups,
         *x.stride(), *B.stride(), *C.stride(), *z_strides, *y.stride(), *seq_strides,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None,
-        BLOCK_M=block_m, BLOCK_K=block_m, BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32,
-        num_warps=4 if block_n <= 128 else 8, num_stages=2,
+        BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32, **chunk_tiles(block_q),
     )  # fmt: skip
     return y, y_pre, final, states, delta, cs
