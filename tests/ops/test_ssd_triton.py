@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mambakit.ops.ssd import ssd, ssd_state_update
 
@@ -92,6 +94,23 @@ def test_forward_backward_match_reference_fp32(case):
     if not opts.get("dt_softplus"):
         ins["dt"] = ins["dt"].abs()  # keep the decay below one so values stay comparable in scale
     compare(ins, 1e-4, chunk_size=chunk, **opts)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    seqlen=st.integers(1, 45),
+    heads_per_group=st.integers(1, 2),
+    ngroups=st.integers(1, 2),
+    headdim=st.integers(3, 12),
+    dstate=st.integers(3, 12),
+    chunk=st.sampled_from([7, 16, 24, 300]),
+    seed=st.integers(0, 2**16),
+)
+def test_odd_shapes_match_reference(batch, seqlen, heads_per_group, ngroups, headdim, dstate, chunk, seed):
+    """Sizes that are not powers of two, chunks of 7 positions, and a chunk above the kernels' 256."""
+    ins = make_inputs(batch, seqlen, heads_per_group * ngroups, headdim, ngroups, dstate, seed=seed)
+    compare(ins, 1e-4, chunk_size=chunk, dt_softplus=True)
 
 
 def test_optional_inputs_absent():

@@ -23,10 +23,6 @@ from mambakit.ops.ssd.triton.forward import acc_dtype, ssd_forward
 Tensor = torch.Tensor
 
 
-def _none_if_empty(t: Tensor | None) -> Tensor | None:
-    return None if t is None or t.numel() == 0 and t.ndim == 1 else t
-
-
 @torch.library.custom_op("mambakit::ssd_fwd", mutates_args=(), device_types=None)
 def ssd_fwd_op(
     x: Tensor,
@@ -139,7 +135,14 @@ def _backward(ctx, dy, _dy_pre, dfinal, _dstates, _ddelta, _dcs):
 ssd_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The kernels hold a whole chunk's operand tiles on chip; beyond 256 positions they would not fit in
+# shared memory. The result does not depend on the chunk size (beyond rounding), so larger requests
+# run with 256-position chunks.
+MAX_CHUNK = 256
+
+
 def _run(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_state, seq_idx):
+    chunk_size = min(chunk_size, MAX_CHUNK)
     dtype = x.dtype
     B, C = B.to(dtype), C.to(dtype)
     z = None if z is None else z.to(dtype)

@@ -85,7 +85,8 @@ def ssd_state_update_triton(
     ngroups = B.shape[1]
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     block_n = pow2_at_least(dstate, 16)
-    block_p = max(4, min(pow2_at_least(headdim, 4), 8192 // block_n))
+    # about 16 state elements per thread (4 warps): enough to hide latency, few enough registers
+    block_p = max(1, min(pow2_at_least(headdim, 1), 2048 // block_n))
     sD = (0, 0) if D is None else ((D.stride(0), 0) if D.ndim == 1 else D.stride())
     grid = (triton.cdiv(headdim, block_p), batch, nheads)
     ssd_state_update_kernel[grid](
