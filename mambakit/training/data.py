@@ -178,7 +178,8 @@ def build_token_files(
 
     Split by document: with period p = round(1 / val_fraction), document i goes to validation when
     (i + seed) % p == 0. A corpus with too few documents for that (no validation document) gives the
-    last max(min_val_tokens, val_fraction * n) tokens of its stream to validation instead. Stops after
+    last max(min_val_tokens, val_fraction * n) tokens (at most half) of its stream to validation
+    instead; so does one whose documents all went to validation. Stops after
     `max_tokens` tokens (whole documents) when given. Returns (train, val or None).
     """
     if not 0.0 <= val_fraction < 1.0:
@@ -203,33 +204,36 @@ def build_token_files(
     if val is None:
         return TokenFile(out_dir / "train"), None
     val.close()
-    if val.num_tokens == 0:
+    if train.num_tokens == 0:  # every document went to validation: start from the whole stream instead
+        for ext in (".tokens", ".docs.npy", ".json"):
+            os.replace(out_dir / f"val{ext}", out_dir / f"train{ext}")
+        _move_tail_to_val(out_dir, max(min_val_tokens, math.ceil(val_fraction * val.num_tokens)))
+    elif val.num_tokens == 0:
         _move_tail_to_val(out_dir, max(min_val_tokens, math.ceil(val_fraction * train.num_tokens)))
     return TokenFile(out_dir / "train"), TokenFile(out_dir / "val")
 
 
 def _move_tail_to_val(out_dir: Path, n_val: int) -> None:
-    """Cut the last `n_val` tokens (at most half) of the train file into the (empty) val file."""
+    """Cut the last `n_val` tokens (at most half) of the train file into a new val file."""
     src = TokenFile(out_dir / "train")
     n_val = min(n_val, src.num_tokens // 2)
     if n_val == 0:
         raise ValueError("the corpus is too small to hold out a validation split; set data.val_fraction = 0")
     cut = src.num_tokens - n_val
+    dtype, starts = src.dtype, src.doc_starts
     tail = np.array(src.tokens[cut:])
-    starts = src.doc_starts
-    val_starts = np.concatenate([[0], starts[starts > cut] - cut]).astype(np.int64)
-    train_starts = starts[starts < cut]
-    del src
-    for prefix, ids, doc_starts in (("val", tail, val_starts), ("train", None, train_starts)):
-        meta_path = out_dir / f"{prefix}.json"
-        meta = json.loads(meta_path.read_text())
-        if ids is not None:
-            ids.astype(meta["dtype"]).tofile(out_dir / f"{prefix}.tokens")
-        else:
-            os.truncate(out_dir / "train.tokens", cut * np.dtype(meta["dtype"]).itemsize)
-        meta.update(num_tokens=n_val if ids is not None else cut, num_docs=len(doc_starts))
-        np.save(out_dir / f"{prefix}.docs.npy", doc_starts)
-        meta_path.write_text(json.dumps(meta) + "\n")
+    del src  # close the memmap before truncating its file
+    # the cut opens a validation document (unless a document starts exactly there)
+    splits = {
+        "val": (np.concatenate([[0], starts[starts > cut] - cut]), n_val),
+        "train": (starts[starts < cut], cut),
+    }
+    tail.tofile(out_dir / "val.tokens")
+    os.truncate(out_dir / "train.tokens", cut * dtype.itemsize)
+    for prefix, (doc_starts, n) in splits.items():
+        np.save(out_dir / f"{prefix}.docs.npy", doc_starts.astype(np.int64))
+        meta = {"dtype": dtype.name, "num_tokens": int(n), "num_docs": len(doc_starts)}
+        (out_dir / f"{prefix}.json").write_text(json.dumps(meta) + "\n")
 
 
 @dataclass
