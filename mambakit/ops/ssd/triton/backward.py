@@ -1,4 +1,4 @@
-"""Launches the SSD backward: `bwd_state` (reverse pass over chunks), then the two chunk kernels of
+"""Launches the SSD backward: `bwd_state` (reverse pass over chunks), then the three chunk kernels of
 `bwd_chunk`, then O(batch * seqlen * nheads) PyTorch glue for the scalar-per-position gradients
 (the in-chunk reverse cumsum that turns d cs into d(delta * A), and dt through softplus/clamp).
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mambakit.ops.ssd.triton._common import chunk_tiles, dot_in_fp32, dot_precision, pow2_at_least
-from mambakit.ops.ssd.triton.bwd_chunk import chunk_bwd_dC_kernel, chunk_bwd_dx_dB_kernel
+from mambakit.ops.ssd.triton.bwd_chunk import chunk_bwd_dB_kernel, chunk_bwd_dC_kernel, chunk_bwd_dx_kernel
 from mambakit.ops.ssd.triton.bwd_state import chunk_state_bwd_kernel
 from mambakit.ops.ssd.triton.forward import state_launch
 
@@ -109,12 +109,24 @@ def ssd_backward(
         return (math.ceil(chunk_size / meta["BLOCK_M"]), batch * nchunks, ngroups * nsplit)
 
     tiles = chunk_tiles(block_q)
-    chunk_bwd_dx_dB_kernel[grid](
+
+    def grid_dx(meta):
+        return (math.ceil(chunk_size / meta["BLOCK_M"]), batch * nchunks, nheads)
+
+    chunk_bwd_dx_kernel[grid_dx](
         x, B, C, D, seq_idx, delta, cs, G, dy,
-        dx, dB_parts, ddelta, dD_parts,
-        seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg, hpp, nsplit,
+        dx, ddelta, dD_parts,
+        seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *seq_strides,
         HAS_D=D is not None, HAS_SEQ=seq_idx is not None,
+        BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32, **tiles,
+    )  # fmt: skip
+    chunk_bwd_dB_kernel[grid](
+        x, C, seq_idx, delta, cs, G, dy,
+        dB_parts,
+        seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg, hpp, nsplit,
+        *x.stride(), *C.stride(), *dy.stride(), *seq_strides,
+        HAS_SEQ=seq_idx is not None,
         BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32, **tiles,
     )  # fmt: skip
     chunk_bwd_dC_kernel[grid](

@@ -1,20 +1,25 @@
-"""Backward passes 2 and 3 of 3: per-chunk gradients, in parallel over (batch, chunk, row block, group).
+"""Backward passes 2-4: per-chunk gradients, in parallel over (batch, chunk, row block, head or group).
 
 With L_ts = exp(cs_t - cs_s) for s <= t in one chunk (and one document), dy the gradient of y before
 the z gate, S the state entering the chunk and G the gradient of what the chunk adds to the state
 leaving it (from `bwd_state`):
-  column kernel, rows s (what position s influenced):
+  dx kernel, rows s of one head (what position s influenced):
     dxdt_s = sum_{t >= s} (C_t . B_s) L_ts dy_t + exp(cs_end - cs_s) G B_s
     dx_s = delta_s dxdt_s + D dy_s;   ddelta_s (direct) = x_s . dxdt_s
+  dB kernel, rows s, summed over the heads of a group:
     dB_s = sum_heads delta_s [ sum_{t >= s} L_ts (x_s . dy_t) C_t + exp(cs_end - cs_s) G^T x_s ]
-  row kernel, rows t (what position t read):
+  dC kernel, rows t, summed over the heads of a group (what position t read):
     dC_t = sum_heads [ sum_{s <= t} L_ts delta_s (dy_t . x_s) B_s + exp(cs_t) S^T dy_t ]
     dcs_t (row part) = dy_t . (y_t - D x_t), recomputed in fp32 from the same products (a bf16 y
     saved by the forward would lose too much to cancellation in d A)
-The dcs identity: every exp(cs_t - cs_s) term adds its value to dcs_t and subtracts it from dcs_s,
-and summed over a row those values are dy_t . y_t (before D), over a column delta_s x_s . dxdt_s. The chunk
-end's extra share comes from `bwd_state`. A program handles `heads_per_prog` heads of one group so
-that dB, dC are summed over heads in registers; several programs per group write partial sums.
+The dcs identity: every exp(cs_t - cs_s) term adds its value to dcs_t and subtracts it from dcs_s;
+summed over a row those values are dy_t . y_t (before D), over a column delta_s x_s . dxdt_s. The
+chunk end's extra share comes from `bwd_state`.
+The group kernels loop over blocks of the other position outside and over heads inside: the inner
+loop is then straight-line work, the group's C B^T block is computed once for all its heads, and
+only the dB / dC accumulator is carried (a position loop nested in a head loop made the compiler
+spill registers). A program sums `heads_per_prog` heads; several programs per group write partial
+sums.
 """
 
 from __future__ import annotations
@@ -27,10 +32,10 @@ from mambakit.ops.ssd.triton._common import chunk_tuned
 
 @chunk_tuned(reset_to_zero=("dD_ptr",))
 @triton.jit
-def chunk_bwd_dx_dB_kernel(
+def chunk_bwd_dx_kernel(
     x_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, delta_ptr, cs_ptr, G_ptr, dy_ptr,
-    dx_ptr, dB_ptr, ddelta_ptr, dD_ptr,
-    seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group, heads_per_prog, nsplit,
+    dx_ptr, ddelta_ptr, dD_ptr,
+    seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group,
     sx_b, sx_l, sx_h, sx_p,
     sB_b, sB_l, sB_g, sB_n,
     sC_b, sC_l, sC_g, sC_n,
@@ -45,8 +50,8 @@ def chunk_bwd_dx_dB_kernel(
     nmb = tl.num_programs(0)
     b = tl.program_id(1) // nchunks
     c = tl.program_id(1) % nchunks
-    g = tl.program_id(2) // nsplit
-    split = tl.program_id(2) % nsplit
+    h = tl.program_id(2)
+    g = h // heads_per_group
     ACC = G_ptr.dtype.element_ty
     DOT = x_ptr.dtype.element_ty
     if DOT_F32:  # see _common.dot_in_fp32
@@ -63,51 +68,164 @@ def chunk_bwd_dx_dB_kernel(
     nmask = offs_n < dstate
     ts = start + s_idx
     sp_mask = smask[:, None] & pmask[None, :]
-    sn_mask = smask[:, None] & nmask[None, :]
+    dcs_base = (b * nheads + h) * seqlen
 
     Bs = tl.load(
-        B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n, mask=sn_mask, other=0.0
+        B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
+        mask=smask[:, None] & nmask[None, :],
+        other=0.0,
     ).to(DOT)
+    cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
+    delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
+    cs_end = tl.load(cs_ptr + dcs_base + last)
+
+    # through the state leaving the chunk
+    st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
+    G = tl.load(
+        G_ptr + st_off + offs_p[None, :] * dstate + offs_n[:, None],
+        mask=pmask[None, :] & nmask[:, None],
+        other=0.0,
+    )  # (BLOCK_N, BLOCK_P): G^T
+    scale = tl.exp(cs_end - cs_s)
     if HAS_SEQ:
         seq_s = tl.load(seq_ptr + b * ss_b + ts * ss_l, mask=smask, other=0)
         seq_end = tl.load(seq_ptr + b * ss_b + last * ss_l)
-    dB_total = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        scale = tl.where(seq_s == seq_end, scale, 0.0)
+    scale = tl.where(smask, scale, 0.0)
+    dxdt = tl.dot(Bs, G.to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
 
+    # through the outputs of this chunk at t >= s
+    for k0 in range(m * BLOCK_M, chunk_len, BLOCK_K):
+        t_idx = k0 + tl.arange(0, BLOCK_K)
+        tmask = t_idx < chunk_len
+        tt = start + t_idx
+        Ct = tl.load(
+            C_ptr + b * sC_b + tt[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
+            mask=tmask[:, None] & nmask[None, :],
+            other=0.0,
+        ).to(DOT)
+        dyt = tl.load(
+            dy_ptr + b * sy_b + tt[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
+            mask=tmask[:, None] & pmask[None, :],
+            other=0.0,
+        ).to(DOT)
+        cs_t = tl.load(cs_ptr + dcs_base + tt, mask=tmask, other=0.0)
+        keep = (t_idx[None, :] >= s_idx[:, None]) & tmask[None, :]
+        if HAS_SEQ:
+            seq_t = tl.load(seq_ptr + b * ss_b + tt * ss_l, mask=tmask, other=0)
+            keep = keep & (seq_s[:, None] == seq_t[None, :])
+        Lt = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
+        cbT = tl.dot(Bs, tl.trans(Ct), input_precision=PREC).to(ACC)
+        dxdt += tl.dot((cbT * Lt).to(DOT), dyt, input_precision=PREC).to(ACC)
+
+    xs = tl.load(
+        x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p, mask=sp_mask, other=0.0
+    ).to(ACC)
+    dx = dxdt * delta_s[:, None]
+    if HAS_D:
+        dys = tl.load(
+            dy_ptr + b * sy_b + ts[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
+            mask=sp_mask,
+            other=0.0,
+        ).to(ACC)
+        Dp = tl.load(D_ptr + h * headdim + offs_p, mask=pmask, other=0.0).to(ACC)
+        dx += dys * Dp[None, :]
+        dD = tl.sum(dys * xs, 0)
+        tl.store(dD_ptr + (((b * nchunks + c) * nmb + m) * nheads + h) * headdim + offs_p, dD, mask=pmask)
+    tl.store(
+        dx_ptr + b * sdx_b + ts[:, None] * sdx_l + h * sdx_h + offs_p[None, :] * sdx_p,
+        dx.to(dx_ptr.dtype.element_ty),
+        mask=sp_mask,
+    )
+    tl.store(ddelta_ptr + dcs_base + ts, tl.sum(xs * dxdt, 1), mask=smask)
+
+
+@chunk_tuned
+@triton.jit
+def chunk_bwd_dB_kernel(
+    x_ptr, C_ptr, seq_ptr, delta_ptr, cs_ptr, G_ptr, dy_ptr,
+    dB_ptr,
+    seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group, heads_per_prog, nsplit,
+    sx_b, sx_l, sx_h, sx_p,
+    sC_b, sC_l, sC_g, sC_n,
+    sy_b, sy_l, sy_h, sy_p,
+    ss_b, ss_l,
+    HAS_SEQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    m = tl.program_id(0)
+    batch = tl.num_programs(1) // nchunks
+    b = tl.program_id(1) // nchunks
+    c = tl.program_id(1) % nchunks
+    g = tl.program_id(2) // nsplit
+    split = tl.program_id(2) % nsplit
+    ACC = G_ptr.dtype.element_ty
+    DOT = x_ptr.dtype.element_ty
+    if DOT_F32:  # see _common.dot_in_fp32
+        DOT = tl.float32
+    start = c * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - start)
+    last = start + chunk_len - 1
+    h0 = g * heads_per_group + split * heads_per_prog
+
+    s_idx = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    smask = s_idx < chunk_len
+    pmask = offs_p < headdim
+    nmask = offs_n < dstate
+    ts = start + s_idx
+    sp_mask = smask[:, None] & pmask[None, :]
+    if HAS_SEQ:
+        seq_s = tl.load(seq_ptr + b * ss_b + ts * ss_l, mask=smask, other=0)
+        seq_end = tl.load(seq_ptr + b * ss_b + last * ss_l)
+    dB = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+
+    # through the state leaving the chunk
     for j in range(heads_per_prog):
-        h = g * heads_per_group + split * heads_per_prog + j
+        h = h0 + j
         dcs_base = (b * nheads + h) * seqlen
         cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
         delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
         cs_end = tl.load(cs_ptr + dcs_base + last)
         xs = tl.load(
             x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p, mask=sp_mask, other=0.0
-        )
-        xs_dot = xs.to(DOT)
-
-        # through the state leaving the chunk
+        ).to(DOT)
         st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
         G = tl.load(
             G_ptr + st_off + offs_p[:, None] * dstate + offs_n[None, :],
             mask=pmask[:, None] & nmask[None, :],
             other=0.0,
         )  # (BLOCK_P, BLOCK_N)
-        scale = tl.exp(cs_end - cs_s)
+        scale = tl.exp(cs_end - cs_s) * delta_s
         if HAS_SEQ:
             scale = tl.where(seq_s == seq_end, scale, 0.0)
-        scale = tl.where(smask, scale, 0.0)
-        G_dot = G.to(DOT)
-        dxdt = tl.dot(Bs, tl.trans(G_dot), input_precision=PREC).to(ACC) * scale[:, None]
-        # dB sums over heads directly (delta_s folded into the row scales): no per-head accumulator
-        dB_total += tl.dot(xs_dot, G_dot, input_precision=PREC).to(ACC) * (scale * delta_s)[:, None]
+        dB += tl.dot(xs, G.to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
 
-        # through the outputs of this chunk at t >= s
-        for k0 in range(m * BLOCK_M, chunk_len, BLOCK_K):
-            t_idx = k0 + tl.arange(0, BLOCK_K)
-            tmask = t_idx < chunk_len
-            tt = start + t_idx
-            Ct = tl.load(
-                C_ptr + b * sC_b + tt[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
-                mask=tmask[:, None] & nmask[None, :],
+    # through the outputs of this chunk at t >= s
+    for k0 in range(m * BLOCK_M, chunk_len, BLOCK_K):
+        t_idx = k0 + tl.arange(0, BLOCK_K)
+        tmask = t_idx < chunk_len
+        tt = start + t_idx
+        Ct = tl.load(
+            C_ptr + b * sC_b + tt[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
+            mask=tmask[:, None] & nmask[None, :],
+            other=0.0,
+        ).to(DOT)
+        keep = (t_idx[None, :] >= s_idx[:, None]) & tmask[None, :]
+        if HAS_SEQ:
+            seq_t = tl.load(seq_ptr + b * ss_b + tt * ss_l, mask=tmask, other=0)
+            keep = keep & (seq_s[:, None] == seq_t[None, :])
+        for j in range(heads_per_prog):
+            h = h0 + j
+            dcs_base = (b * nheads + h) * seqlen
+            cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
+            delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
+            cs_t = tl.load(cs_ptr + dcs_base + tt, mask=tmask, other=0.0)
+            xs = tl.load(
+                x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
+                mask=sp_mask,
                 other=0.0,
             ).to(DOT)
             dyt = tl.load(
@@ -115,39 +233,14 @@ def chunk_bwd_dx_dB_kernel(
                 mask=tmask[:, None] & pmask[None, :],
                 other=0.0,
             ).to(DOT)
-            cs_t = tl.load(cs_ptr + dcs_base + tt, mask=tmask, other=0.0)
-            keep = (t_idx[None, :] >= s_idx[:, None]) & tmask[None, :]
-            if HAS_SEQ:
-                seq_t = tl.load(seq_ptr + b * ss_b + tt * ss_l, mask=tmask, other=0)
-                keep = keep & (seq_s[:, None] == seq_t[None, :])
             Lt = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
-            cbT = tl.dot(Bs, tl.trans(Ct), input_precision=PREC).to(ACC)
-            dxdt += tl.dot((cbT * Lt).to(DOT), dyt, input_precision=PREC).to(ACC)
-            xdy = tl.dot(xs_dot, tl.trans(dyt), input_precision=PREC).to(ACC)
-            dB_total += tl.dot((xdy * Lt * delta_s[:, None]).to(DOT), Ct, input_precision=PREC).to(ACC)
+            xdy = tl.dot(xs, tl.trans(dyt), input_precision=PREC).to(ACC)
+            dB += tl.dot((xdy * Lt * delta_s[:, None]).to(DOT), Ct, input_precision=PREC).to(ACC)
 
-        xs = xs.to(ACC)
-        io_off = b * sy_b + ts[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p
-        dx = dxdt * delta_s[:, None]
-        if HAS_D:
-            dys = tl.load(dy_ptr + io_off, mask=sp_mask, other=0.0).to(ACC)
-            Dp = tl.load(D_ptr + h * headdim + offs_p, mask=pmask, other=0.0).to(ACC)
-            dx += dys * Dp[None, :]
-            dD = tl.sum(dys * xs, 0)
-            tl.store(dD_ptr + (((b * nchunks + c) * nmb + m) * nheads + h) * headdim + offs_p, dD, mask=pmask)
-        tl.store(
-            dx_ptr + b * sdx_b + ts[:, None] * sdx_l + h * sdx_h + offs_p[None, :] * sdx_p,
-            dx.to(dx_ptr.dtype.element_ty),
-            mask=sp_mask,
-        )
-        ddelta = tl.sum(xs * dxdt, 1)
-        tl.store(ddelta_ptr + dcs_base + ts, ddelta, mask=smask)
-
-    # dB partial sums: (nsplit, batch, seqlen, ngroups, dstate), contiguous
+    # partial sums: (nsplit, batch, seqlen, ngroups, dstate), contiguous
     ngroups = nheads // heads_per_group
-    batch = tl.num_programs(1) // nchunks
     dB_off = (((split * batch + b) * seqlen + ts[:, None]) * ngroups + g) * dstate
-    tl.store(dB_ptr + dB_off + offs_n[None, :], dB_total, mask=sn_mask)
+    tl.store(dB_ptr + dB_off + offs_n[None, :], dB, mask=smask[:, None] & nmask[None, :])
 
 
 @chunk_tuned
@@ -196,6 +289,9 @@ def chunk_bwd_dC_kernel(
         other=0.0,
     ).to(DOT)
 
+    # heads inside, positions outside: the innermost loop is straight-line work on one head, so the
+    # only values carried across it are the dC accumulator (nested position loops inside a head loop
+    # made the compiler spill); dcs, per head, is accumulated in memory by this program alone.
     for j in range(heads_per_prog):
         h = g * heads_per_group + split * heads_per_prog + j
         dcs_base = (b * nheads + h) * seqlen
@@ -216,35 +312,49 @@ def chunk_bwd_dC_kernel(
             scale = tl.where(seq_r == seq_prev, scale, 0.0)
         dyS = tl.dot(dyr, S.to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
         dC += dyS
-        dcs = tl.sum(dyS * Cr.to(ACC), 1)  # dy_t . (state part of y_t)
+        tl.store(
+            dcs_ptr + dcs_base + t, tl.sum(dyS * Cr.to(ACC), 1), mask=rmask
+        )  # dy_t . (state part of y_t)
 
-        for k0 in range(0, hi, BLOCK_K):
-            s_idx = k0 + tl.arange(0, BLOCK_K)
-            smask = s_idx < chunk_len
-            ts = start + s_idx
+    for k0 in range(0, hi, BLOCK_K):
+        # dcs rows are read back below: make every thread's earlier stores visible first
+        tl.debug_barrier()
+        s_idx = k0 + tl.arange(0, BLOCK_K)
+        smask = s_idx < chunk_len
+        ts = start + s_idx
+        Bs = tl.load(
+            B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
+            mask=smask[:, None] & nmask[None, :],
+            other=0.0,
+        ).to(DOT)
+        cb = tl.dot(Cr, tl.trans(Bs), input_precision=PREC).to(ACC)  # shared by the heads of the group
+        keep = (r[:, None] >= s_idx[None, :]) & smask[None, :]
+        if HAS_SEQ:
+            seq_s = tl.load(seq_ptr + b * ss_b + ts * ss_l, mask=smask, other=0)
+            keep = keep & (seq_r[:, None] == seq_s[None, :])
+        for j in range(heads_per_prog):
+            h = g * heads_per_group + split * heads_per_prog + j
+            dcs_base = (b * nheads + h) * seqlen
+            cs_r = tl.load(cs_ptr + dcs_base + t, mask=rmask, other=0.0)
+            dyr = tl.load(
+                dy_ptr + b * sy_b + t[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
+                mask=rmask[:, None] & pmask[None, :],
+                other=0.0,
+            ).to(DOT)
             xs = tl.load(
                 x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
                 mask=smask[:, None] & pmask[None, :],
                 other=0.0,
             ).to(DOT)
-            Bs = tl.load(
-                B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
-                mask=smask[:, None] & nmask[None, :],
-                other=0.0,
-            ).to(DOT)
             cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
             delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
-            keep = (r[:, None] >= s_idx[None, :]) & smask[None, :]
-            if HAS_SEQ:
-                seq_s = tl.load(seq_ptr + b * ss_b + ts * ss_l, mask=smask, other=0)
-                keep = keep & (seq_r[:, None] == seq_s[None, :])
             L = tl.exp(tl.where(keep, cs_r[:, None] - cs_s[None, :], float("-inf")))
             dyx = tl.dot(dyr, tl.trans(xs), input_precision=PREC).to(ACC)  # (BLOCK_M, BLOCK_K)
             E = dyx * L * delta_s[None, :]
             dC += tl.dot(E.to(DOT), Bs, input_precision=PREC).to(ACC)
-            cb = tl.dot(Cr, tl.trans(Bs), input_precision=PREC).to(ACC)
-            dcs += tl.sum(E * cb, 1)  # dy_t . (chunk part of y_t), recomputed in fp32
-        tl.store(dcs_ptr + dcs_base + t, dcs, mask=rmask)
+            # dy_t . (chunk part of y_t), recomputed in fp32; rows t belong to this program alone
+            dcs_old = tl.load(dcs_ptr + dcs_base + t, mask=rmask, other=0.0)
+            tl.store(dcs_ptr + dcs_base + t, dcs_old + tl.sum(E * cb, 1), mask=rmask)
 
     ngroups = nheads // heads_per_group
     dC_off = (((split * batch + b) * seqlen + t[:, None]) * ngroups + g) * dstate
