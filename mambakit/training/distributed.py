@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,9 @@ def parallelize(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        # FSDP2 warns that a module returning a view (the logits slice, the residual) would lose its
+        # backward hook to an in-place op on it; the trainer never modifies outputs in place
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         for layer in model.backbone.layers:
             fully_shard(layer, mesh=info.mesh)
         fully_shard(model, mesh=info.mesh)

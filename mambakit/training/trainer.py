@@ -294,6 +294,7 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
     if t.compile:
         for layer in model.backbone.layers:
             layer.compile()
+    n_params = sum(p.numel() for p in model.parameters())  # before sharding: the whole model
     model = D.parallelize(model, cfg.distributed.strategy, info)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
@@ -326,10 +327,9 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
     result = TrainResult(run_dir=run_dir, step=step)
     logger = _Logger(run_dir, step, info.is_main)
     if info.is_main:
-        n_params = sum(p.numel() for p in model.parameters())
         say(
             f"run {run_dir}: {model_config.n_layer} layers '{model_config.pattern}', d_model "
-            f"{model_config.d_model}, {n_params / 1e6:.2f}M parameters (sharded count under fsdp), "
+            f"{model_config.d_model}, {n_params / 1e6:.2f}M parameters, "
             f"{len(train_rows.file) / 1e6:.2f}M training tokens, {info.world_size} process(es) on "
             f"{info.device.type}"
         )

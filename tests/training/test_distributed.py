@@ -1,0 +1,74 @@
+"""Distributed training on CPU (gloo, 2 processes under torchrun): DDP and FSDP2 give the losses of a
+1-process run with the same global batch, and checkpoints move between 2 processes and 1 both ways."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from mambakit.training.trainer import train
+from tests.training.conftest import tiny_config, tiny_overrides
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toml(v: object) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else str(v)
+
+
+def _torchrun(args: list[str]) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+           "127.0.0.1", "--master-port", str(_free_port()), "-m", "mambakit", "train", *args]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def _losses(run_dir, split="train") -> dict[int, float]:
+    with open(run_dir / "metrics.csv") as f:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r["split"] == split}
+
+
+def _close(a: dict[int, float], b: dict[int, float]) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (k, a[k], b[k])
+
+
+def test_ddp_fsdp_match_one_process_and_checkpoints_move(corpus, tmp_path):
+    extra = {"train.device": "cpu"}
+    # 1 process: global batch 4 as 2 micro-batches of 2 (accumulation)
+    ref = train(tiny_config(corpus, tmp_path / "one", **extra))
+    shutil.copytree(ref.run_dir, tmp_path / "one_copy" / "run")
+
+    # 2 processes, DDP: global batch 4 as one micro-batch of 2 on each
+    over = tiny_overrides(corpus, tmp_path / "ddp", **extra)
+    out = _torchrun([f"--set={k}={_toml(v)}" for k, v in over.items()])
+    assert "2 process(es)" in out
+    ddp_dir = tmp_path / "ddp" / "run"
+    _close(_losses(ddp_dir), ref.losses)
+    _close(_losses(ddp_dir, "val"), ref.val_losses)
+
+    # a checkpoint written by 2 processes resumes in 1
+    resumed = train(
+        tiny_config(corpus, tmp_path / "ddp", **extra), resume=ddp_dir / "checkpoints" / "step_00000003"
+    )
+    _close(resumed.losses, {k: v for k, v in ref.losses.items() if k > 3})
+
+    # a checkpoint written by 1 process resumes in 2, sharded with FSDP2 (fully_shard)
+    ckpt = tmp_path / "one_copy" / "run" / "checkpoints" / "step_00000003"
+    _torchrun(["--resume", str(ckpt), "--set", "distributed.strategy=fsdp"])
+    fsdp = _losses(tmp_path / "one_copy" / "run")
+    _close({k: v for k, v in fsdp.items() if k > 3}, {k: v for k, v in ref.losses.items() if k > 3})
+    _close(_losses(tmp_path / "one_copy" / "run", "val"), ref.val_losses)
