@@ -56,7 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for flag, (key, help_text) in SHORTCUTS.items():
         parser.add_argument(
-            f"--{flag.replace('_', '-')}", dest=key, default=argparse.SUPPRESS, help=f"{help_text} ({key})"
+            f"--{flag.replace('_', '-')}",
+            dest=key,
+            default=argparse.SUPPRESS,
+            metavar=flag.upper(),
+            help=f"{help_text} ({key})",
         )
     for name, cls in SECTIONS.items():
         group = parser.add_argument_group(f"[{name}]", cls.__doc__)
