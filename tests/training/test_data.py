@@ -117,6 +117,15 @@ def test_hf_dataset_on_disk(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"text": ["one", "two"]}).save_to_disk(str(tmp_path / "ds"))
     assert list(iter_documents(tmp_path / "ds")) == ["one", "two"]
+    splits = {"train": ["a", "b", "c"], "test": ["z"]}
+    dd = datasets.DatasetDict({k: datasets.Dataset.from_dict({"body": v}) for k, v in splits.items()})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    assert list(iter_documents(tmp_path / "dd", text_field="body")) == ["a", "b", "c"]
+    assert list(iter_documents(tmp_path / "dd", text_field="body", hf_split="test")) == ["z"]
+    with pytest.raises(ValueError, match="hf_split"):
+        list(iter_documents(tmp_path / "dd", text_field="body", hf_split="dev"))
+    with pytest.raises(ValueError, match="text_field"):
+        list(iter_documents(tmp_path / "dd"))
 
 
 def test_build_split_by_document_and_tail_fallback(tmp_path):
