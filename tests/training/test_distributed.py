@@ -6,9 +6,11 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -26,11 +28,16 @@ def _toml(v: object) -> str:
     return ("true" if v else "false") if isinstance(v, bool) else str(v)
 
 
-def _torchrun(args: list[str]) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+def _torchrun_cmd(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
            "127.0.0.1", "--master-port", str(_free_port()), "-m", "mambakit", "train", *args]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+
+
+ENV = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(args: list[str]) -> str:
+    proc = subprocess.run(_torchrun_cmd(args), env=ENV, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout + proc.stderr
 
@@ -72,3 +79,24 @@ def test_ddp_fsdp_match_one_process_and_checkpoints_move(corpus, tmp_path):
     fsdp = _losses(tmp_path / "one_copy" / "run")
     _close({k: v for k, v in fsdp.items() if k > 3}, {k: v for k, v in ref.losses.items() if k > 3})
     _close(_losses(tmp_path / "one_copy" / "run", "val"), ref.val_losses)
+
+
+def test_sigterm_under_torchrun_saves_on_every_rank_at_one_step(corpus, tmp_path):
+    over = tiny_overrides(
+        corpus, tmp_path, **{"train.device": "cpu", "train.steps": 100_000, "train.save_every": 0}
+    )
+    cmd = _torchrun_cmd([f"--set={k}={_toml(v)}" for k, v in over.items()])
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "metrics.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    steps = sorted(_losses(tmp_path / "run"))
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == [f"step_{steps[-1]:08d}"], out
+    assert "SIGTERM" in out
