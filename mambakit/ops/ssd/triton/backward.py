@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from mambakit.ops.ssd.triton._common import chunk_tiles, dot_in_fp32, dot_precision, pow2_at_least
 from mambakit.ops.ssd.triton.bwd_chunk import chunk_bwd_dB_kernel, chunk_bwd_dC_kernel, chunk_bwd_dx_kernel
 from mambakit.ops.ssd.triton.bwd_state import chunk_state_bwd_kernel
+from mambakit.ops.ssd.triton.chunk_cb import chunk_cb, use_cb
 from mambakit.ops.ssd.triton.forward import state_launch
 
 
@@ -113,12 +114,13 @@ def ssd_backward(
     def grid_dx(meta):
         return (math.ceil(chunk_size / meta["BLOCK_M"]), batch * nchunks, nheads)
 
+    cb = chunk_cb(B, C, chunk_size, x.dtype, exact=True) if use_cb(nheads, ngroups) else None
     chunk_bwd_dx_kernel[grid_dx](
-        x, B, C, D, seq_idx, delta, cs, G, dy,
+        x, B, C, D, seq_idx, delta, cs, G, dy, cb,
         dx, ddelta, dD_parts,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *seq_strides,
-        HAS_D=D is not None, HAS_SEQ=seq_idx is not None,
+        HAS_D=D is not None, HAS_SEQ=seq_idx is not None, USE_CB=cb is not None,
         BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32, **tiles,
     )  # fmt: skip
     chunk_bwd_dB_kernel[grid](

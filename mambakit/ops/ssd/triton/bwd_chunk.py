@@ -33,7 +33,7 @@ from mambakit.ops.ssd.triton._common import chunk_tuned
 @chunk_tuned(reset_to_zero=("dD_ptr",))
 @triton.jit
 def chunk_bwd_dx_kernel(
-    x_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, delta_ptr, cs_ptr, G_ptr, dy_ptr,
+    x_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, delta_ptr, cs_ptr, G_ptr, dy_ptr, cb_ptr,
     dx_ptr, ddelta_ptr, dD_ptr,
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group,
     sx_b, sx_l, sx_h, sx_p,
@@ -42,7 +42,7 @@ def chunk_bwd_dx_kernel(
     sy_b, sy_l, sy_h, sy_p,
     sdx_b, sdx_l, sdx_h, sdx_p,
     ss_b, ss_l,
-    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
@@ -95,15 +95,24 @@ def chunk_bwd_dx_kernel(
     dxdt = tl.dot(Bs, G.to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
 
     # through the outputs of this chunk at t >= s
+    cb_base = ((b * nchunks + c) * (nheads // heads_per_group) + g) * chunk_size * chunk_size
     for k0 in range(m * BLOCK_M, chunk_len, BLOCK_K):
         t_idx = k0 + tl.arange(0, BLOCK_K)
         tmask = t_idx < chunk_len
         tt = start + t_idx
-        Ct = tl.load(
-            C_ptr + b * sC_b + tt[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
-            mask=tmask[:, None] & nmask[None, :],
-            other=0.0,
-        ).to(DOT)
+        if USE_CB:  # C_t . B_s shared by the group's heads, from `chunk_cb`
+            cbT = tl.load(
+                cb_ptr + cb_base + t_idx[None, :] * chunk_size + s_idx[:, None],
+                mask=smask[:, None] & tmask[None, :],
+                other=0.0,
+            ).to(ACC)
+        else:
+            Ct = tl.load(
+                C_ptr + b * sC_b + tt[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
+                mask=tmask[:, None] & nmask[None, :],
+                other=0.0,
+            ).to(DOT)
+            cbT = tl.dot(Bs, tl.trans(Ct), input_precision=PREC).to(ACC)
         dyt = tl.load(
             dy_ptr + b * sy_b + tt[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
             mask=tmask[:, None] & pmask[None, :],
@@ -115,7 +124,6 @@ def chunk_bwd_dx_kernel(
             seq_t = tl.load(seq_ptr + b * ss_b + tt * ss_l, mask=tmask, other=0)
             keep = keep & (seq_s[:, None] == seq_t[None, :])
         Lt = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
-        cbT = tl.dot(Bs, tl.trans(Ct), input_precision=PREC).to(ACC)
         dxdt += tl.dot((cbT * Lt).to(DOT), dyt, input_precision=PREC).to(ACC)
 
     xs = tl.load(

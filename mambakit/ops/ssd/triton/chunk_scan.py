@@ -21,7 +21,7 @@ from mambakit.ops.ssd.triton._common import chunk_tuned
 @chunk_tuned
 @triton.jit
 def chunk_scan_fwd_kernel(
-    x_ptr, B_ptr, C_ptr, z_ptr, D_ptr, seq_ptr, delta_ptr, cs_ptr, states_ptr,
+    x_ptr, B_ptr, C_ptr, z_ptr, D_ptr, seq_ptr, delta_ptr, cs_ptr, states_ptr, cb_ptr,
     y_ptr, ypre_ptr,
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group,
     sx_b, sx_l, sx_h, sx_p,
@@ -30,7 +30,7 @@ def chunk_scan_fwd_kernel(
     sz_b, sz_l, sz_h, sz_p,
     sy_b, sy_l, sy_h, sy_p,
     ss_b, ss_l,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
@@ -80,18 +80,26 @@ def chunk_scan_fwd_kernel(
 
     # the chunk itself: causal, so only columns up to this row block's end
     hi = tl.minimum((m + 1) * BLOCK_M, chunk_len)
+    cb_base = ((b * nchunks + c) * (nheads // heads_per_group) + g) * chunk_size * chunk_size
     for k0 in range(0, hi, BLOCK_K):
         s_idx = k0 + tl.arange(0, BLOCK_K)
         smask = s_idx < chunk_len
         ts = start + s_idx
-        Bs = tl.load(
-            B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
-            mask=smask[:, None] & nmask[None, :],
-            other=0.0,
-        ).to(DOT)
+        if USE_CB:  # shared by the heads of the group, from `chunk_cb`
+            cb = tl.load(
+                cb_ptr + cb_base + r[:, None] * chunk_size + s_idx[None, :],
+                mask=rmask[:, None] & smask[None, :],
+                other=0.0,
+            ).to(ACC)
+        else:
+            Bs = tl.load(
+                B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
+                mask=smask[:, None] & nmask[None, :],
+                other=0.0,
+            ).to(DOT)
+            cb = tl.dot(Cr, tl.trans(Bs), input_precision=PREC).to(ACC)  # (BLOCK_M, BLOCK_K)
         cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
         delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
-        cb = tl.dot(Cr, tl.trans(Bs), input_precision=PREC).to(ACC)  # (BLOCK_M, BLOCK_K)
         keep = (r[:, None] >= s_idx[None, :]) & smask[None, :]
         if HAS_SEQ:
             seq_s = tl.load(seq_ptr + b * ss_b + ts * ss_l, mask=smask, other=0)

@@ -1,13 +1,16 @@
-"""Launches the SSD forward: `chunk_state` (states entering each chunk) then `chunk_scan` (outputs).
+"""Launches the SSD forward: `chunk_state` (states entering each chunk), `chunk_cb` (C B^T per group,
+when heads share groups) and `chunk_scan` (outputs).
 
 Prediction, at the benchmark anchor (batch 4, nheads 64, headdim 64, ngroups 1, dstate 128, chunk 256,
 bf16 x/B/C, fp32 dt) and seqlen L = 8192 (32 chunks, 8192 (batch, chunk, head) triples):
   FLOPs (one multiply-add = 2): chunk states Q*P*N*2 = 4.2 M per triple -> 34 G; state-to-output
   C S^T Q*N*P*2 -> 34 G; intra-chunk scores x values Q*Q*P*2 -> 69 G (half of it above the diagonal,
-  skipped); C B^T per group 2.1 G (we recompute it per head on the causal half: +34 G of tensor-core
-  work traded for not storing it). Useful total ~140 GFLOP, ~0.14 ms at H100's ~990 bf16 TFLOP/s.
+  skipped); C B^T per group 2.1 G (computed once per group by `chunk_cb` and read by every head:
+  recomputing it per head would add ~43 G on the causal half). Useful total ~140 GFLOP, ~0.14 ms at
+  H100's ~990 bf16 TFLOP/s.
   Bytes: x 268 MB read (twice: once per pass), y 268 MB written, B and C 17 MB, dt 8 MB, delta and cs
-  17 MB; states entering chunks (fp32) 268 MB written then read once = ~1.3 GB moved; the unavoidable
+  17 MB, C B^T 17 MB (bf16) written then read (mostly from L2); states entering chunks (fp32) 268 MB
+  written then read once = ~1.3 GB moved; the unavoidable
   part (x, y, B, C, dt) is 0.55 GB, a floor of ~0.19 ms at 3 TB/s.
   Bars: <= 0.5 ms forward and <= 2.5 ms forward+backward at L = 8192 (official Triton kernels: 1.29 ms
   and 5.79 ms; flash-linear-attention's chunk_simple_gla forward 0.43 ms at L = 2048). Expected here:
@@ -21,6 +24,7 @@ import math
 import torch
 
 from mambakit.ops.ssd.triton._common import chunk_tiles, dot_in_fp32, dot_precision, pow2_at_least
+from mambakit.ops.ssd.triton.chunk_cb import chunk_cb, use_cb
 from mambakit.ops.ssd.triton.chunk_scan import chunk_scan_fwd_kernel
 from mambakit.ops.ssd.triton.chunk_state import chunk_state_fwd_kernel
 
@@ -115,12 +119,13 @@ def ssd_forward(
             batch * nchunks,
         )
 
+    cb = chunk_cb(B, C, chunk_size, x.dtype) if use_cb(nheads, ngroups) else None
     chunk_scan_fwd_kernel[grid](
-        x, B, C, z, D, seq_idx, delta, cs, states,
+        x, B, C, z, D, seq_idx, delta, cs, states, cb,
         y, y_pre,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, nheads // ngroups,
         *x.stride(), *B.stride(), *C.stride(), *z_strides, *y.stride(), *seq_strides,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=cb is not None,
         BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32, **chunk_tiles(block_q),
     )  # fmt: skip
     return y, y_pre, final, states, delta, cs
