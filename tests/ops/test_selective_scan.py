@@ -88,6 +88,12 @@ def compare(inp, tol, grad_tol, softplus=True, seq_idx=None, seed=1, **kw):
     assert h.dtype == (torch.float64 if inp["x"].dtype == torch.float64 else torch.float32)
     assert_close(y, y_ref, tol, "y")
     assert_close(h, h_ref, tol, "final state")
+    # The forward-only path (no autograd) is separate code: same answer.
+    chunk = kw.get("chunk_size", fast.FORWARD_CHUNK)
+    with torch.no_grad():
+        y_ng, h_ng = run(fast, inp, softplus, seq_idx, forward_chunk=chunk)
+    assert_close(y_ng, y_ref, tol, "y without autograd")
+    assert_close(h_ng, h_ref, tol, "final state without autograd")
     assert set(grads) == set(grads_ref)
     for k in grads:
         assert grads[k].dtype == inp[k].dtype

@@ -34,6 +34,8 @@ CHUNK = 16
 # Steps processed at once: large enough that the inter-chunk loop is short and each op is big, small
 # enough that the (BLOCK, batch, dim, dstate) temporaries stay in a few tens of MB.
 BLOCK = 256
+FORWARD_CHUNK = 32
+RECOMPUTE = True
 # exp(v) = exp2(v * log2(e)); PyTorch's CPU exp2 is several times faster than exp on float32.
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -111,6 +113,102 @@ def _scan_block(
     return y, h
 
 
+def _scan_no_grad(
+    h: torch.Tensor,
+    delta: torch.Tensor,
+    x: torch.Tensor,
+    A2: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    reset: torch.Tensor | None,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward-only scan: one step at a time inside chunks, in reused buffers (no autograd).
+
+    Same arguments as `_scan_block` but any length. Without autograd there is nothing to gain from
+    the two-level split: plain steps touch each state once, and reusing the (chunk, batch, dim, dstate)
+    buffers keeps them in cache and avoids fresh memory for every op.
+    """
+    batch, length, dim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    group_size = dim // ngroups
+    delta_t = delta.transpose(0, 1).contiguous()  # (length, batch, dim)
+    dx_t = (delta * x).transpose(0, 1).contiguous()
+    B_t = B.transpose(0, 1).contiguous()  # (length, batch, ngroups, dstate)
+    C_t = C.transpose(0, 1).contiguous()
+    reset_t = None if reset is None else reset.transpose(0, 1)[:, :, None, None]  # (length, batch, 1, 1)
+    dA = torch.empty(chunk, batch, dim, dstate, dtype=x.dtype, device=x.device)
+    hs = torch.empty_like(dA)  # dBx, then overwritten in place by the states
+    y = torch.empty(length, batch, dim, dtype=x.dtype, device=x.device)
+    h = h.clone()
+    for s in range(0, length, chunk):
+        e = min(s + chunk, length)
+        a, u = dA[: e - s], hs[: e - s]
+        torch.mul(delta_t[s:e, :, :, None], A2, out=a)
+        a.exp2_()
+        if reset_t is not None:
+            a.masked_fill_(reset_t[s:e], 0.0)
+        torch.mul(
+            dx_t[s:e].view(e - s, batch, ngroups, group_size, 1),
+            B_t[s:e].view(e - s, batch, ngroups, 1, dstate),
+            out=u.view(e - s, batch, ngroups, group_size, dstate),
+        )
+        prev = h
+        for t in range(e - s):
+            prev = u[t].addcmul_(a[t], prev)
+        h.copy_(prev)
+        nb = (e - s) * batch * ngroups
+        # y = C . h as (1, dstate) @ (dstate, group_size): ~3x faster on CPU than h @ C, same numbers.
+        torch.bmm(
+            C_t[s:e].reshape(nb, 1, dstate),
+            u.view(nb, group_size, dstate).transpose(1, 2),
+            out=y[s:e].view(nb, 1, group_size),
+        )
+    return y.transpose(0, 1), h
+
+
+def _scan_with_grad(
+    h: torch.Tensor,
+    delta: torch.Tensor,
+    x: torch.Tensor,
+    A2: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    reset: torch.Tensor | None,
+    chunk_size: int,
+    block_len: int,
+    recompute: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scan recorded by autograd: two-level blocks (`_scan_block`), optionally checkpointed.
+
+    Same arguments as `_scan_block`, any length. Returns y (batch, seqlen, dim) and the final state.
+    """
+    batch, seqlen, dim = x.shape
+    # Short sequences run as one chunk; otherwise pad to whole chunks with delta = 0, x = B = C = 0,
+    # steps that leave the state unchanged (dA = 1, dBx = 0) and whose outputs are dropped.
+    chunk = max(1, min(chunk_size, seqlen))
+    padded = -(-seqlen // chunk) * chunk
+    if padded != seqlen:
+        pad = padded - seqlen
+        delta, x = F.pad(delta, (0, 0, 0, pad)), F.pad(x, (0, 0, 0, pad))
+        B, C = F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad))
+        if reset is not None:
+            reset = F.pad(reset, (0, pad), value=False)
+    block = max(1, block_len // chunk) * chunk
+    ys = []
+    for s in range(0, padded, block):
+        e = min(s + block, padded)
+        args = (h, delta[:, s:e], x[:, s:e], A2, B[:, s:e], C[:, s:e])
+        r = None if reset is None else reset[:, s:e]
+        if recompute:
+            y_blk, h = checkpoint(_scan_block, *args, r, chunk, use_reentrant=False)
+        else:
+            y_blk, h = _scan_block(*args, r, chunk)
+        ys.append(y_blk)
+    y = torch.cat(ys, dim=1)[:, :seqlen] if ys else x.new_zeros(batch, 0, dim)
+    return y, h
+
+
 def selective_scan_impl(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -127,7 +225,8 @@ def selective_scan_impl(
     *,
     chunk_size: int = CHUNK,
     block_len: int = BLOCK,
-    recompute: bool | None = None,
+    recompute: bool = RECOMPUTE,
+    forward_chunk: int = FORWARD_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked selective scan; arguments and shapes as in `mambakit.ops.selective_scan`.
 
@@ -136,8 +235,9 @@ def selective_scan_impl(
     Returns y (batch, seqlen, dim) in x's dtype and the final state (batch, dim, dstate) in float32
     (float64 for float64 inputs), or None.
 
-    Keyword-only knobs (tests and benchmarks): `chunk_size`, `block_len` (rounded up to a multiple of
-    the chunk) and `recompute` (checkpoint each block; default: whenever autograd records the scan).
+    Keyword-only knobs (tests and benchmarks): when autograd records the scan, `chunk_size`,
+    `block_len` (rounded down to whole chunks) and `recompute` (checkpoint each block); otherwise
+    `forward_chunk`, the buffer length of the forward-only path.
     """
     acc = accumulation_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)
     batch, seqlen, dim = x.shape
@@ -154,37 +254,17 @@ def selective_scan_impl(
     if seq_idx is not None and seqlen > 1:
         reset = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=False)  # (batch, seqlen)
 
-    # Short sequences run as one chunk; otherwise pad to whole chunks with delta = 0, x = B = C = 0,
-    # steps that leave the state unchanged (dA = 1, dBx = 0) and whose outputs are dropped.
-    chunk = max(1, min(chunk_size, seqlen))
-    padded = -(-seqlen // chunk) * chunk
-    if padded != seqlen:
-        pad = padded - seqlen
-        delta, xf = F.pad(delta, (0, 0, 0, pad)), F.pad(xf, (0, 0, 0, pad))
-        Bf, Cf = F.pad(Bf, (0, 0, 0, 0, 0, pad)), F.pad(Cf, (0, 0, 0, 0, 0, pad))
-        if reset is not None:
-            reset = F.pad(reset, (0, pad), value=False)
-    block = max(1, block_len // chunk) * chunk
     A2 = A.to(acc) * _LOG2E
-    if recompute is None:
-        recompute = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, dt, A, B, C, dt_bias, initial_state)
-        )
-
-    ys = []
-    for s in range(0, padded, block):
-        e = min(s + block, padded)
-        args = (h, delta[:, s:e], xf[:, s:e], A2, Bf[:, s:e], Cf[:, s:e])
-        r = None if reset is None else reset[:, s:e]
-        if recompute:
-            y_blk, h = checkpoint(_scan_block, *args, r, chunk, use_reentrant=False)
-        else:
-            y_blk, h = _scan_block(*args, r, chunk)
-        ys.append(y_blk)
-    y = torch.cat(ys, dim=1)[:, :seqlen] if ys else xf.new_zeros(batch, 0, dim)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, dt_bias, initial_state)
+    )
+    if not needs_grad:
+        y, h = _scan_no_grad(h, delta, xf, A2, Bf, Cf, reset, max(1, forward_chunk))
+    else:
+        y, h = _scan_with_grad(h, delta, xf, A2, Bf, Cf, reset, chunk_size, block_len, recompute)
 
     if D is not None:
-        y = y + xf[:, :seqlen] * D.to(acc)
+        y = y + xf * D.to(acc)
     if z is not None:
         y = y * F.silu(z.to(acc))
     return y.to(x.dtype), (h if return_final_state else None)
