@@ -37,13 +37,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     params = list(model.parameters())
     on_cuda = all(p.device.type == "cuda" for p in params)
     fused = cfg.fused == "true" or (cfg.fused == "auto" and on_cuda)
-    return torch.optim.AdamW(
+    optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
         fused=fused or None,
     )
+    # the key a scheduler adds: present from the start, saved and loaded optimizer states have the same keys
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+    return optimizer
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -56,8 +60,18 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    """LambdaLR with `lr_factor`; its state (last_epoch) is checkpointed with the optimizer."""
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, start_step: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR with `lr_factor` of cfg.lr, positioned at `start_step` (the lr of that step is set).
+
+    A resumed run builds it at its checkpoint's step from the current config: with the same config the
+    learning rates are the uninterrupted run's; with more steps the cosine stretches to the new end.
+    """
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+        optimizer,
+        lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio),
+        last_epoch=start_step - 1,
     )

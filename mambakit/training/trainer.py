@@ -297,7 +297,6 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
     n_params = sum(p.numel() for p in model.parameters())  # before sharding: the whole model
     model = D.parallelize(model, cfg.distributed.strategy, info)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
     mb = micro_batch_size(cfg, info)
     sampler = StepSampler(len(train_rows), t.batch_size, t.seed)
     data_state = {
@@ -316,10 +315,11 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
                 f"checkpoint {ckpt_path} was trained with data {saved}, this run has {data_state}"
             )
         D.load_full_states(model, optimizer, model_state, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         step, elapsed = int(state["step"]), float(state.get("elapsed_s", 0.0))
         say(f"resumed from {ckpt_path} at step {step}")
+    # the schedule is rebuilt at the step reached (its saved state is kept in checkpoints for reference)
+    scheduler = build_scheduler(optimizer, cfg.optim, t.steps, start_step=step)
 
     use_bf16 = t.precision == "bf16" or (t.precision == "auto" and info.device.type == "cuda")
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=use_bf16)

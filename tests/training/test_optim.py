@@ -68,3 +68,15 @@ def test_lr_schedule_values():
         assert sched.get_last_lr()[0] == pytest.approx(2.0 * lr_factor(s, w, total, m))
         opt.step()
         sched.step()
+
+
+def test_scheduler_built_at_a_resumed_step():
+    cfg = OptimConfig(lr=0.5, warmup_steps=3, min_lr_ratio=0.2)
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, 20, start_step=7)
+    for s in range(7, 12):
+        assert sched.get_last_lr()[0] == pytest.approx(0.5 * lr_factor(s, 3, 20, 0.2))
+        assert opt.param_groups[0]["lr"] == sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
