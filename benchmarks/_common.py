@@ -24,14 +24,21 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> dict:
-    """Run `fn` `warmup` times, then time `repeats` runs (GPU work synchronized).
-    Returns {"median_ms", "min_ms", "repeats"}."""
+def time_ms(
+    fn: Callable[[], object],
+    repeats: int = 5,
+    warmup: int = 1,
+    min_time_s: float = 0.0,
+    max_repeats: int = 200,
+) -> dict:
+    """Run `fn` `warmup` times, then time at least `repeats` runs, and more (up to `max_repeats`) until
+    `min_time_s` seconds are spent, so that fast ops get enough samples for a stable median.
+    GPU work is synchronized. Returns {"median_ms", "min_ms", "repeats"}."""
     for _ in range(warmup):
         fn()
     _sync()
-    times = []
-    for _ in range(max(1, repeats)):
+    times: list[float] = []
+    while len(times) < max(1, repeats) or (sum(times) < min_time_s * 1e3 and len(times) < max_repeats):
         t0 = time.perf_counter()
         fn()
         _sync()

@@ -80,11 +80,11 @@ def op_cases(seqlen: int, chunk_size: int) -> dict:
     }
 
 
-def bench_backend(call, backend: str, repeats: int, warmup: int) -> dict:
+def bench_backend(call, backend: str, repeats: int, warmup: int, min_time_s: float) -> dict:
     """Time one backend; a missing backend module is 'not available', any other failure an error."""
     try:
         with torch.inference_mode():
-            return {"status": "ok", **time_ms(lambda: call(backend), repeats=repeats, warmup=warmup)}
+            return {"status": "ok", **time_ms(lambda: call(backend), repeats, warmup, min_time_s)}
     except (ImportError, NotImplementedError) as e:
         return {"status": "not available", "error": f"{type(e).__name__}: {e}"}
     except Exception as e:  # report and go on: one broken op should not hide the others' numbers
@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7, help="timed runs of the torch backend")
     ap.add_argument("--ref-repeats", type=int, default=3, help="timed runs of the (slow) reference")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--min-time", type=float, default=1.0, help="keep timing fast ops for this many seconds")
     ap.add_argument("--ops", nargs="*", default=None, help="only these ops (default: all)")
     ap.add_argument("--out", default="bench_out/cpu_ops.json")
     args = ap.parse_args()
@@ -118,8 +119,8 @@ def main() -> None:
     results, rows = [], []
     for name in names:
         shape, call = cases[name]
-        ref = bench_backend(call, "reference", args.ref_repeats, args.warmup)
-        fast = bench_backend(call, "torch", args.repeats, args.warmup)
+        ref = bench_backend(call, "reference", args.ref_repeats, args.warmup, args.min_time)
+        fast = bench_backend(call, "torch", args.repeats, args.warmup, args.min_time)
         ref_ms = ref.get("median_ms")
         fast_ms = fast.get("median_ms")
         speedup = ref_ms / fast_ms if ref_ms and fast_ms else None
