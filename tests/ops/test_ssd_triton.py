@@ -142,8 +142,12 @@ def test_cu_seqlens_without_states_equals_separate_sequences():
         assert_close(y[:, start:end], ssd(**part, backend="reference", **kw), 1e-4, f"y[{start}:{end}]")
 
 
-def test_bfloat16_matches_reference_on_upcast_inputs():
-    ins = make_inputs(2, 40, 4, 16, 2, 16, dtype=torch.bfloat16, seed=4)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matches_reference_on_upcast_inputs(dtype):
+    ins = make_inputs(2, 40, 4, 16, 2, 16, dtype=dtype, seed=4)
+    ins["initial_state"] = ins["initial_state"].to(
+        dtype
+    )  # a half-precision state is upcast, its grad cast back
     compare(ins, 3e-2, upcast_ref=True, chunk_size=32, dt_softplus=True)
 
 

@@ -148,6 +148,8 @@ def _run(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initi
     z = None if z is None else z.to(dtype)
     if D is not None:
         D = (D[:, None] if D.ndim == 1 else D).expand(x.shape[2], x.shape[3]).to(acc_dtype(x)).contiguous()
+    if initial_state is not None:
+        initial_state = initial_state.to(acc_dtype(x))  # the state is kept in float32 (float64)
     y, _, final, *_ = ssd_fwd_op(
         x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, float(dt_limit[0]), float(dt_limit[1]),
         initial_state, seq_idx,
