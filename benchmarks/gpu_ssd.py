@@ -173,6 +173,31 @@ def time_sdpa(seqlen: int) -> dict:
     }
 
 
+def kernel_breakdown(seqlen: int) -> list[dict]:
+    """GPU time per kernel (ms per call) of one Triton forward+backward at the anchor, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    a = ANCHOR
+    shape = (a["batch"], seqlen, a["nheads"], a["headdim"], a["ngroups"], a["dstate"])
+    insg = make_inputs(*shape, requires_grad=True)
+    gy = torch.randn(a["batch"], seqlen, a["nheads"], a["headdim"], device=DEV, dtype=torch.bfloat16)
+    for _ in range(3):  # compile and tune outside the profile
+        run_ssd("triton", insg, a["chunk"]).backward(gy)
+    torch.cuda.synchronize()
+    reps = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run_ssd("triton", insg, a["chunk"]).backward(gy)
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t > 0:
+            rows.append({"kernel": ev.key[:60], "ms_per_call": t / 1e3 / reps, "launches": ev.count // reps})
+    rows.sort(key=lambda r: -r["ms_per_call"])
+    return rows[:15]
+
+
 def million_tokens() -> dict:
     seqlen = 1 << 20
     ins = make_inputs(1, seqlen, 8, 64, 1, 128)
@@ -197,6 +222,9 @@ def main() -> None:
     parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192, 16384])
     parser.add_argument("--backends", nargs="+", default=["triton", "torch", "mamba_ssm", "sdpa"])
     parser.add_argument("--skip-million", action="store_true")
+    parser.add_argument(
+        "--breakdown", type=int, default=8192, help="seqlen of the per-kernel profile (0: none)"
+    )
     parser.add_argument("--out", default=None, help="write results as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -242,6 +270,18 @@ def main() -> None:
         ],
         rows,
     )
+    breakdown = None
+    if args.breakdown:
+        try:
+            breakdown = kernel_breakdown(args.breakdown)
+            print(f"Triton forward+backward at seqlen {args.breakdown}, GPU time per kernel:")
+            print_table(
+                ["kernel", "ms", "launches"],
+                [[r["kernel"], r["ms_per_call"], r["launches"]] for r in breakdown],
+            )
+        except Exception as e:
+            traceback.print_exc()
+            breakdown = [{"error": f"{type(e).__name__}: {e}"[:300]}]
     million = None
     if not args.skip_million:
         try:
@@ -251,7 +291,16 @@ def main() -> None:
             million = {"error": f"{type(e).__name__}: {e}"[:300]}
         print("1M tokens (batch 1, nheads 8, headdim 64, dstate 128, bf16):", million)
     if args.out:
-        write_json(args.out, {"env": environment(), "anchor": ANCHOR, "results": results, "million": million})
+        write_json(
+            args.out,
+            {
+                "env": environment(),
+                "anchor": ANCHOR,
+                "results": results,
+                "million": million,
+                "breakdown": breakdown,
+            },
+        )
 
 
 if __name__ == "__main__":
