@@ -240,6 +240,13 @@ def test_bad_arguments_name_the_argument():
         ssd(**ins, dt_limit=(1.0, 0.5), backend="triton")
     with pytest.raises(ValueError, match="initial_state"):
         ssd(**{**ins, "initial_state": torch.zeros(1, 2, 8, 9, device=DEV)}, backend="triton")
+    # beyond 32-bit offsets: refused before any kernel runs (meta tensors: no memory needed)
+    big = dict(x=torch.empty(1, 2**16, 64, 2**15, device="meta"), dt=torch.empty(1, 2**16, 64, device="meta"),
+               A=torch.empty(64, device="meta"), B=torch.empty(1, 2**16, 1, 16, device="meta"),
+               C=torch.empty(1, 2**16, 1, 16, device="meta"))  # fmt: skip
+    if DEV == "cpu":
+        with pytest.raises(ValueError, match="x of shape"):
+            ssd(**big, backend="triton")
 
 
 @pytest.mark.gpu

@@ -176,6 +176,13 @@ def ssd_triton(
 ) -> tuple[Tensor, Tensor | None]:
     """Backend entry (see `mambakit.ops.ssd.ssd`): y (batch, seqlen, nheads, headdim) and the
     final state (or None)."""
+    batch, seqlen, nheads, headdim = x.shape
+    nchunks = -(-seqlen // min(chunk_size, MAX_CHUNK))
+    if max(x.numel(), batch * nchunks * nheads * headdim * B.shape[-1]) >= 2**31:
+        raise ValueError(
+            f"x of shape {tuple(x.shape)} (with its chunk states) has 2**31 or more elements, beyond the "
+            "Triton kernels' 32-bit offsets; split the batch or use backend='torch'"
+        )
     if cu_seqlens is not None and initial_state is None and not return_final_state:
         from mambakit.ops.ssd import cu_seqlens_to_seq_idx
 
