@@ -7,8 +7,8 @@ batch, so the gradient is the same whatever the split over processes and micro-b
 clipped, AdamW steps, the schedule advances. Around it: validation loss, atomic checkpoints, CSV and
 TensorBoard logs, a tqdm bar, and SIGTERM/SIGINT handling that saves a checkpoint before leaving.
 
-Run directory: config.toml (resolved), metrics.csv, tb/ (TensorBoard), data/ (token files),
-checkpoints/step_*/.
+Run directory: config.toml (resolved), metrics.csv, tb/ (TensorBoard), checkpoints/step_*/; token
+files in a cache beside the runs (see prepare_data).
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -92,15 +95,33 @@ def default_run_name(cfg: TrainConfig) -> str:
     return f"{cfg.model.get('preset', 'model')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_data(cfg: TrainConfig, tokenizer, run_dir: Path, info: D.DistInfo):
-    """Token files in data.cache_dir (default <run_dir>/data), built by rank 0 unless already there for
-    the same source and settings; returns (train PackedRows, val PackedRows or None)."""
+def _source_fingerprint(source: Path, glob: str) -> list[int]:
+    """(files, bytes, newest mtime) of what a source reads, so that edited data is tokenized again."""
+    files = (
+        [source]
+        if source.is_file()
+        else [f for f in source.glob(glob if source.is_dir() else "*") if f.is_file()]
+    )
+    stats = [f.stat() for f in files]
+    return [len(stats), sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)]
+
+
+def prepare_data(cfg: TrainConfig, tokenizer, info: D.DistInfo):
+    """Token files for `cfg.data`, built by rank 0 unless already there; returns (train PackedRows,
+    val PackedRows or None).
+
+    They live in data.cache_dir when set, else in `<train.out>/.token-cache/<hash of the settings>`,
+    shared by the runs that read the same source the same way (the default run's 30M stdlib tokens are
+    then built once). A new cache directory is filled under a temporary name and renamed into place.
+    """
     d = cfg.data
     source = Path(d.path) if d.path is not None else stdlib_source_dir()
     glob = d.glob or ("**/*.py" if d.path is None else "**/*")
-    cache = Path(d.cache_dir) if d.cache_dir else run_dir / "data"
+    if not source.exists():
+        raise FileNotFoundError(f"data.path {source} does not exist")
     key = {
         "source": str(source.resolve()),
+        "files_bytes_mtime": _source_fingerprint(source, glob),
         "format": d.format,
         "glob": glob,
         "text_field": d.text_field,
@@ -112,20 +133,31 @@ def prepare_data(cfg: TrainConfig, tokenizer, run_dir: Path, info: D.DistInfo):
         "max_tokens": d.max_tokens,
         "min_val_tokens": 4 * d.seq_len + 1,
     }
-    key_path = cache / "source.json"
-    if info.is_main:
-        fresh = key_path.is_file() and json.loads(key_path.read_text()) == key
-        if not fresh:
-            key_path.unlink(missing_ok=True)
-            docs = iter_documents(source, d.format, d.text_field, glob, d.hf_split)
-            build_token_files(
-                docs, tokenizer, cache, d.val_fraction, cfg.train.seed, key["min_val_tokens"], d.max_tokens
-            )
-            key_path.write_text(json.dumps(key, indent=1) + "\n")
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(d.cache_dir) if d.cache_dir else Path(cfg.train.out) / ".token-cache" / digest
+    if info.is_main and not _cache_matches(cache, key):
+        build_dir = cache if d.cache_dir else cache.with_name(f".tmp-{digest}-{os.getpid()}")
+        (build_dir / "source.json").unlink(missing_ok=True)
+        docs = iter_documents(source, d.format, d.text_field, glob, d.hf_split)
+        build_token_files(
+            docs, tokenizer, build_dir, d.val_fraction, cfg.train.seed, key["min_val_tokens"], d.max_tokens
+        )
+        (build_dir / "source.json").write_text(json.dumps(key, indent=1) + "\n")
+        if build_dir != cache:
+            try:
+                build_dir.rename(cache)
+            except OSError:  # another run built the same files meanwhile (or a stale copy is there)
+                shutil.rmtree(cache, ignore_errors=True)
+                build_dir.rename(cache)
     D.barrier(info)
     train_rows = PackedRows(TokenFile(cache / "train"), d.seq_len)
     val_rows = PackedRows(TokenFile(cache / "val"), d.seq_len) if d.val_fraction > 0 else None
     return train_rows, val_rows
+
+
+def _cache_matches(cache: Path, key: dict) -> bool:
+    path = cache / "source.json"
+    return path.is_file() and json.loads(path.read_text()) == key
 
 
 def apply_activation_checkpointing(model: LanguageModel) -> None:
@@ -283,7 +315,7 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eos_token)
-    train_rows, val_rows = prepare_data(cfg, tokenizer, run_dir, info)
+    train_rows, val_rows = prepare_data(cfg, tokenizer, info)
     model_config = resolve_model_config(cfg.model, tokenizer.vocab_size)
     if info.is_main:
         (run_dir / "config.toml").write_text(dump_toml(resolved_config_dict(cfg, model_config)))

@@ -79,3 +79,23 @@ def test_activation_checkpointing_same_losses(corpus, tmp_path):
     for s in base.losses:
         assert ckpt.losses[s] == pytest.approx(base.losses[s], rel=1e-6)
     assert torch.isfinite(torch.tensor(list(ckpt.losses.values()))).all()
+
+
+def test_token_cache_shared_and_rebuilt_when_data_changes(corpus, tmp_path):
+    from mambakit.training.distributed import DistInfo
+    from mambakit.training.tokenizer import ByteTokenizer
+    from mambakit.training.trainer import prepare_data
+
+    cfg = tiny_config(corpus, tmp_path / "runs")
+    train_rows, _ = prepare_data(cfg, ByteTokenizer(), DistInfo())
+    caches = list((tmp_path / "runs" / ".token-cache").iterdir())
+    assert len(caches) == 1 and not caches[0].name.startswith(".tmp")
+    stamp = (caches[0] / "train.tokens").stat().st_mtime_ns
+    again, _ = prepare_data(cfg, ByteTokenizer(), DistInfo())
+    assert (caches[0] / "train.tokens").stat().st_mtime_ns == stamp and len(again.file) == len(
+        train_rows.file
+    )
+    (corpus / "doc000.txt").write_text("a new first document, longer than before " * 5)
+    changed, _ = prepare_data(cfg, ByteTokenizer(), DistInfo())
+    assert len(list((tmp_path / "runs" / ".token-cache").iterdir())) == 2
+    assert len(changed.file) != len(train_rows.file)
