@@ -9,6 +9,15 @@ from mambakit.inference import InferenceCache, KVCache, MambaState
 from mambakit.models import LanguageModel, preset
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: intra-op threads only add overhead (see tests/layers/conftest.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_hybrid(**over) -> LanguageModel:
     torch.manual_seed(0)
     config = preset(
