@@ -287,11 +287,13 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     """Train as `cfg` says; `resume` is a run directory (its newest checkpoint) or a checkpoint directory.
     Under torchrun every process calls this; rank 0 alone writes files and prints."""
     _check_config(cfg)
+    threads = torch.get_num_threads()
     info = D.init_distributed(cfg.train.device, cfg.distributed.backend)
     try:
         return _train(cfg, resume, info)
     finally:
         D.shutdown(info)
+        torch.set_num_threads(threads)  # train.threads is for this run only (tests call train in-process)
 
 
 def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> TrainResult:

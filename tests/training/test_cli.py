@@ -95,7 +95,7 @@ def test_token_cache_shared_and_rebuilt_when_data_changes(corpus, tmp_path):
     assert (caches[0] / "train.tokens").stat().st_mtime_ns == stamp and len(again.file) == len(
         train_rows.file
     )
-    (corpus / "doc000.txt").write_text("a new first document, longer than before " * 5)
+    (corpus / "doc001.txt").write_text("a new first document, longer than before " * 5)
     changed, _ = prepare_data(cfg, ByteTokenizer(), DistInfo())
     assert len(list((tmp_path / "runs" / ".token-cache").iterdir())) == 2
     assert len(changed.file) != len(train_rows.file)
