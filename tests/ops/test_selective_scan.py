@@ -101,27 +101,27 @@ def compare(inp, tol, grad_tol, softplus=True, seq_idx=None, seed=1, **kw):
 
 
 SHAPES = [
-    # batch, seqlen, dim, dstate, ngroups, chunk_size, block_len
-    (1, 1, 4, 3, 1, 16, 256),  # one step
-    (2, 7, 6, 4, 2, 16, 256),  # shorter than a chunk
-    (1, 37, 8, 4, 1, 8, 16),  # several blocks, last chunk partial
-    (3, 64, 8, 5, 4, 8, 32),  # whole chunks, ngroups = dim / 2
-    (2, 50, 12, 4, 3, 4, 8),  # many small chunks and blocks
-    (1, 40, 6, 2, 1, 1, 5),  # chunk of one step
-    (2, 300, 16, 8, 2, fast.CHUNK, fast.BLOCK),  # defaults, more than one block
+    # batch, seqlen, dim, dstate, ngroups, chunk_size
+    (1, 1, 4, 3, 1, 32),  # one step
+    (2, 7, 6, 4, 2, 32),  # shorter than a chunk
+    (1, 37, 8, 4, 1, 8),  # several chunks, last one partial
+    (3, 64, 8, 5, 4, 8),  # whole chunks, ngroups = dim / 2
+    (2, 50, 12, 4, 3, 4),  # many small chunks
+    (1, 40, 6, 2, 1, 1),  # chunk of one step
+    (2, 100, 16, 8, 2, fast.CHUNK),  # defaults, several chunks
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}_l{}_d{}_n{}_g{}_c{}_k{}".format(*s))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}_l{}_d{}_n{}_g{}_c{}".format(*s))
 @pytest.mark.parametrize("options", ["all", "none"])
 def test_fp32_matches_reference(shape, options):
-    batch, seqlen, dim, dstate, ngroups, chunk, block = shape
+    batch, seqlen, dim, dstate, ngroups, chunk = shape
     on = options == "all"
     inp = make_inputs(batch, seqlen, dim, dstate, ngroups, D=on, z=on, bias=on, init=on)
     # Without softplus dt must be a positive step size itself.
     if not on:
         inp["dt"] = inp["dt"].exp()
-    compare(inp, 1e-5, 1e-5, softplus=on, chunk_size=chunk, block_len=block)
+    compare(inp, 1e-5, 1e-5, softplus=on, chunk_size=chunk)
 
 
 @given(
@@ -131,13 +131,12 @@ def test_fp32_matches_reference(shape, options):
     ngroups=st.integers(1, 3),
     dstate=st.integers(1, 6),
     chunk=st.integers(1, 12),
-    blocks=st.integers(1, 4),
     flags=st.lists(st.booleans(), min_size=5, max_size=5),
     packed=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_fp32_matches_reference_random(
-    batch, seqlen, group_size, ngroups, dstate, chunk, blocks, flags, packed, seed
+    batch, seqlen, group_size, ngroups, dstate, chunk, flags, packed, seed
 ):
     D, z, bias, init, softplus = flags
     inp = make_inputs(
@@ -149,36 +148,36 @@ def test_fp32_matches_reference_random(
     if packed:
         g = torch.Generator().manual_seed(seed)
         seq_idx = torch.cumsum(torch.rand(batch, seqlen, generator=g) < 0.15, dim=1)
-    compare(inp, 1e-5, 1e-5, softplus, seq_idx, seed=seed, chunk_size=chunk, block_len=chunk * blocks)
+    compare(inp, 1e-5, 1e-5, softplus, seq_idx, seed=seed, chunk_size=chunk)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
 def test_low_precision_matches_fp64_reference(dtype, tol):
     inp = make_inputs(2, 45, 8, 4, 2, dtype=dtype, seed=3)
-    compare(inp, tol, 4 * tol, chunk_size=8, block_len=16)
+    compare(inp, tol, 4 * tol, chunk_size=8)
 
 
 def test_float64_inputs_accumulate_in_float64():
     inp = upcast(make_inputs(2, 33, 6, 3, 3, seed=4))
-    compare(inp, 1e-12, 1e-11, chunk_size=8, block_len=16)
+    compare(inp, 1e-12, 1e-11, chunk_size=8)
 
 
 def test_large_decays_stay_finite():
     """delta * A down to about -300 inside a chunk: exp underflows to 0 but nothing overflows."""
     inp = make_inputs(2, 40, 6, 4, 1, seed=5)
     inp["dt"] = inp["dt"] + 6.0  # softplus(~4..6) * A in [-16, -1] per step
-    compare(inp, 1e-5, 1e-5, chunk_size=16, block_len=32)
+    compare(inp, 1e-5, 1e-5, chunk_size=16)
 
 
 def test_packed_rows_equal_separate_sequences():
     lengths = [5, 1, 17, 9]
     inp = make_inputs(1, sum(lengths), 8, 4, 2, seed=6, init=False)
     seq_idx = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
-    y, h = run(fast, inp, seq_idx=seq_idx, chunk_size=4, block_len=8)
+    y, h = run(fast, inp, seq_idx=seq_idx, chunk_size=4)
     start = 0
     for n in lengths:
         part = {k: v[:, start : start + n] if k in ("x", "dt", "B", "C", "z") else v for k, v in inp.items()}
-        y_part, h_part = run(fast, part, chunk_size=4, block_len=8)
+        y_part, h_part = run(fast, part, chunk_size=4)
         assert_close(y[:, start : start + n], y_part, 1e-5, f"document at {start}")
         start += n
     assert_close(h, h_part, 1e-5, "final state of the last document")
@@ -208,8 +207,8 @@ def test_chaining_through_final_state(split):
 def test_recompute_gives_the_same_gradients():
     inp = make_inputs(1, 40, 6, 3, 1, seed=9)
     gy, gh = torch.randn(1, 40, 6, dtype=torch.float64), torch.randn(1, 6, 3, dtype=torch.float64)
-    _, _, g1 = run_with_grads(fast, inp, gy, gh, chunk_size=4, block_len=8, recompute=True)
-    _, _, g2 = run_with_grads(fast, inp, gy, gh, chunk_size=4, block_len=8, recompute=False)
+    _, _, g1 = run_with_grads(fast, inp, gy, gh, chunk_size=4, recompute=True)
+    _, _, g2 = run_with_grads(fast, inp, gy, gh, chunk_size=4, recompute=False)
     for k in g1:
         assert_close(g1[k], g2[k], 1e-6, f"grad of {k}")
 
@@ -270,7 +269,13 @@ def test_step_bf16_activations_keep_fp32_state():
 def test_gradcheck_float64(impl):
     inp = upcast(make_inputs(2, 6, 4, 2, 2, seed=13))
     seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
-    kw = {"chunk_size": 2, "block_len": 4} if impl is fast else {}
+    kw = (
+        {
+            "chunk_size": 2,
+        }
+        if impl is fast
+        else {}
+    )
     names = [k for k in KEYS if inp[k] is not None]
 
     def f(*args):

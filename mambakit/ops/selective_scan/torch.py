@@ -1,19 +1,23 @@
 """Chunked, vectorized PyTorch backend of the Mamba-1 selective scan (S6); autograd by PyTorch.
 
-Same math as `reference.py`. The sequence is cut into chunks of CHUNK steps and the recurrence
-h_t = dA_t * h_{t-1} + dBx_t is solved in two levels, so that Python loops run CHUNK + seqlen / CHUNK
-times instead of seqlen times, each step acting on many chunks at once:
+Same math as `reference.py`. Time is cut into chunks; for each chunk the decays dA = exp(delta * A)
+and inputs dBx = delta * B * x of all its steps are computed at once as (chunk, batch, dim, dstate)
+tensors, then the recurrence h_t = dA_t * h_{t-1} + dBx_t runs one fused multiply-add per step and
+y_t = C_t . h_t is one small matmul. Decays are applied one step at a time, as in the recurrence
+(no exp of cumulative sums, no division by decays), so the scan is as stable as the recurrence. No
+(batch, seqlen, dim, dstate) tensor exists for the whole sequence at once.
 
-1. inside every chunk at once, from a zero start: local_t = dA_t * local_{t-1} + dBx_t (CHUNK steps);
-2. across chunks: start_{c+1} = decay_c * start_c + local_c[last] (one step a chunk);
-3. h_t = local_t + decay_t * start_c, with decay_t = exp(A * sum_{s<=t in chunk} delta_s).
+Two paths:
+- forward only (no autograd): chunk buffers are reused and updated in place;
+- autograd: the same steps out of place, and for large inputs each chunk is recomputed in the
+  backward pass (activation checkpointing) so memory kept for backward is O(seqlen * dim).
 
-decay_t is the product of dA over the chunk up to t: exponents are sums of delta * A over s <= t only,
-so it never overflows where the scan itself does not (no exp(+cumsum) and no division by decays).
-Chunks are processed BLOCK steps at a time, so no (batch, seqlen, dim, dstate) tensor exists for the
-whole sequence; when gradients are needed each block is recomputed in the backward pass
-(activation checkpointing) so that memory kept for backward is O(seqlen * dim), not O(seqlen * dim *
-dstate).
+Measured and rejected on the 2-core CPU (fp32, (1, 256..2048, 1536, 16)): a two-level scan (all
+chunks at once from zero, then a short scan over chunk starts, then exp(A * cumsum(delta)) to
+combine; Python loops chunk + seqlen / chunk instead of seqlen) was about 1.5x slower forward and 2x
+slower forward+backward: it makes ~3x more passes over (seqlen, dim, dstate) tensors and this
+machine is bound by memory traffic, not by per-op overhead. A log-depth (Hillis-Steele) scan inside
+chunks was 5-30x slower for the same reason.
 """
 
 from __future__ import annotations
@@ -27,90 +31,19 @@ from torch.utils.checkpoint import checkpoint
 from mambakit.ops.selective_scan.reference import accumulation_dtype, discretize_dt
 from mambakit.ops.selective_scan.reference import selective_state_update_impl as _reference_update
 
-# Chunk length: the Python loop count per block is CHUNK + BLOCK / CHUNK, smallest near sqrt(BLOCK);
-# measured on 2 CPU cores at (1, 1024, 1536, 16) fp32, CHUNK 16 and 32 were within noise of each
-# other and faster than 8 or 64 (see the report in benchmarks / the helper's measurements).
-CHUNK = 16
-# Steps processed at once: large enough that the inter-chunk loop is short and each op is big, small
-# enough that the (BLOCK, batch, dim, dstate) temporaries stay in a few tens of MB.
-BLOCK = 256
+# Steps whose dA, dBx are computed at once (autograd path; one checkpointed unit when recomputing).
+# fp32 forward+backward at (1, 256, 1536, 16) on one core: 16 -> 96 ms, 32 -> 69 ms, 64 -> 96 ms,
+# 256 -> 153 ms (min of 4; the machine is shared, so +-30%): 32 keeps a chunk's tensors (3 MB each
+# at dim 1536) in cache while amortizing the per-chunk ops.
+CHUNK = 32
+# Buffer length of the forward-only path, same trade-off: forward (1, 1024, 1536, 16) on one core,
+# 16 -> 25 ms, 32 -> 22 ms, 64 -> 23 ms.
 FORWARD_CHUNK = 32
-RECOMPUTE = True
+# With autograd, checkpoint chunks once batch * seqlen * dim * dstate exceeds this (64 MB of fp32 per
+# saved tensor); below it, keeping the activations is ~1.5x faster than recomputing them.
+RECOMPUTE_ABOVE = 2**24
 # exp(v) = exp2(v * log2(e)); PyTorch's CPU exp2 is several times faster than exp on float32.
 _LOG2E = 1.0 / math.log(2.0)
-
-
-def _time_major(u: torch.Tensor, nchunks: int, chunk: int) -> torch.Tensor:
-    """(batch, nchunks * chunk, ...) -> (chunk, nchunks, batch, ...), contiguous."""
-    batch = u.shape[0]
-    u = u.reshape(batch, nchunks, chunk, *u.shape[2:])
-    return u.permute(2, 1, 0, *range(3, u.ndim)).contiguous()
-
-
-def _scan_block(
-    h: torch.Tensor,
-    delta: torch.Tensor,
-    x: torch.Tensor,
-    A2: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    reset: torch.Tensor | None,
-    chunk: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scan one block of whole chunks.
-
-    h (batch, dim, dstate) state before the block; delta, x (batch, L, dim) with L a multiple of
-    `chunk`; A2 = A * log2(e) (dim, dstate); B, C (batch, L, ngroups, dstate); reset (batch, L) bool,
-    True where the state carried into t is zero. Returns y (batch, L, dim) without D / z, and the state
-    after the block.
-    """
-    batch, length, dim = x.shape
-    ngroups, dstate = B.shape[2], B.shape[3]
-    nchunks = length // chunk
-    group_size = dim // ngroups
-    delta_c = _time_major(delta, nchunks, chunk)  # (chunk, nchunks, batch, dim)
-    x_c = _time_major(x, nchunks, chunk)
-    B_c = _time_major(B, nchunks, chunk)  # (chunk, nchunks, batch, ngroups, dstate)
-    C_c = _time_major(C, nchunks, chunk)
-    shape5 = (chunk, nchunks, batch, dim, dstate)
-
-    dA = torch.exp2(delta_c[..., None] * A2)  # (chunk, nchunks, batch, dim, dstate)
-    dBx = ((delta_c * x_c).view(chunk, nchunks, batch, ngroups, group_size, 1) * B_c.unsqueeze(4)).view(
-        shape5
-    )
-    # decay_t = dA_0 * ... * dA_t inside the chunk, from a cumulative sum of log-decays (all <= t).
-    decay = torch.exp2(torch.cumsum(delta_c, dim=0)[..., None] * A2)
-    if reset is not None:
-        reset_c = _time_major(reset, nchunks, chunk)[..., None, None]  # (chunk, nchunks, batch, 1, 1)
-        dA = torch.where(reset_c, 0.0, dA)
-        # Once a reset has happened in the chunk, nothing from before the chunk reaches t.
-        seen = torch.cumsum(reset_c.to(torch.int32), dim=0) > 0
-        decay = torch.where(seen, 0.0, decay)
-
-    # 1. Local scans from zero, all chunks at once. unbind (not indexing) keeps the backward linear:
-    #    each indexed view would scatter its gradient into a zeros tensor of the whole chunk.
-    dA_t, dBx_t = dA.unbind(0), dBx.unbind(0)
-    local = dBx_t[0]
-    locals_ = [local]
-    for t in range(1, chunk):
-        local = torch.addcmul(dBx_t[t], dA_t[t], local)
-        locals_.append(local)
-    local_all = torch.stack(locals_)  # (chunk, nchunks, batch, dim, dstate)
-
-    # 2. States at chunk starts, carried across chunks.
-    starts = []
-    for decay_c, last_c in zip(decay[-1].unbind(0), locals_[-1].unbind(0)):
-        starts.append(h)
-        h = torch.addcmul(last_c, decay_c, h)
-    start_all = torch.stack(starts)  # (nchunks, batch, dim, dstate)
-
-    # 3. Full states and outputs.
-    states = torch.addcmul(local_all, decay, start_all)
-    y = torch.einsum(
-        "tcbgpn,tcbgn->tcbgp", states.view(chunk, nchunks, batch, ngroups, group_size, dstate), C_c
-    )
-    y = y.reshape(chunk, nchunks, batch, dim).permute(2, 1, 0, 3).reshape(batch, length, dim)
-    return y, h
 
 
 def _scan_no_grad(
@@ -125,9 +58,8 @@ def _scan_no_grad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward-only scan: one step at a time inside chunks, in reused buffers (no autograd).
 
-    Same arguments as `_scan_block` but any length. Without autograd there is nothing to gain from
-    the two-level split: plain steps touch each state once, and reusing the (chunk, batch, dim, dstate)
-    buffers keeps them in cache and avoids fresh memory for every op.
+    Same arguments as `_scan_chunk` plus the buffer length, any seqlen. Reusing the (chunk, batch, dim,
+    dstate) buffers keeps them in cache and avoids fresh memory (page faults) for every op.
     """
     batch, length, dim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
@@ -167,6 +99,44 @@ def _scan_no_grad(
     return y.transpose(0, 1), h
 
 
+def _scan_chunk(
+    h: torch.Tensor,
+    delta: torch.Tensor,
+    x: torch.Tensor,
+    A2: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    reset: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scan a few steps out of place, for autograd.
+
+    h (batch, dim, dstate) state before the chunk; delta, x (batch, L, dim); A2 = A * log2(e)
+    (dim, dstate); B, C (batch, L, ngroups, dstate); reset (batch, L) bool, True where the state
+    carried into t is zero. Returns y (batch, L, dim) without D / z, and the state after the chunk.
+    """
+    batch, length, dim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    group_size = dim // ngroups
+    nb = batch * ngroups
+    delta_t = delta.transpose(0, 1).contiguous()  # (length, batch, dim)
+    dx_t = (delta * x).transpose(0, 1).contiguous()
+    B_t = B.transpose(0, 1).contiguous()  # (length, batch, ngroups, dstate)
+    C_t = C.transpose(0, 1).reshape(length, nb, 1, dstate)
+    dA = torch.exp2(delta_t[..., None] * A2)  # (length, batch, dim, dstate)
+    if reset is not None:
+        dA = torch.where(reset.transpose(0, 1)[:, :, None, None], 0.0, dA)
+    dBx = dx_t.view(length, batch, ngroups, group_size, 1) * B_t.unsqueeze(3)
+    dBx = dBx.view(length, batch, dim, dstate)
+    ys = []
+    # unbind, not dA[t]: the backward of each indexed view would scatter into a zeros tensor of the
+    # whole chunk, making the backward quadratic in the chunk length.
+    for a_t, u_t, c_t in zip(dA.unbind(0), dBx.unbind(0), C_t.unbind(0)):
+        h = torch.addcmul(u_t, a_t, h)
+        ys.append(torch.bmm(c_t, h.view(nb, group_size, dstate).transpose(1, 2)))
+    y = torch.stack(ys).view(length, batch, dim).transpose(0, 1)
+    return y, h
+
+
 def _scan_with_grad(
     h: torch.Tensor,
     delta: torch.Tensor,
@@ -175,37 +145,32 @@ def _scan_with_grad(
     B: torch.Tensor,
     C: torch.Tensor,
     reset: torch.Tensor | None,
-    chunk_size: int,
-    block_len: int,
+    chunk: int,
     recompute: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scan recorded by autograd: two-level blocks (`_scan_block`), optionally checkpointed.
+    """Scan recorded by autograd, chunk by chunk (`_scan_chunk`), optionally checkpointed.
 
-    Same arguments as `_scan_block`, any length. Returns y (batch, seqlen, dim) and the final state.
+    Same arguments as `_scan_chunk`, any length. Returns y (batch, seqlen, dim) and the final state.
     """
     batch, seqlen, dim = x.shape
-    # Short sequences run as one chunk; otherwise pad to whole chunks with delta = 0, x = B = C = 0,
-    # steps that leave the state unchanged (dA = 1, dBx = 0) and whose outputs are dropped.
-    chunk = max(1, min(chunk_size, seqlen))
-    padded = -(-seqlen // chunk) * chunk
-    if padded != seqlen:
-        pad = padded - seqlen
-        delta, x = F.pad(delta, (0, 0, 0, pad)), F.pad(x, (0, 0, 0, pad))
-        B, C = F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad))
-        if reset is not None:
-            reset = F.pad(reset, (0, pad), value=False)
-    block = max(1, block_len // chunk) * chunk
     ys = []
-    for s in range(0, padded, block):
-        e = min(s + block, padded)
-        args = (h, delta[:, s:e], x[:, s:e], A2, B[:, s:e], C[:, s:e])
-        r = None if reset is None else reset[:, s:e]
+    for s in range(0, seqlen, chunk):
+        e = min(s + chunk, seqlen)
+        args = (
+            h,
+            delta[:, s:e],
+            x[:, s:e],
+            A2,
+            B[:, s:e],
+            C[:, s:e],
+            None if reset is None else reset[:, s:e],
+        )
         if recompute:
-            y_blk, h = checkpoint(_scan_block, *args, r, chunk, use_reentrant=False)
+            y_chunk, h = checkpoint(_scan_chunk, *args, use_reentrant=False)
         else:
-            y_blk, h = _scan_block(*args, r, chunk)
-        ys.append(y_blk)
-    y = torch.cat(ys, dim=1)[:, :seqlen] if ys else x.new_zeros(batch, 0, dim)
+            y_chunk, h = _scan_chunk(*args)
+        ys.append(y_chunk)
+    y = torch.cat(ys, dim=1) if ys else x.new_zeros(batch, 0, dim)
     return y, h
 
 
@@ -224,8 +189,7 @@ def selective_scan_impl(
     seq_idx: torch.Tensor | None,
     *,
     chunk_size: int = CHUNK,
-    block_len: int = BLOCK,
-    recompute: bool = RECOMPUTE,
+    recompute: bool | None = None,
     forward_chunk: int = FORWARD_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked selective scan; arguments and shapes as in `mambakit.ops.selective_scan`.
@@ -235,8 +199,8 @@ def selective_scan_impl(
     Returns y (batch, seqlen, dim) in x's dtype and the final state (batch, dim, dstate) in float32
     (float64 for float64 inputs), or None.
 
-    Keyword-only knobs (tests and benchmarks): when autograd records the scan, `chunk_size`,
-    `block_len` (rounded down to whole chunks) and `recompute` (checkpoint each block); otherwise
+    Keyword-only knobs (tests and benchmarks): when autograd records the scan, `chunk_size` and
+    `recompute` (checkpoint each chunk; None: above RECOMPUTE_ABOVE elements); otherwise
     `forward_chunk`, the buffer length of the forward-only path.
     """
     acc = accumulation_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)
@@ -261,7 +225,9 @@ def selective_scan_impl(
     if not needs_grad:
         y, h = _scan_no_grad(h, delta, xf, A2, Bf, Cf, reset, max(1, forward_chunk))
     else:
-        y, h = _scan_with_grad(h, delta, xf, A2, Bf, Cf, reset, chunk_size, block_len, recompute)
+        if recompute is None:
+            recompute = batch * seqlen * dim * dstate > RECOMPUTE_ABOVE
+        y, h = _scan_with_grad(h, delta, xf, A2, Bf, Cf, reset, max(1, chunk_size), recompute)
 
     if D is not None:
         y = y + xf * D.to(acc)
