@@ -1,0 +1,317 @@
+"""Triton selective scan (Mamba-1) against the reference backend: forward, backward, states, packing, steps.
+
+On CPU the kernels run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes
+are tiny; `gpu`-marked tests run larger shapes on CUDA only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mambakit.ops import selective_scan, selective_state_update
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs CUDA or TRITON_INTERPRET=1",
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _vectorized_interpreter_scan():
+    """Triton's interpreter runs `tl.associative_scan` one element at a time in Python, which makes the scan
+    kernels ~100x slower than the rest of the interpreted code. Swap in an equivalent scan that walks the
+    scan axis and calls the same combine function on whole slices (elementwise, so identical results).
+    Test-only; absent interpreter internals (other Triton versions) just leave the slow path."""
+    try:
+        from triton.runtime.interpreter import ScanOps
+    except ImportError:
+        yield
+        return
+    if not hasattr(ScanOps, "generic_scan") or os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+
+    def generic_scan(self, input):
+        datas = [arg.handle.data for arg in input]
+        outs = [np.empty_like(d) for d in datas]
+        axis = self.axis
+
+        def piece(i):
+            return tuple(
+                self.to_tensor(np.take(d, [i], axis=axis), arg.dtype) for d, arg in zip(datas, input)
+            )
+
+        acc = piece(0)
+        for i in range(datas[0].shape[axis]):
+            if i > 0:
+                ret = self.combine_fn.fn(*acc, *piece(i))
+                acc = ret if isinstance(ret, tuple) else (ret,)
+            for out, a in zip(outs, acc):
+                idx = [slice(None)] * out.ndim
+                idx[axis] = slice(i, i + 1)
+                out[tuple(idx)] = a.handle.data
+        return [self.to_tensor(o, arg.dtype) for o, arg in zip(outs, input)]
+
+    original = ScanOps.generic_scan
+    ScanOps.generic_scan = generic_scan
+    try:
+        yield
+    finally:
+        ScanOps.generic_scan = original
+
+
+def make_inputs(
+    batch,
+    seqlen,
+    dim,
+    dstate,
+    ngroups,
+    *,
+    dtype=torch.float32,
+    D=True,
+    z=True,
+    dt_bias=True,
+    initial_state=True,
+    ndocs=0,
+    seed=0,
+):
+    """Random inputs in realistic ranges (A < 0, softplus(dt + bias) ~ 0.05-1) as a dict of kwargs."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, shift=0.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(dt).to(DEVICE)
+
+    out = dict(
+        x=rnd(batch, seqlen, dim),
+        dt=rnd(batch, seqlen, dim, scale=0.5, shift=-1.0),
+        A=-torch.rand(dim, dstate, generator=g).add(0.2).to(DEVICE),
+        B=rnd(batch, seqlen, ngroups, dstate),
+        C=rnd(batch, seqlen, ngroups, dstate),
+        D=rnd(dim, dt=torch.float32) if D else None,
+        z=rnd(batch, seqlen, dim) if z else None,
+        dt_bias=rnd(dim, scale=0.3, dt=torch.float32) if dt_bias else None,
+        dt_softplus=True,
+        initial_state=rnd(batch, dim, dstate, dt=torch.float32) if initial_state else None,
+        seq_idx=None,
+    )
+    if ndocs:
+        cuts = torch.randint(0, ndocs, (batch, seqlen), generator=g)
+        out["seq_idx"] = torch.sort(cuts, dim=1).values.to(torch.int32).to(DEVICE)
+    return out
+
+
+TENSOR_ARGS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
+
+
+def run(inputs, backend, upcast=False, grad=False):
+    """(y, final_state) through the public entry; float64 copies of the inputs when `upcast`."""
+    kw = dict(inputs)
+    for k in TENSOR_ARGS:
+        if kw[k] is not None:
+            t = kw[k].detach().double() if upcast else kw[k].detach().clone()
+            kw[k] = t.requires_grad_(grad)
+    y, final = selective_scan(**kw, return_final_state=True, backend=backend)
+    return y, final, kw
+
+
+def assert_close_rel(actual, expected, tol, name):
+    """Max error relative to the largest expected magnitude; NaN or Inf never passes."""
+    assert actual.shape == expected.shape, name
+    assert torch.isfinite(actual).all(), f"{name} has NaN/Inf"
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item() + 1e-12
+    assert err <= tol * scale, f"{name}: max err {err:.3g} > {tol} * {scale:.3g}"
+
+
+FWD_CASES = [
+    # batch, seqlen, dim, dstate, ngroups, options
+    (1, 1, 4, 4, 1, {}),
+    (2, 7, 6, 5, 2, {"initial_state": False}),
+    (2, 33, 12, 8, 2, {"ndocs": 3}),
+    (1, 67, 20, 16, 1, {"D": False, "z": False, "dt_bias": False}),
+    (1, 40, 36, 4, 2, {"ndocs": 4, "initial_state": False}),
+]
+
+
+@pytest.mark.parametrize("batch,seqlen,dim,dstate,ngroups,opts", FWD_CASES)
+def test_forward_matches_reference(batch, seqlen, dim, dstate, ngroups, opts):
+    inputs = make_inputs(batch, seqlen, dim, dstate, ngroups, seed=seqlen, **opts)
+    y, final, _ = run(inputs, "triton")
+    y_ref, final_ref, _ = run(inputs, "reference", upcast=True)
+    assert y.dtype == inputs["x"].dtype and final.dtype == torch.float32
+    assert_close_rel(y, y_ref, 1e-4, "y")
+    assert_close_rel(final, final_ref, 1e-4, "final_state")
+
+
+def _grads(inputs, backend, upcast, seed):
+    y, final, kw = run(inputs, backend, upcast=upcast, grad=True)
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y.shape, generator=g).to(DEVICE, y.dtype)
+    dfinal = torch.randn(final.shape, generator=g).to(DEVICE, final.dtype)
+    loss = (y * dy).sum() + (final * dfinal).sum()
+    names = [k for k in TENSOR_ARGS if kw[k] is not None]
+    grads = torch.autograd.grad(loss, [kw[k] for k in names])
+    return dict(zip(names, grads))
+
+
+BWD_CASES = [
+    (1, 1, 4, 4, 1, {}),
+    (2, 21, 10, 6, 2, {"ndocs": 3}),
+    (1, 35, 18, 16, 1, {"D": False, "z": False, "initial_state": False}),
+]
+
+
+@pytest.mark.parametrize("batch,seqlen,dim,dstate,ngroups,opts", BWD_CASES)
+def test_backward_matches_reference(batch, seqlen, dim, dstate, ngroups, opts):
+    inputs = make_inputs(batch, seqlen, dim, dstate, ngroups, seed=seqlen + 1, **opts)
+    got = _grads(inputs, "triton", upcast=False, seed=seqlen)
+    want = _grads(inputs, "reference", upcast=True, seed=seqlen)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == inputs[name].dtype, name
+        assert_close_rel(got[name], want[name], 2e-4, f"d{name}")
+
+
+def test_low_precision_inputs_against_upcast_reference():
+    """bf16 x/dt/B/C/z (fp32 parameters and state) against the reference run on the same values in fp64."""
+    inputs = make_inputs(2, 19, 12, 8, 2, dtype=torch.bfloat16, ndocs=2, seed=5)
+    y, final, _ = run(inputs, "triton")
+    y_ref, final_ref, _ = run(inputs, "reference", upcast=True)
+    assert y.dtype == torch.bfloat16
+    assert_close_rel(y, y_ref, 1e-2, "y")
+    assert_close_rel(final, final_ref, 1e-4, "final_state")  # fp32 state from exactly the same inputs
+    got = _grads(inputs, "triton", upcast=False, seed=1)
+    want = _grads(inputs, "reference", upcast=True, seed=1)
+    for name in want:
+        assert got[name].dtype == inputs[name].dtype, name
+        assert_close_rel(got[name], want[name], 2e-2, f"d{name}")
+
+
+def test_gradcheck_float64():
+    inputs = make_inputs(1, 5, 4, 3, 2, dtype=torch.float64, ndocs=2, seed=3)
+    inputs["seq_idx"] = torch.tensor([[0, 0, 1, 1, 1]], dtype=torch.int32, device=DEVICE)
+    names = [k for k in TENSOR_ARGS]
+    args = [inputs[k].double().requires_grad_() for k in names]
+
+    def f(*tensors):
+        kw = dict(inputs, **dict(zip(names, tensors)))
+        y, final = selective_scan(**kw, return_final_state=True, backend="triton")
+        return y, final
+
+    assert torch.autograd.gradcheck(f, args, fast_mode=True)
+
+
+def test_packed_documents_equal_separate_runs():
+    """seq_idx resets: a packed row gives the same outputs as each document scanned from zero state."""
+    inputs = make_inputs(1, 24, 8, 4, 1, initial_state=False, seed=7)
+    bounds = [0, 5, 6, 17, 24]
+    seq_idx = torch.zeros(1, 24, dtype=torch.int64)
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        seq_idx[:, lo:hi] = i
+    packed = dict(inputs, seq_idx=seq_idx.to(DEVICE))
+    y_packed, final_packed, _ = run(packed, "triton")
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        part = dict(inputs)
+        for k in ("x", "dt", "B", "C", "z"):
+            part[k] = inputs[k][:, lo:hi]
+        y_part, final_part, _ = run(part, "triton")
+        assert_close_rel(y_packed[:, lo:hi], y_part, 1e-5, f"y[{lo}:{hi}]")
+    assert_close_rel(final_packed, final_part, 1e-5, "final_state of the last document")
+
+
+def test_strided_views_like_in_proj_outputs():
+    """x and z as halves of one (batch, seqlen, 2 * dim) tensor, B and C as slices of x_proj's output."""
+    batch, seqlen, dim, dstate = 2, 18, 10, 4
+    inputs = make_inputs(batch, seqlen, dim, dstate, 1, seed=11)
+    xz = torch.cat([inputs["x"], inputs["z"]], dim=-1)
+    bc = torch.cat(
+        [torch.randn(batch, seqlen, 3, device=DEVICE), inputs["B"][:, :, 0], inputs["C"][:, :, 0]], -1
+    )
+    views = dict(inputs, x=xz[..., :dim], z=xz[..., dim:])
+    views["B"] = bc[..., 3 : 3 + dstate].unsqueeze(2)
+    views["C"] = bc[..., 3 + dstate :].unsqueeze(2)
+    assert not views["x"].is_contiguous() and not views["B"].is_contiguous()
+    y, final, _ = run(views, "triton")
+    y_ref, final_ref, _ = run(inputs, "triton")
+    assert torch.equal(y, y_ref) and torch.equal(final, final_ref)
+
+
+def test_state_update_matches_scan_steps():
+    """Token-by-token decoding with selective_state_update equals one scan over the same tokens."""
+    batch, seqlen, dim, dstate, ngroups = 2, 3, 12, 5, 2
+    inputs = make_inputs(batch, seqlen, dim, dstate, ngroups, seed=13)
+    y_scan, final_scan, _ = run(inputs, "reference", upcast=True)
+    state = inputs["initial_state"].clone()
+    for t in range(seqlen):
+        step = {k: inputs[k][:, t] for k in ("x", "dt", "B", "C", "z")}
+        y_t = selective_state_update(
+            state, **step, A=inputs["A"], D=inputs["D"], dt_bias=inputs["dt_bias"], dt_softplus=True,
+            backend="triton",
+        )  # fmt: skip
+        assert y_t.dtype == inputs["x"].dtype
+        assert_close_rel(y_t, y_scan[:, t], 1e-5, f"y[{t}]")
+    assert_close_rel(state, final_scan, 1e-5, "state")
+
+
+def test_state_update_strided_state_and_bf16():
+    """The state may be a slice of a larger cache tensor; bf16 activations update an fp32 state."""
+    batch, dim, dstate = 3, 8, 4
+    inputs = make_inputs(batch, 1, dim, dstate, 1, dtype=torch.bfloat16, seed=17)
+    cache = torch.randn(2, batch, dim, dstate, device=DEVICE)
+    state = cache[1]
+    expected_state = state.clone()
+    step = {k: inputs[k][:, 0] for k in ("x", "dt", "B", "C", "z")}
+    common = dict(A=inputs["A"], D=inputs["D"], dt_bias=inputs["dt_bias"], dt_softplus=True)
+    y_ref = selective_state_update(expected_state, **step, **common, backend="reference")
+    untouched = cache[0].clone()
+    y = selective_state_update(state, **step, **common, backend="triton")
+    assert y.dtype == torch.bfloat16
+    assert_close_rel(y, y_ref, 1e-2, "y")
+    assert_close_rel(cache[1], expected_state, 1e-5, "state in the cache")
+    assert torch.equal(cache[0], untouched)
+
+
+def test_bad_arguments_name_the_argument():
+    inputs = make_inputs(1, 4, 4, 2, 1, seed=0)
+    with pytest.raises(ValueError, match="dt"):
+        selective_scan(**dict(inputs, dt=inputs["dt"][:, :3]), backend="triton")
+    with pytest.raises(ValueError, match="ngroups"):
+        selective_scan(**dict(inputs, B=torch.randn(1, 4, 3, 2), C=torch.randn(1, 4, 3, 2)), backend="triton")
+    with pytest.raises(TypeError, match="seq_idx"):
+        selective_scan(**dict(inputs, seq_idx=torch.zeros(1, 4)), backend="triton")
+    with pytest.raises(TypeError, match="state"):
+        step = [inputs[k][:, 0] for k in ("x", "dt")] + [inputs["A"]] + [inputs[k][:, 0] for k in ("B", "C")]
+        selective_state_update(torch.zeros(1, 4, 2, dtype=torch.float16), *step, backend="triton")
+
+
+def test_custom_op_registration():
+    """The custom ops pass torch.library's checks (schema, fake tensor, autograd registration)."""
+    from mambakit.ops.selective_scan.triton.autograd import _scan_fwd_op
+
+    inputs = make_inputs(1, 3, 4, 2, 1, seed=19)
+    args = [inputs[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")]
+    args = [a.requires_grad_() for a in args] + [True, inputs["initial_state"].requires_grad_(), None]
+    torch.library.opcheck(
+        _scan_fwd_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seqlen", [1000, 4096, 16384])
+def test_gpu_shapes_against_torch_backend(dtype, seqlen):
+    inputs = make_inputs(2, seqlen, 384, 16, 2, dtype=dtype, ndocs=3, seed=seqlen)
+    y, final, _ = run(inputs, "triton")
+    y_ref, final_ref, _ = run(inputs, "torch", upcast=True)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    assert_close_rel(y, y_ref, tol, "y")
+    assert_close_rel(final, final_ref, 1e-3 if dtype == torch.float32 else 1e-2, "final_state")
+    got = _grads(inputs, "triton", upcast=False, seed=0)
+    want = _grads(inputs, "torch", upcast=True, seed=0)
+    for name in want:
+        assert_close_rel(got[name], want[name], 1e-3 if dtype == torch.float32 else 3e-2, f"d{name}")
