@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mambakit.layers import MLP, Attention, Mamba1, Mamba2
 
@@ -171,3 +173,40 @@ def test_mamba2_cu_seqlens_with_cache_is_refused(kind):
     cache = mixer.allocate_inference_cache(1, 8)
     with pytest.raises(ValueError, match="cu_seqlens"):
         mixer(torch.randn(1, 6, D_MODEL), cu_seqlens=torch.tensor([0, 2, 6]), cache=cache)
+
+
+@given(
+    kind=st.sampled_from(["mamba1", "mamba2", "attn"]),
+    width=st.sampled_from([2, 4]),
+    groups_heads=st.sampled_from([(1, 2), (2, 4), (4, 4)]),
+    chunk_size=st.sampled_from([1, 3, 8]),
+    batch=st.integers(1, 3),
+    pieces=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    n_steps=st.integers(0, 4),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=25)
+@torch.no_grad()
+def test_random_shapes_decode_like_forward(
+    kind, width, groups_heads, chunk_size, batch, pieces, n_steps, seed
+):
+    """Fresh random layer shapes and prompt splits: prefills + steps equal one forward."""
+    torch.manual_seed(seed)
+    ngroups, nheads = groups_heads
+    if kind == "mamba1":
+        mixer = Mamba1(16, d_state=4, d_conv=width, expand=2)
+    elif kind == "mamba2":
+        mixer = Mamba2(
+            16, d_state=4, d_conv=width, headdim=32 // nheads, ngroups=ngroups, chunk_size=chunk_size
+        )
+    else:
+        mixer = Attention(16, nheads, num_kv_heads=ngroups, rotary_emb_dim=16 // nheads if width == 4 else 2)
+    x = torch.randn(batch, sum(pieces) + n_steps, 16)
+    cache = mixer.allocate_inference_cache(batch, x.shape[1])
+    outs, pos = [], 0
+    for n in pieces:
+        outs.append(mixer(x[:, pos : pos + n], cache=cache))
+        pos += n
+    outs += [mixer.step(x[:, t : t + 1], cache) for t in range(pos, x.shape[1])]
+    full = mixer(x)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-4, atol=1e-4 * full.abs().max().item())
