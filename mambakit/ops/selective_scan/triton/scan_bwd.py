@@ -66,7 +66,8 @@ def _selective_scan_bwd_kernel(
 ):  # fmt: skip
     pid_bg = tl.program_id(0)
     pid_d = tl.program_id(1)
-    b = pid_bg // ngroups
+    # 64-bit offsets: batch * seqlen * dim passes 2**31 at long sequences.
+    b = (pid_bg // ngroups).to(tl.int64)
     g = pid_bg % ngroups
     offs_dg = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_dg < dim_per_group
@@ -88,15 +89,15 @@ def _selective_scan_bwd_kernel(
         h = tl.load(h0_ptr + state_offs, mask=mask_dn, other=0.0).to(ACC)
     else:
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
-    hbuf = hbuf_ptr + b * ntiles * dim * dstate + offs_d[:, None] * dstate + offs_n[None, :]
+    hbuf = hbuf_ptr + offs_d[:, None] * dstate + offs_n[None, :]
 
     # Pass 1: the state at the start of every tile.
     for k in range(0, ntiles):
-        offs_l = k * BLOCK_L + rows
+        offs_l = (k * BLOCK_L + rows).to(tl.int64)
         mask_l = offs_l < seqlen
         mask_ld = mask_l[:, None] & mask_d[None, :]
         mask_ln = mask_l[:, None] & mask_n[None, :]
-        tl.store(hbuf + k * dim * dstate, h, mask=mask_dn)
+        tl.store(hbuf + (b * ntiles + k) * dim * dstate, h, mask=mask_dn)
         delta, dA = _tile_decay(
             dt_ptr, seq_idx_ptr, A, dt_bias, b, offs_l, offs_d, mask_d, seqlen,
             s_dt_b, s_dt_l, s_si_b, s_si_l, HAS_SEQ_IDX, DT_SOFTPLUS, HAS_DT_BIAS, ACC,
@@ -119,11 +120,11 @@ def _selective_scan_bwd_kernel(
     dbias_acc = tl.zeros((BLOCK_D,), dtype=ACC)
     for kk in range(0, ntiles):
         k = ntiles - 1 - kk
-        offs_l = k * BLOCK_L + rows
+        offs_l = (k * BLOCK_L + rows).to(tl.int64)
         mask_l = offs_l < seqlen
         mask_ld = mask_l[:, None] & mask_d[None, :]
         mask_ln = mask_l[:, None] & mask_n[None, :]
-        h0 = tl.load(hbuf + k * dim * dstate, mask=mask_dn, other=0.0)
+        h0 = tl.load(hbuf + (b * ntiles + k) * dim * dstate, mask=mask_dn, other=0.0)
         delta, dA = _tile_decay(
             dt_ptr, seq_idx_ptr, A, dt_bias, b, offs_l, offs_d, mask_d, seqlen,
             s_dt_b, s_dt_l, s_si_b, s_si_l, HAS_SEQ_IDX, DT_SOFTPLUS, HAS_DT_BIAS, ACC,

@@ -63,7 +63,8 @@ def _selective_scan_fwd_kernel(
 ):  # fmt: skip
     pid_bg = tl.program_id(0)
     pid_d = tl.program_id(1)
-    b = pid_bg // ngroups
+    # 64-bit offsets: batch * seqlen * dim passes 2**31 at long sequences.
+    b = (pid_bg // ngroups).to(tl.int64)
     g = pid_bg % ngroups
     offs_dg = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_dg < dim_per_group
@@ -88,7 +89,7 @@ def _selective_scan_fwd_kernel(
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
 
     for start in range(0, seqlen, BLOCK_L):
-        offs_l = start + rows
+        offs_l = (start + rows).to(tl.int64)
         mask_l = offs_l < seqlen
         mask_ld = mask_l[:, None] & mask_d[None, :]
         mask_ln = mask_l[:, None] & mask_n[None, :]

@@ -24,7 +24,8 @@ def _state_update_kernel(
 ):  # fmt: skip
     pid_bg = tl.program_id(0)
     pid_d = tl.program_id(1)
-    b = pid_bg // ngroups
+    # 64-bit offsets: batch * seqlen * dim passes 2**31 at long sequences.
+    b = (pid_bg // ngroups).to(tl.int64)
     g = pid_bg % ngroups
     offs_dg = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_dg < dim_per_group
