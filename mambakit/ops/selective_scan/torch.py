@@ -46,57 +46,81 @@ RECOMPUTE_ABOVE = 2**24
 _LOG2E = 1.0 / math.log(2.0)
 
 
-def _scan_no_grad(
-    h: torch.Tensor,
-    delta: torch.Tensor,
+def _forward_only(
     x: torch.Tensor,
+    dt: torch.Tensor,
     A2: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+    h: torch.Tensor,
     reset: torch.Tensor | None,
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward-only scan: one step at a time inside chunks, in reused buffers (no autograd).
+    """Whole scan without autograd, one chunk of steps at a time in reused buffers.
 
-    Same arguments as `_scan_chunk` plus the buffer length, any seqlen. Reusing the (chunk, batch, dim,
-    dstate) buffers keeps them in cache and avoids fresh memory (page faults) for every op.
+    Arguments as `selective_scan_impl` (A2 = A * log2(e); h the float32/64 state to start from;
+    reset (batch, seqlen) bool or None). Every step, including dt's discretization, D and the gate,
+    works on (chunk, batch, dim[, dstate]) buffers allocated once: on this CPU, fresh memory for each
+    whole-sequence op (page faults) cost more than the arithmetic.
     """
     batch, length, dim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     group_size = dim // ngroups
-    delta_t = delta.transpose(0, 1).contiguous()  # (length, batch, dim)
-    dx_t = (delta * x).transpose(0, 1).contiguous()
-    B_t = B.transpose(0, 1).contiguous()  # (length, batch, ngroups, dstate)
-    C_t = C.transpose(0, 1).contiguous()
-    reset_t = None if reset is None else reset.transpose(0, 1)[:, :, None, None]  # (length, batch, 1, 1)
-    dA = torch.empty(chunk, batch, dim, dstate, dtype=x.dtype, device=x.device)
+    acc, dev = h.dtype, x.device
+    x_b = torch.empty(chunk, batch, dim, dtype=acc, device=dev)
+    delta_b, tmp_b = torch.empty_like(x_b), torch.empty_like(x_b)
+    B_b = torch.empty(chunk, batch, ngroups, dstate, dtype=acc, device=dev)
+    C_b = torch.empty_like(B_b)
+    dA = torch.empty(chunk, batch, dim, dstate, dtype=acc, device=dev)
     hs = torch.empty_like(dA)  # dBx, then overwritten in place by the states
-    y = torch.empty(length, batch, dim, dtype=x.dtype, device=x.device)
+    y = torch.empty(batch, length, dim, dtype=x.dtype, device=dev)
+    bias = None if dt_bias is None else dt_bias.to(acc)
+    D_acc = None if D is None else D.to(acc)
     h = h.clone()
     for s in range(0, length, chunk):
         e = min(s + chunk, length)
-        a, u = dA[: e - s], hs[: e - s]
-        torch.mul(delta_t[s:e, :, :, None], A2, out=a)
+        n = e - s
+        xc, delta, tmp, Bc, Cc = x_b[:n], delta_b[:n], tmp_b[:n], B_b[:n], C_b[:n]
+        xc.copy_(x[:, s:e].transpose(0, 1))  # time-major (n, batch, dim)
+        delta.copy_(dt[:, s:e].transpose(0, 1))
+        Bc.copy_(B[:, s:e].transpose(0, 1))
+        Cc.copy_(C[:, s:e].transpose(0, 1))
+        if bias is not None:
+            delta.add_(bias)
+        if dt_softplus:
+            delta = F.softplus(delta)
+        a, u = dA[:n], hs[:n]
+        torch.mul(delta[:, :, :, None], A2, out=a)
         a.exp2_()
-        if reset_t is not None:
-            a.masked_fill_(reset_t[s:e], 0.0)
+        if reset is not None:
+            a.masked_fill_(reset[:, s:e].transpose(0, 1)[:, :, None, None], 0.0)
+        torch.mul(delta, xc, out=tmp)
         torch.mul(
-            dx_t[s:e].view(e - s, batch, ngroups, group_size, 1),
-            B_t[s:e].view(e - s, batch, ngroups, 1, dstate),
-            out=u.view(e - s, batch, ngroups, group_size, dstate),
+            tmp.view(n, batch, ngroups, group_size, 1),
+            Bc.view(n, batch, ngroups, 1, dstate),
+            out=u.view(n, batch, ngroups, group_size, dstate),
         )
         prev = h
-        for t in range(e - s):
+        for t in range(n):
             prev = u[t].addcmul_(a[t], prev)
         h.copy_(prev)
-        nb = (e - s) * batch * ngroups
+        nb = n * batch * ngroups
         # y = C . h as (1, dstate) @ (dstate, group_size): ~3x faster on CPU than h @ C, same numbers.
         torch.bmm(
-            C_t[s:e].reshape(nb, 1, dstate),
+            Cc.reshape(nb, 1, dstate),
             u.view(nb, group_size, dstate).transpose(1, 2),
-            out=y[s:e].view(nb, 1, group_size),
+            out=tmp.view(nb, 1, group_size),
         )
-    return y.transpose(0, 1), h
+        if D_acc is not None:
+            tmp.addcmul_(xc, D_acc)
+        if z is not None:
+            tmp.mul_(F.silu(z[:, s:e].transpose(0, 1).to(acc)))
+        y[:, s:e].copy_(tmp.transpose(0, 1))
+    return y, h
 
 
 def _scan_chunk(
@@ -150,7 +174,8 @@ def _scan_with_grad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scan recorded by autograd, chunk by chunk (`_scan_chunk`), optionally checkpointed.
 
-    Same arguments as `_scan_chunk`, any length. Returns y (batch, seqlen, dim) and the final state.
+    Same arguments as `_scan_chunk` plus the chunk length, any seqlen. Returns y (batch, seqlen, dim)
+    and the final state.
     """
     batch, seqlen, dim = x.shape
     ys = []
@@ -211,24 +236,22 @@ def selective_scan_impl(
     else:
         h = initial_state.to(acc)
 
-    xf = x.to(acc)
-    delta = discretize_dt(dt, dt_bias, dt_softplus, acc)
-    Bf, Cf = B.to(acc), C.to(acc)
     reset = None
     if seq_idx is not None and seqlen > 1:
         reset = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=False)  # (batch, seqlen)
-
     A2 = A.to(acc) * _LOG2E
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, dt, A, B, C, dt_bias, initial_state)
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias, initial_state)
     )
     if not needs_grad:
-        y, h = _scan_no_grad(h, delta, xf, A2, Bf, Cf, reset, max(1, forward_chunk))
-    else:
-        if recompute is None:
-            recompute = batch * seqlen * dim * dstate > RECOMPUTE_ABOVE
-        y, h = _scan_with_grad(h, delta, xf, A2, Bf, Cf, reset, max(1, chunk_size), recompute)
+        y, h = _forward_only(x, dt, A2, B, C, D, z, dt_bias, dt_softplus, h, reset, max(1, forward_chunk))
+        return y, (h if return_final_state else None)
 
+    xf = x.to(acc)
+    delta = discretize_dt(dt, dt_bias, dt_softplus, acc)
+    if recompute is None:
+        recompute = batch * seqlen * dim * dstate > RECOMPUTE_ABOVE
+    y, h = _scan_with_grad(h, delta, xf, A2, B.to(acc), C.to(acc), reset, max(1, chunk_size), recompute)
     if D is not None:
         y = y + xf * D.to(acc)
     if z is not None:
