@@ -6,6 +6,7 @@ kernel is defined, so it is set here, before any test imports a kernel module.
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -18,9 +19,16 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-def pytest_collection_modifyitems(config, items):
-    import pytest
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tests use tiny tensors: one intra-op thread is faster than two fighting on a small machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
+
+def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
