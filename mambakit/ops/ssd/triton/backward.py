@@ -88,7 +88,7 @@ def ssd_backward(
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg,
         *dy.stride(), *C.stride(), *seq_strides,
         HAS_DFINAL=dfinal_c is not None, HAS_SEQ=seq_idx is not None,
-        BLOCK_Q=block_q, PREC=prec, DOT_F32=f32, **st,
+        BLOCK_Q=block_q, SUB=min(64, block_q), PREC=prec, DOT_F32=f32, **st,
     )  # fmt: skip
 
     # 2. per-chunk gradients

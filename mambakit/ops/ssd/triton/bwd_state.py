@@ -26,7 +26,7 @@ def chunk_state_bwd_kernel(
     sC_b, sC_l, sC_g, sC_n,
     ss_b, ss_l,
     HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_Q: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     pid_pn = tl.program_id(0)
@@ -42,7 +42,7 @@ def chunk_state_bwd_kernel(
         DOT = tl.float32
     g = h // heads_per_group
 
-    offs_q = tl.arange(0, BLOCK_Q)
+    offs_s = tl.arange(0, SUB)
     offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     pmask = offs_p < headdim
@@ -67,32 +67,35 @@ def chunk_state_bwd_kernel(
         tl.store(dcsend_ptr + ((b * nheads + h) * nchunks + c) * npn + pid_pn, share)
         S_next = tl.load(states_ptr + st_off + pn_off, mask=pn_mask, other=0.0)
 
-        t = start + offs_q
-        qmask = (offs_q < chunk_size) & (t < seqlen)
-        cs = tl.load(cs_ptr + dcs_base + t, mask=qmask, other=0.0)
         last = tl.minimum(start + chunk_size, seqlen) - 1
-        cs_end = tl.load(cs_ptr + dcs_base + last)
-        w = tl.exp(cs)
-        decay = tl.exp(cs_end)
+        decay = tl.exp(tl.load(cs_ptr + dcs_base + last))
         if HAS_SEQ:
-            seq = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=qmask, other=0)
             seq_end = tl.load(seq_ptr + b * ss_b + last * ss_l)
             seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(start - 1, 0) * ss_l)
-            w = tl.where(seq == seq_prev, w, 0.0)
             decay = tl.where(seq_end == seq_prev, decay, 0.0)
-        w = tl.where(qmask, w, 0.0)
-        dy = tl.load(
-            dy_ptr + b * sy_b + t[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
-            mask=qmask[:, None] & pmask[None, :],
-            other=0.0,
-        )
-        Ct = tl.load(
-            C_ptr + b * sC_b + t[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
-            mask=qmask[:, None] & nmask[None, :],
-            other=0.0,
-        )
-        dyw = (dy.to(ACC) * w[:, None]).to(DOT)
-        dS_out = tl.dot(tl.trans(dyw), Ct.to(DOT), input_precision=PREC).to(ACC)
+        # SUB rows at a time: small operand tiles, so a whole dstate fits one program's tile
+        dS_out = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC)
+        for sb in tl.static_range(0, BLOCK_Q, SUB):
+            q = sb + offs_s
+            t = start + q
+            qmask = (q < chunk_size) & (t < seqlen)
+            w = tl.exp(tl.load(cs_ptr + dcs_base + t, mask=qmask, other=0.0))
+            if HAS_SEQ:
+                seq = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=qmask, other=0)
+                w = tl.where(seq == seq_prev, w, 0.0)
+            w = tl.where(qmask, w, 0.0)
+            dy = tl.load(
+                dy_ptr + b * sy_b + t[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
+                mask=qmask[:, None] & pmask[None, :],
+                other=0.0,
+            )
+            Ct = tl.load(
+                C_ptr + b * sC_b + t[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
+                mask=qmask[:, None] & nmask[None, :],
+                other=0.0,
+            )
+            dyw = (dy.to(ACC) * w[:, None]).to(DOT)
+            dS_out += tl.dot(tl.trans(dyw), Ct.to(DOT), input_precision=PREC).to(ACC)
         T = dS_out + decay * T
 
     tl.store(dh0_ptr + bh_off + pn_off, T, mask=pn_mask)

@@ -1,4 +1,4 @@
-"""Forward pass 2 of 2: the output of every chunk, in parallel over (batch, chunk, head, row block).
+"""Forward pass 3 of 3: the output of every chunk, in parallel over (batch, chunk, head, row block).
 
 For rows t of chunk c (in-chunk cumulative decay cs, state S entering c from `chunk_state`):
     y_t = exp(cs_t) * C_t S^T                                                (the past, via the state)

@@ -1,4 +1,4 @@
-"""Forward pass 1 of 2: dt processing, in-chunk cumulative decay and the states entering each chunk.
+"""Forward pass 1 of 3: dt processing, in-chunk cumulative decay and the states entering each chunk.
 
 One program owns a (headdim block x dstate block) tile of one (batch, head) state and walks the chunks
 in order: for chunk c it stores the state entering c, then adds c's own contribution
@@ -6,7 +6,8 @@ in order: for chunk c it stores the state entering c, then adds c's own contribu
 after decaying the running state by exp(cs_end). Fusing the chunk states with the state passing means
 the per-chunk local states never go to memory: only the entering states (kept for the output pass and
 for backward) are written. Programs with tile (0, 0) also write delta and the in-chunk cumsum cs of
-delta * A, which the output pass and backward read.
+delta * A, which the output pass and backward read. A chunk is walked SUB rows at a time, twice: first
+for its total decay cs_end (dt only), then for its contribution.
 With seq_idx, only the last document of a chunk contributes to the state leaving it, and the
 incoming state survives a chunk only if no document boundary falls inside it (or at its start).
 """
@@ -30,7 +31,7 @@ def chunk_state_fwd_kernel(
     ss_b, ss_l,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_Q: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     pid_pn = tl.program_id(0)
@@ -45,7 +46,7 @@ def chunk_state_fwd_kernel(
         DOT = tl.float32
     g = h // heads_per_group
 
-    offs_q = tl.arange(0, BLOCK_Q)
+    offs_s = tl.arange(0, SUB)
     offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     pmask = offs_p < headdim
@@ -66,42 +67,58 @@ def chunk_state_fwd_kernel(
 
     for c in range(nchunks):
         start = c * chunk_size
-        t = start + offs_q
-        qmask = (offs_q < chunk_size) & (t < seqlen)
-        dt = tl.load(dt_ptr + b * sdt_b + t * sdt_l + h * sdt_h, mask=qmask, other=0.0).to(ACC)
-        delta = tl.where(qmask, process_dt(dt, bias, SOFTPLUS, HAS_LIMIT, dt_min, dt_max), 0.0)
-        a = delta * A
-        cs = tl.cumsum(a, axis=0)
-        writer = qmask & ((offs_q * 0 + pid_pn) == 0)  # one tile per (batch, head) writes delta, cs
-        tl.store(delta_ptr + dcs_base + t, delta, mask=writer)
-        tl.store(cs_ptr + dcs_base + t, cs, mask=writer)
-        cs_end = tl.sum(a, axis=0)
-        w = tl.exp(cs_end - cs) * delta
+        last = tl.minimum(start + chunk_size, seqlen) - 1
+        # pass 1: the chunk's total log-decay, summed by sub-block exactly as pass 2 accumulates it
+        cs_end = 0.0
+        for sb in tl.static_range(0, BLOCK_Q, SUB):
+            q = sb + offs_s
+            t = start + q
+            qmask = (q < chunk_size) & (t < seqlen)
+            dt = tl.load(dt_ptr + b * sdt_b + t * sdt_l + h * sdt_h, mask=qmask, other=0.0).to(ACC)
+            delta = tl.where(qmask, process_dt(dt, bias, SOFTPLUS, HAS_LIMIT, dt_min, dt_max), 0.0)
+            cs_end += tl.sum(delta * A, axis=0)
         decay = tl.exp(cs_end)
         if HAS_SEQ:
-            last = tl.minimum(start + chunk_size, seqlen) - 1
-            seq = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=qmask, other=0)
             seq_end = tl.load(seq_ptr + b * ss_b + last * ss_l)
             seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(start - 1, 0) * ss_l)
-            w = tl.where(seq == seq_end, w, 0.0)
             decay = tl.where(seq_end == seq_prev, decay, 0.0)
-        w = tl.where(qmask, w, 0.0)
 
         st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
         tl.store(states_ptr + st_off + pn_off, s, mask=pn_mask)
 
-        x = tl.load(
-            x_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
-            mask=qmask[:, None] & pmask[None, :],
-            other=0.0,
-        )
-        Bt = tl.load(
-            B_ptr + b * sB_b + t[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
-            mask=qmask[:, None] & nmask[None, :],
-            other=0.0,
-        )
-        xw = (x.to(ACC) * w[:, None]).to(DOT)
-        local = tl.dot(tl.trans(xw), Bt.to(DOT), input_precision=PREC)
-        s = decay * s + local.to(ACC)
+        # pass 2: the chunk's own contribution, SUB rows at a time (small tiles: x is read once per
+        # program even with a whole dstate per tile, and registers stay free)
+        carry = 0.0
+        local = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC)
+        for sb in tl.static_range(0, BLOCK_Q, SUB):
+            q = sb + offs_s
+            t = start + q
+            qmask = (q < chunk_size) & (t < seqlen)
+            dt = tl.load(dt_ptr + b * sdt_b + t * sdt_l + h * sdt_h, mask=qmask, other=0.0).to(ACC)
+            delta = tl.where(qmask, process_dt(dt, bias, SOFTPLUS, HAS_LIMIT, dt_min, dt_max), 0.0)
+            a = delta * A
+            cs = carry + tl.cumsum(a, axis=0)
+            carry += tl.sum(a, axis=0)
+            writer = qmask & ((offs_s * 0 + pid_pn) == 0)  # one tile per (batch, head) writes delta, cs
+            tl.store(delta_ptr + dcs_base + t, delta, mask=writer)
+            tl.store(cs_ptr + dcs_base + t, cs, mask=writer)
+            w = tl.exp(cs_end - cs) * delta
+            if HAS_SEQ:
+                seq = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=qmask, other=0)
+                w = tl.where(seq == seq_end, w, 0.0)
+            w = tl.where(qmask, w, 0.0)
+            x = tl.load(
+                x_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
+                mask=qmask[:, None] & pmask[None, :],
+                other=0.0,
+            )
+            Bt = tl.load(
+                B_ptr + b * sB_b + t[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
+                mask=qmask[:, None] & nmask[None, :],
+                other=0.0,
+            )
+            xw = (x.to(ACC) * w[:, None]).to(DOT)
+            local += tl.dot(tl.trans(xw), Bt.to(DOT), input_precision=PREC).to(ACC)
+        s = decay * s + local
 
     tl.store(final_ptr + (b * nheads + h) * headdim * dstate + pn_off, s, mask=pn_mask)

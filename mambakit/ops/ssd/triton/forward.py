@@ -36,14 +36,15 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
 def state_launch(x: torch.Tensor, nheads: int, headdim: int, dstate: int) -> dict:
     """Tiles and warps of the sequential state programs (`chunk_state`, `bwd_state`).
 
-    bf16/fp16: (64 x 64) state tiles, unless the grid (batch * nheads * tiles) would leave most of the
-    GPU idle (few heads, e.g. one long sequence), then smaller ones. fp32/fp64: exact products run on
-    CUDA cores, whose operand tiles of a whole chunk need far more shared memory: (32 x 32) tiles and
-    no software pipelining keep them within an H100's 227 KB (checked by compiling for sm_90).
+    They walk a chunk SUB = 64 rows at a time, so operand tiles stay small and a (64 x dstate) state
+    tile fits one program (each x or dy tile is then read once), unless the grid (batch * nheads *
+    tiles) would leave most of the GPU idle (few heads, e.g. one long sequence): then smaller tiles.
+    fp32/fp64 exact products run on CUDA cores, which need more registers: (32 x 32) tiles, no
+    software pipelining. Register and shared-memory use checked by compiling for sm_90 (no spills).
     """
     wide = x.element_size() <= 2
-    top = 64 if wide else 32
-    bp, bn = min(top, pow2_at_least(headdim)), min(top, pow2_at_least(dstate))
+    bp = min(64 if wide else 32, pow2_at_least(headdim))
+    bn = min(128 if wide else 32, pow2_at_least(dstate))
     while x.shape[0] * nheads * math.ceil(headdim / bp) * math.ceil(dstate / bn) < 256 and max(bp, bn) > 16:
         if bn >= bp:
             bn //= 2
@@ -103,7 +104,7 @@ def ssd_forward(
         *x.stride(), *dt.stride(), *B.stride(), *seq_strides,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
         HAS_SEQ=seq_idx is not None, HAS_INIT=h0 is not None,
-        BLOCK_Q=block_q, PREC=prec, DOT_F32=f32, **st,
+        BLOCK_Q=block_q, SUB=min(64, block_q), PREC=prec, DOT_F32=f32, **st,
     )  # fmt: skip
 
     y = torch.empty_like(x)
