@@ -1,0 +1,188 @@
+"""Chunked SSD in plain PyTorch (Mamba-2 paper, section 6): matmuls inside chunks, a short scan across.
+
+The sequence is cut into chunks of `chunk_size` positions. Inside a chunk the map is the quadratic
+(masked attention) form; across chunks only the (headdim, dstate) state is carried, by a scan over
+chunks. Four steps, in the order of the paper's "minimal SSD":
+  1. diagonal blocks: y_t += sum_{s<=t in chunk} (C_t . B_s) exp(acs_t - acs_s) delta_s x_s
+  2. chunk states: what each chunk alone adds to the state at its end
+  3. inter-chunk scan: state entering chunk c = decay(c-1) * state entering c-1 + chunk state (c-1)
+  4. off-diagonal blocks: y_t += exp(acs_t) C_t . (state entering t's chunk)
+where acs is the running sum of delta*A inside the chunk. Autograd is PyTorch's. Inputs are upcast to
+float32 (float64 stays float64); y is returned in x's dtype.
+
+seq_idx: positions of different documents are masked inside a chunk, and the carried state is
+dropped where the document changes. cu_seqlens: each sequence is laid out from a chunk boundary and
+padded to whole chunks, so no chunk spans two sequences; each sequence's first chunk starts from its
+own initial state and its last chunk's end state is its final state. That costs up to chunk_size - 1
+padded positions per sequence (cheap for long sequences, wasteful for many very short ones).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mambakit.ops.ssd.reference import compute_dtype, gate, process_dt, skip, ssd_state_update_impl
+
+__all__ = ["ssd_impl", "ssd_state_update_impl"]
+
+
+def __getattr__(name: str):
+    # Importing this module sets the attribute `torch` of the package `mambakit.ops.ssd`, which is
+    # also the global through which the package's __init__ reaches PyTorch (torch.int32, ...). Until
+    # that name clash is fixed there, names this module lacks fall through to PyTorch.
+    return getattr(torch, name)
+
+
+def _chunk_scan(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk: int,
+    h0: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    chunk_init: tuple[torch.Tensor, list[int]] | None,
+    save_after: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The four steps on a sequence whose length is a multiple of `chunk`.
+
+    x (b, L, h, p); delta (b, L, h) (zero on padding); A (h,); B, C (b, L, g, n); h0 (b, h, p, n);
+    seq_idx (b, L); chunk_init = (states (k, h, p, n), first) where first[c] = k makes chunk c
+    start from states[k] (first[c] = -1: carry on). Returns y (b, L, h, p) before the D skip and
+    the states after the chunks listed in `save_after`, stacked (b, len(save_after), h, p, n).
+    """
+    b, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    c, Q, r = L // chunk, chunk, h // g
+    # time-major layouts (b, c, Q, ...) as the inputs come, so the big matmuls need no copies
+    acs = (delta * A).view(b, c, Q, h).cumsum(2)  # (b, c, Q, h)
+    acs_hq = acs.transpose(2, 3)  # (b, c, h, Q)
+    xdt = (x * delta[..., None]).view(b, c, Q, h, p)
+    Bg = B.view(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
+    Cg = C.view(b, c, Q, g, n).transpose(2, 3)
+    if seq_idx is not None:
+        doc = seq_idx.view(b, c, Q)
+        # the document of the state entering each chunk: that of the previous chunk's last position
+        doc_in = torch.cat([doc[:, :1, 0], doc[:, :-1, -1]], dim=1)  # (b, c)
+
+    # 1. diagonal blocks; the mask goes in before exp so that s > t never yields exp(+large)
+    mask = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    if seq_idx is not None:
+        mask = (mask & (doc[..., :, None] == doc[..., None, :]))[:, :, None]  # (b, c, 1, Q, Q)
+    decay_ts = torch.exp((acs_hq[..., :, None] - acs_hq[..., None, :]).masked_fill(~mask, -math.inf))
+    CB = Cg @ Bg.transpose(-1, -2)  # (b, c, g, Q, Q), shared by the heads of a group
+    scores = (decay_ts.view(b, c, g, r, Q, Q) * CB[:, :, :, None]).view(b, c, h, Q, Q)
+    y_diag = scores @ xdt.transpose(2, 3)  # (b, c, h, Q, p)
+
+    # 2. each chunk's own contribution to the state at its end
+    decay_to_end = torch.exp(acs[:, :, -1:] - acs)  # (b, c, Q, h)
+    if seq_idx is not None:
+        decay_to_end = decay_to_end * (doc == doc[..., -1:]).to(x.dtype)[..., None]
+    xw = (xdt * decay_to_end[..., None]).view(b, c, Q, g, r * p).permute(0, 1, 3, 4, 2)  # (b, c, g, rp, Q)
+    states = (xw @ Bg).view(b, c, h, p, n)
+
+    # 3. scan over chunks: O(c) small elementwise ops
+    chunk_decay = torch.exp(acs[:, :, -1])  # (b, c, h)
+    if seq_idx is not None:
+        chunk_decay = chunk_decay * (doc[..., -1] == doc_in).to(x.dtype)[..., None]
+    state = h0 if h0 is not None else x.new_zeros(b, h, p, n)
+    entering, saved, save = [], [], set(save_after)
+    for ci in range(c):
+        if chunk_init is not None and chunk_init[1][ci] >= 0:
+            state = chunk_init[0][chunk_init[1][ci]][None]
+        entering.append(state)
+        state = torch.addcmul(states[:, ci], chunk_decay[:, ci, :, None, None], state)
+        if ci in save:
+            saved.append(state)
+    entering = torch.stack(entering, dim=1)  # (b, c, h, p, n)
+
+    # 4. off-diagonal blocks: the entering state read out by C, decayed to each position
+    decay_in = torch.exp(acs)  # (b, c, Q, h)
+    if seq_idx is not None:
+        decay_in = decay_in * (doc == doc_in[..., None]).to(x.dtype)[..., None]
+    y_off = Cg @ entering.view(b, c, g, r * p, n).transpose(-1, -2)  # (b, c, g, Q, r * p)
+    y_off = y_off.view(b, c, g, Q, r, p).transpose(2, 3).reshape(b, c, Q, h, p)
+    y = torch.addcmul(y_diag.transpose(2, 3), y_off, decay_in[..., None])
+    return y.reshape(b, L, h, p), torch.stack(saved, dim=1)
+
+
+def _pad_time(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """Zero-pad axis 1 (time) by `pad` positions at the end."""
+    return F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) if pad else t
+
+
+def _scan_rows(x, delta, A, B, C, chunk, h0, seq_idx):
+    """Batched rows (with optional seq_idx): pad to whole chunks, scan, crop."""
+    L = x.shape[1]
+    chunk = min(chunk, L)  # one chunk either way; do not pad a short sequence up to chunk_size
+    pad = -L % chunk
+    if pad and seq_idx is not None:
+        # padding continues the last document, so the final state is that of the last real position
+        seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1)
+    x, delta, B, C = (_pad_time(t, pad) for t in (x, delta, B, C))
+    y, final = _chunk_scan(x, delta, A, B, C, chunk, h0, seq_idx, None, [x.shape[1] // chunk - 1])
+    return y[:, :L], final[:, 0]
+
+
+def _scan_varlen(x, delta, A, B, C, chunk, h0, cu_seqlens):
+    """One row of packed sequences: lay each out from a chunk boundary, scan, gather back."""
+    L, nheads, headdim = x.shape[1:]
+    dev = x.device
+    starts = cu_seqlens[:-1].long()
+    lengths = cu_seqlens[1:].long() - starts
+    chunk = min(chunk, int(lengths.max()))
+    nchunks = (lengths + chunk - 1) // chunk
+    first_chunk = nchunks.cumsum(0) - nchunks
+    total = int(nchunks.sum())
+    # chunk index -> the sequence that starts there (or -1); each sequence's last chunk
+    starts_in_chunk = [-1] * total
+    for k, c0 in enumerate(first_chunk.tolist()):
+        starts_in_chunk[c0] = k
+    last_chunk = (first_chunk + nchunks - 1).tolist()
+    # where each packed position goes in the padded layout
+    seq_of = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lengths, output_size=L)
+    dst = torch.arange(L, device=dev) + (first_chunk * chunk - starts)[seq_of]
+
+    def spread(t: torch.Tensor) -> torch.Tensor:
+        return t.new_zeros(1, total * chunk, *t.shape[2:]).index_copy(1, dst, t)
+
+    if h0 is None:
+        h0 = x.new_zeros(len(lengths), nheads, headdim, B.shape[-1])
+    xp, deltap, Bp, Cp = spread(x), spread(delta), spread(B), spread(C)
+    y, finals = _chunk_scan(xp, deltap, A, Bp, Cp, chunk, None, None, (h0, starts_in_chunk), last_chunk)
+    return y[:, dst], finals[0]
+
+
+def ssd_impl(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+    dt_limit: tuple[float, float],
+    initial_state: torch.Tensor | None,
+    return_final_state: bool,
+    seq_idx: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Backend entry (see `mambakit.ops.ssd.ssd` for shapes and math)."""
+    dtype = compute_dtype(x)
+    # padding is applied to delta after processing, so padded steps have delta = 0: no decay, no input
+    delta = process_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)
+    xs, As, Bs, Cs = x.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
+    h0 = None if initial_state is None else initial_state.to(dtype)
+    if cu_seqlens is None:
+        y, final = _scan_rows(xs, delta, As, Bs, Cs, chunk_size, h0, seq_idx)
+    else:
+        y, final = _scan_varlen(xs, delta, As, Bs, Cs, chunk_size, h0, cu_seqlens)
+    y = gate(skip(y, xs, D), z).to(x.dtype)
+    return y, (final if return_final_state else None)
