@@ -137,6 +137,9 @@ class Attention(nn.Module):
                 cache.v[:, offset : offset + seqlen] = v
                 cache.doc_start.copy_(start[:, -1])
             cache.seqlen_offset += seqlen
+            position = static_position(cache)
+            if position is not None:
+                position.fill_(cache.seqlen_offset)
             if offset > 0:
                 k = torch.cat([cache.k[:, :offset].to(k.dtype), k], dim=1)
                 v = torch.cat([cache.v[:, :offset].to(v.dtype), v], dim=1)
@@ -151,13 +154,21 @@ class Attention(nn.Module):
         return self._attend(q, k, v, mask[:, None], is_causal=False)
 
     def step(self, hidden_states: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One token: hidden_states (batch, 1, d_model) -> (batch, 1, d_model); appends to `cache`."""
+        """One token: hidden_states (batch, 1, d_model) -> (batch, 1, d_model); appends to `cache`.
+
+        A cache in static mode (`enable_static_position`, as CUDA-graph decoding sets it) takes the
+        write position from a device tensor and attends over the whole `max_seqlen` cache under a
+        mask: no shape depends on the Python count, so the step can be captured and replayed.
+        """
         check_hidden(hidden_states, self.d_model, step=True)
         check_state_batch("cache", cache.k.shape[0], hidden_states.shape[0])
         offset = cache.seqlen_offset
         if offset >= cache.max_seqlen:
             raise ValueError(f"cache is full: it holds max_seqlen={cache.max_seqlen} tokens")
         q, k, v = self._qkv(hidden_states)
+        position = static_position(cache)
+        if position is not None:
+            return self._step_static(q, k, v, cache, position)
         q, k = self._rotate(q, k, (offset - cache.doc_start)[:, None])
         cache.k[:, offset] = k[:, 0]
         cache.v[:, offset] = v[:, 0]
@@ -167,6 +178,17 @@ class Attention(nn.Module):
         k_all = cache.k[:, : offset + 1].to(q.dtype)
         v_all = cache.v[:, : offset + 1].to(q.dtype)
         return self._attend(q, k_all, v_all, mask, is_causal=False)
+
+    def _step_static(self, q, k, v, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
+        """The step with shapes fixed by max_seqlen; position (1,) int64 on the cache's device."""
+        q, k = self._rotate(q, k, (position - cache.doc_start)[:, None])
+        cache.k.index_copy_(1, position, k.to(cache.k.dtype))
+        cache.v.index_copy_(1, position, v.to(cache.v.dtype))
+        key_pos = torch.arange(cache.max_seqlen, device=q.device)
+        mask = (key_pos >= cache.doc_start[:, None]) & (key_pos <= position)  # (batch, keys)
+        position.add_(1)
+        cache.seqlen_offset += 1
+        return self._attend(q, cache.k.to(q.dtype), cache.v.to(q.dtype), mask[:, None, None, :], False)
 
     def allocate_inference_cache(
         self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, device=None
@@ -180,3 +202,19 @@ class Attention(nn.Module):
             v=torch.zeros(shape, device=device, dtype=dtype),
             doc_start=torch.zeros(batch_size, dtype=torch.long, device=device),
         )
+
+
+def enable_static_position(cache: KVCache) -> torch.Tensor:
+    """Put `cache` in static mode: from now on its steps read and advance a (1,) int64 device tensor
+    holding the write position (kept equal to `cache.seqlen_offset` by prefills and steps), so a
+    decode step has no Python-int-dependent shapes (CUDA-graph capture). Returns that tensor."""
+    position = static_position(cache)
+    if position is None:
+        position = torch.full((1,), cache.seqlen_offset, dtype=torch.long, device=cache.k.device)
+        cache._static_position = position  # type: ignore[attr-defined]
+    return position
+
+
+def static_position(cache: KVCache) -> torch.Tensor | None:
+    """The device write position of a cache in static mode, else None."""
+    return cache.__dict__.get("_static_position")

@@ -191,6 +191,12 @@ class LanguageModel(nn.Module):
         cache.seqlen_offset += 1
         return self._logits(hidden, residual)
 
+    def generate(self, input_ids, **kwargs):
+        """Generate text after `input_ids`: see `mambakit.inference.generate.generate` for the arguments."""
+        from mambakit.inference.generate import generate
+
+        return generate(self, input_ids, **kwargs)
+
     def allocate_inference_cache(
         self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, device=None
     ) -> InferenceCache:

@@ -1,0 +1,107 @@
+"""CUDA-graph decoding: one captured `model.step` per batch size, replayed for every token.
+
+A decode step launches a few dozen small kernels; at batch 1 their launch cost, not the GPU, sets the
+speed. Capturing the step once into a CUDA graph and replaying it launches them all at once.
+
+The graph is bound to fixed buffers: an `InferenceCache` allocated here (the decoder owns it, and
+generation prefills into it), a static (batch, 1) input and the (batch, vocab) logits it writes. The
+step must then have no Python-int-dependent shapes and no host syncs: the Mamba steps have none, and
+attention caches are put in static mode (`enable_static_position`: the write position is a device
+tensor and the step attends over the whole `max_seqlen` cache under a mask). Python-side counters
+(`seqlen_offset`) are advanced by `step` after each replay, so eager code sees a consistent cache.
+
+Graphs are kept per model in `model._mambakit_cuda_graphs`, keyed by batch size, and reused while the
+capacity (`max_seqlen`) and dtype fit. They capture the parameters' addresses: after moving or
+replacing parameters, call `clear_cuda_graphs(model)`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mambakit.inference.cache import InferenceCache, KVCache
+
+_ATTR = "_mambakit_cuda_graphs"
+
+
+class CUDAGraphDecoder:
+    """A captured decode step for one batch size, with the cache it advances.
+
+    `cache` is the cache to prefill into (`reset()` it first, or call `reset`); `step(tokens)` runs one
+    token through the graph and returns the logits buffer (batch, vocab_size), valid until the next step.
+    """
+
+    def __init__(
+        self, model: nn.Module, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
+        warmup_steps: int = 2,
+    ) -> None:  # fmt: skip
+        device = model.backbone.embedding.weight.device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a model on a CUDA device, got {device}")
+        self.model = model
+        self.batch_size = batch_size
+        self.max_seqlen = max_seqlen
+        self.cache_dtype = dtype or model.backbone.embedding.weight.dtype
+        self.cache: InferenceCache = model.allocate_inference_cache(
+            batch_size, max_seqlen, dtype=self.cache_dtype
+        )
+        from mambakit.layers.attention import enable_static_position
+
+        self._positions = [enable_static_position(s) for s in self.cache.states if isinstance(s, KVCache)]
+        self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad():
+            # warm up on a side stream (Triton compiles and autotunes, cuBLAS picks its kernels)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(warmup_steps):
+                    model.step(self.input_ids, self.cache)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.reset()
+            with torch.cuda.graph(self.graph):
+                self.logits = model.step(self.input_ids, self.cache)[:, -1]
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the cache and rewind it (and the attention write positions) to position 0."""
+        self.cache.reset()
+        for p in self._positions:
+            p.zero_()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (batch,) or (batch, 1) int64 -> logits (batch, vocab_size) (a buffer the next step overwrites)."""
+        if self.cache.seqlen_offset >= self.max_seqlen:
+            raise ValueError(f"cache is full: it holds max_seqlen={self.max_seqlen} tokens")
+        self.input_ids.copy_(tokens.reshape(self.batch_size, 1))
+        self.graph.replay()
+        self.cache.seqlen_offset += 1
+        for s in self.cache.states:
+            if s is not None:
+                s.seqlen_offset += 1
+        return self.logits
+
+
+def cuda_graph_decoder(
+    model: nn.Module, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None
+) -> CUDAGraphDecoder:
+    """The model's decoder for `batch_size`, captured now or reused (when it holds >= max_seqlen tokens
+    and has the same cache dtype); its cache is reset."""
+    graphs: dict[int, CUDAGraphDecoder] = model.__dict__.setdefault(_ATTR, {})
+    dec = graphs.get(batch_size)
+    want_dtype = dtype or model.backbone.embedding.weight.dtype
+    if dec is None or dec.max_seqlen < max_seqlen or dec.cache_dtype != want_dtype:
+        graphs.pop(batch_size, None)  # free the old graph and cache before capturing a new one
+        del dec
+        dec = CUDAGraphDecoder(model, batch_size, max_seqlen, dtype=want_dtype)
+        graphs[batch_size] = dec
+    else:
+        dec.reset()
+    return dec
+
+
+def clear_cuda_graphs(model: nn.Module) -> None:
+    """Drop every captured decoder of `model` (and their caches)."""
+    model.__dict__.pop(_ATTR, None)
+
