@@ -85,11 +85,13 @@ def chunk_cb(
     nchunks = math.ceil(seqlen / chunk_size)
     dtype = torch.float64 if x_dtype == torch.float64 else torch.float32 if exact else x_dtype
     cb = torch.empty(batch, nchunks, ngroups, chunk_size, chunk_size, device=B.device, dtype=dtype)
-    block = min(64, pow2_at_least(chunk_size))
+    # fp32/fp64 operands multiply on CUDA cores: smaller blocks, more warps (no register spills on sm_90)
+    wide = B.element_size() <= 2
+    block = min(64 if wide else 32, pow2_at_least(chunk_size))
     grid = (math.ceil(chunk_size / block) ** 2, batch * nchunks, ngroups)
     chunk_cb_kernel[grid](
         B, C, cb, seqlen, dstate, chunk_size, nchunks, *B.stride(), *C.stride(),
         BLOCK_M=block, BLOCK_K=block, BLOCK_N=pow2_at_least(dstate),
-        PREC=dot_precision(x_dtype), DOT_F32=dot_in_fp32(x_dtype), num_warps=4,
+        PREC=dot_precision(x_dtype), DOT_F32=dot_in_fp32(x_dtype), num_warps=4 if wide else 8,
     )  # fmt: skip
     return cb
