@@ -106,6 +106,14 @@ def build_from_state_dict(
 
 
 def from_pretrained(directory: str | os.PathLike, *, device=None, dtype=None) -> LanguageModel:
+    """Load a checkpoint directory: mambakit's own (config.json + model.safetensors), official
+    state-spaces or HF transformers, told apart by config.json (`mambakit.models.formats`)."""
+    from mambakit.models.formats import load_checkpoint
+
+    return load_checkpoint(directory, device=device, dtype=dtype)
+
+
+def load_own(directory: str | os.PathLike, *, device=None, dtype=None) -> LanguageModel:
     """Load a model written by `save_pretrained` (config.json + model.safetensors in `directory`)."""
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file():
