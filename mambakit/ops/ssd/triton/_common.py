@@ -30,9 +30,12 @@ def pow2_at_least(n: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(n))
 
 
-def dot_precision(dtype) -> str:
-    """fp32 inputs use exact ("ieee") products so that results match the reference to ~1e-5;
-    bf16/fp16 operands go to tensor cores regardless of this flag."""
+def dot_precision(dtype: torch.dtype) -> str:
+    """Product precision of fp32 tl.dot: exact ("ieee", matching the reference to ~1e-5) unless the
+    user allowed TF32 for PyTorch's own fp32 matmuls (`torch.backends.cuda.matmul.allow_tf32`), which
+    then applies here too (~1e-3). bf16/fp16 operands go to tensor cores regardless of this flag."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
+        return "tf32"
     return "ieee"
 
 
