@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _implemented(op: str) -> tuple[str, ...]:
     import importlib
 
-    return importlib.import_module(f"mambakit.ops.{op}")._IMPLEMENTED
+    return importlib.import_module(f"mambakit.ops.{op}.api")._IMPLEMENTED
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,8 +18,14 @@ _IMPLEMENTED = ("reference", "torch", "triton")
 _MODULES = {"reference": ".reference", "torch": ".torch", "triton": ".triton"}
 
 
+_LOADED: dict = {}
+
+
 def _impl(backend: str):
-    return importlib.import_module(_MODULES[backend], __name__)
+    # Backends load on first use (Triton's import is slow and needs a GPU build to be useful).
+    if backend not in _LOADED:
+        _LOADED[backend] = importlib.import_module(_MODULES[backend], __package__)
+    return _LOADED[backend]
 
 
 def _check_eps(eps: float) -> None:
