@@ -278,9 +278,3 @@ def selective_state_update_impl(
     """
     return _reference_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
-
-def __getattr__(name: str):
-    # Importing this submodule rebinds the name `torch` inside the package's __init__ (Python sets
-    # package.torch = this module), where `torch.float32` etc. must still mean the library. Forward
-    # names this module lacks to the library so that the entry keeps working after the backend loads.
-    return getattr(torch, name)
