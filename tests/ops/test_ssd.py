@@ -140,6 +140,15 @@ def test_references_agree(shape, with_seq_idx):
     assert_close(y3, y4, 1e-12, "y (no initial state)")
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_empty_sequence_passes_the_state_through(backend):
+    t = make(2, 0, 4, 3, 2, 5, seed=43)
+    del t["z"]
+    y, final = ssd(**t, dt_softplus=True, return_final_state=True, backend=backend)
+    assert y.shape == (2, 0, 4, 3)
+    assert torch.equal(final, t["initial_state"])
+
+
 @pytest.mark.parametrize("opts", OPTIONS, ids=["softplus", "raw-dt", "dt-limit"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_torch_matches_reference_fp32(shape, opts):

@@ -117,7 +117,9 @@ def _pad_time(t: torch.Tensor, pad: int) -> torch.Tensor:
 
 def _scan_rows(x, delta, A, B, C, chunk, h0, seq_idx):
     """Batched rows (with optional seq_idx): pad to whole chunks, scan, crop."""
-    L = x.shape[1]
+    b, L, h, p = x.shape
+    if L == 0:  # nothing to scan: the state passes through unchanged
+        return x.new_zeros(x.shape), h0 if h0 is not None else x.new_zeros(b, h, p, B.shape[-1])
     chunk = min(chunk, L)  # one chunk either way; do not pad a short sequence up to chunk_size
     pad = -L % chunk
     if pad and seq_idx is not None:
