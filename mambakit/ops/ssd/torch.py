@@ -29,13 +29,6 @@ from mambakit.ops.ssd.reference import compute_dtype, gate, process_dt, skip, ss
 __all__ = ["ssd_impl", "ssd_state_update_impl"]
 
 
-def __getattr__(name: str):
-    # Importing this module sets the attribute `torch` of the package `mambakit.ops.ssd`, which is
-    # also the global through which the package's __init__ reaches PyTorch (torch.int32, ...). Until
-    # that name clash is fixed there, names this module lacks fall through to PyTorch.
-    return getattr(torch, name)
-
-
 def _chunk_scan(
     x: torch.Tensor,
     delta: torch.Tensor,
