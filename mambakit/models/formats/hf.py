@@ -135,7 +135,9 @@ def config_to_hf(config: ModelConfig) -> dict:
         "time_step_min": s.dt_min,
         "time_step_max": s.dt_max,
         "time_step_floor": s.dt_init_floor,
-        "rescale_prenorm_residual": config.rescale_prenorm_residual,
+        # an init option, but transformers applies it to the weights it has just loaded (it rescales
+        # out_proj in place): written False so a loaded model keeps the numbers saved here
+        "rescale_prenorm_residual": False,
         "tie_word_embeddings": config.tie_embeddings,
     }
     if s.version == 1:
