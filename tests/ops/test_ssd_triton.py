@@ -173,24 +173,21 @@ def test_gradcheck_float64():
 
 
 def test_torch_compile_traces_forward_and_backward():
-    """The backend entry traces in one graph (the custom ops' fake kernels give the shapes)."""
-    from mambakit.ops.ssd.triton import ssd_impl
-
+    """The public entry traces in one graph (the custom ops' fake kernels give the shapes)."""
     ins = make_inputs(1, 20, 2, 8, 1, 8, seed=7)
     seq = torch.tensor([[0] * 9 + [1] * 11], device=DEV)
 
     def f(x, dt, A, B, C, D, z, dt_bias, initial_state):
-        y, final = ssd_impl(
-            x, dt, A, B, C, 16, D, z, dt_bias, True, (0.0, math.inf), initial_state, True, seq, None
-        )
+        kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=True, initial_state=initial_state, seq_idx=seq)
+        y, final = ssd(x, dt, A, B, C, chunk_size=16, return_final_state=True, backend="triton", **kw)
         return y.square().sum() + final.square().sum()
 
+    eager = [ins[k].detach().requires_grad_(True) for k in NAMES]
+    ref = f(*eager)  # also loads the backend module, which the entry imports on first use
+    ref.backward()
     leaves = [ins[k].detach().requires_grad_(True) for k in NAMES]
     loss = torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves)
     loss.backward()
-    eager = [ins[k].detach().requires_grad_(True) for k in NAMES]
-    ref = f(*eager)
-    ref.backward()
     assert_close(loss.detach(), ref.detach(), 1e-6, "loss")
     for name, a, b in zip(NAMES, leaves, eager):
         assert_close(a.grad, b.grad, 1e-6, f"grad of {name}")
