@@ -151,6 +151,22 @@ def test_forward_matches_reference(batch, seqlen, dim, dstate, ngroups, opts):
     assert_close_rel(final, final_ref, 1e-4, "final_state")
 
 
+@pytest.mark.parametrize("seq_chunks", [2, 3])
+def test_forward_sequence_chunks_match_reference(seq_chunks):
+    """The chunk-parallel forward (used when batch x channel blocks leave the GPU idle): chunks from zero
+    state, a combine of end states and decays, then a rescan; with resets and an initial state."""
+    from mambakit.ops.selective_scan.triton.scan_fwd import selective_scan_fwd
+
+    inputs = make_inputs(2, 75, 6, 5, 2, ndocs=3, seed=29)
+    args = [
+        inputs[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus", "initial_state")
+    ]
+    y, final = selective_scan_fwd(*args, inputs["seq_idx"], seq_chunks=seq_chunks)
+    y_ref, final_ref, _ = run(inputs, "reference", upcast=True)
+    assert_close_rel(y, y_ref, 1e-4, "y")
+    assert_close_rel(final, final_ref, 1e-4, "final_state")
+
+
 def _grads(inputs, backend, upcast, seed):
     y, final, kw = run(inputs, backend, upcast=upcast, grad=True)
     g = torch.Generator().manual_seed(seed)

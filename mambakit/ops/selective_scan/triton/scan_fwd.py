@@ -18,6 +18,7 @@ sequence get a = 1, b = 0 so the carried state is the state at the last real ste
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -53,16 +54,18 @@ def _load_delta(
 @triton.jit
 def _selective_scan_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h0_ptr, seq_idx_ptr,
-    y_ptr, hT_ptr,
-    seqlen, dim, dstate, dim_per_group, ngroups,
+    y_ptr, hT_ptr, P_ptr,
+    seqlen, dim, dstate, dim_per_group, ngroups, nchunks, chunk_len,
     s_x_b, s_x_l, s_dt_b, s_dt_l, s_B_b, s_B_l, s_B_g, s_C_b, s_C_l, s_C_g,
     s_z_b, s_z_l, s_y_b, s_y_l, s_si_b, s_si_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr, DT_SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
+    WRITE_Y: tl.constexpr, WRITE_DECAY: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_bg = tl.program_id(0)
     pid_d = tl.program_id(1)
+    pid_c = tl.program_id(2)
     # 64-bit offsets: batch * seqlen * dim passes 2**31 at long sequences.
     b = (pid_bg // ngroups).to(tl.int64)
     g = pid_bg % ngroups
@@ -82,15 +85,19 @@ def _selective_scan_fwd_kernel(
     Dv = tl.zeros((BLOCK_D,), dtype=ACC)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
-    state_offs = b * dim * dstate + offs_d[:, None] * dstate + offs_n[None, :]
+    # Start/end states and decay products are (batch, nchunks, dim, dstate); one chunk: the whole sequence.
+    state_offs = ((b * nchunks + pid_c) * dim + offs_d[:, None]) * dstate + offs_n[None, :]
     if HAS_H0:
         h = tl.load(h0_ptr + state_offs, mask=mask_dn, other=0.0).to(ACC)
     else:
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
+    decay = tl.full((BLOCK_D, BLOCK_N), 1.0, dtype=ACC)
+    l_begin = pid_c * chunk_len
+    l_end = tl.minimum(l_begin + chunk_len, seqlen)
 
-    for start in range(0, seqlen, BLOCK_L):
-        offs_l = (start + rows).to(tl.int64)
-        mask_l = offs_l < seqlen
+    for i in range(0, chunk_len // BLOCK_L):
+        offs_l = (l_begin + i * BLOCK_L + rows).to(tl.int64)
+        mask_l = offs_l < l_end
         mask_ld = mask_l[:, None] & mask_d[None, :]
         mask_ln = mask_l[:, None] & mask_n[None, :]
         delta = _load_delta(
@@ -102,11 +109,7 @@ def _selective_scan_fwd_kernel(
         Bt = tl.load(
             B_ptr + b * s_B_b + offs_l[:, None] * s_B_l + g * s_B_g + offs_n[None, :], mask=mask_ln, other=0.0
         )
-        Ct = tl.load(
-            C_ptr + b * s_C_b + offs_l[:, None] * s_C_l + g * s_C_g + offs_n[None, :], mask=mask_ln, other=0.0
-        )
         Bt = Bt.to(ACC)
-        Ct = Ct.to(ACC)
 
         dA = tl.exp(delta[:, :, None] * A[None, :, :])  # (L, D, N)
         if HAS_SEQ_IDX:
@@ -120,24 +123,35 @@ def _selective_scan_fwd_kernel(
         acum, bcum = tl.associative_scan((dA, dBx), 0, _linear_combine)
         hs = bcum + acum * h[None, :, :]  # states h_t of the tile, (L, D, N)
 
-        y = tl.sum(hs * Ct[:, None, :], axis=2)
-        if HAS_D:
-            y += Dv[None, :] * x
-        if HAS_Z:
-            z = tl.load(
-                z_ptr + b * s_z_b + offs_l[:, None] * s_z_l + offs_d[None, :], mask=mask_ld, other=0.0
+        if WRITE_Y:
+            Ct = tl.load(
+                C_ptr + b * s_C_b + offs_l[:, None] * s_C_l + g * s_C_g + offs_n[None, :],
+                mask=mask_ln,
+                other=0.0,
+            ).to(ACC)
+            y = tl.sum(hs * Ct[:, None, :], axis=2)
+            if HAS_D:
+                y += Dv[None, :] * x
+            if HAS_Z:
+                z = tl.load(
+                    z_ptr + b * s_z_b + offs_l[:, None] * s_z_l + offs_d[None, :], mask=mask_ld, other=0.0
+                )
+                z = z.to(ACC)
+                y *= z / (1.0 + tl.exp(-z))
+            tl.store(
+                y_ptr + b * s_y_b + offs_l[:, None] * s_y_l + offs_d[None, :],
+                y.to(y_ptr.dtype.element_ty),
+                mask=mask_ld,
             )
-            z = z.to(ACC)
-            y *= z / (1.0 + tl.exp(-z))
-        tl.store(
-            y_ptr + b * s_y_b + offs_l[:, None] * s_y_l + offs_d[None, :],
-            y.to(y_ptr.dtype.element_ty),
-            mask=mask_ld,
-        )
+        last = (rows == BLOCK_L - 1)[:, None, None]
         # The last row of the tile is the carried state (padded steps only carry it along).
-        h = tl.sum(tl.where((rows == BLOCK_L - 1)[:, None, None], hs, 0.0), axis=0)
+        h = tl.sum(tl.where(last, hs, 0.0), axis=0)
+        if WRITE_DECAY:
+            decay *= tl.sum(tl.where(last, acum, 0.0), axis=0)
 
     tl.store(hT_ptr + state_offs, h.to(hT_ptr.dtype.element_ty), mask=mask_dn)
+    if WRITE_DECAY:
+        tl.store(P_ptr + state_offs, decay.to(P_ptr.dtype.element_ty), mask=mask_dn)
 
 
 def _acc_dtype(x: torch.Tensor):
@@ -167,6 +181,25 @@ def default_config(dim_per_group: int, dstate: int) -> tuple[int, int, int]:
     return 16, block_d, 4
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def default_seq_chunks(x: torch.Tensor, programs: int, seqlen: int, block_l: int) -> int:
+    """Split the sequence into chunks scanned in parallel only when batch x channel blocks leave the GPU
+    idle (small batch, long sequence): the split costs a second scan of the sequence."""
+    env = os.environ.get("MAMBAKIT_SCAN_SEQ_CHUNKS")
+    if env:
+        return max(1, int(env))
+    if x.device.type != "cuda":
+        return 1
+    target = 4 * _sm_count(x.device.index or 0)
+    if programs >= target // 2:
+        return 1
+    return max(1, min(target // programs, seqlen // (64 * block_l)))
+
+
 def selective_scan_fwd(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -180,6 +213,7 @@ def selective_scan_fwd(
     initial_state: torch.Tensor | None,
     seq_idx: torch.Tensor | None,
     config: tuple[int, int, int] | None = None,
+    seq_chunks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Shapes as in `mambakit.ops.selective_scan`; inputs already checked.
 
@@ -198,16 +232,52 @@ def selective_scan_fwd(
     dt_bias = dt_bias.contiguous() if dt_bias is not None else None
     h0 = initial_state.contiguous() if initial_state is not None else None
     y = torch.empty((batch, seqlen, dim), dtype=x.dtype, device=x.device)
-    hT = torch.empty((batch, dim, dstate), dtype=state_dtype, device=x.device)
+    if seqlen == 0:
+        h = h0.to(state_dtype) if h0 is not None else torch.zeros(batch, dim, dstate, device=x.device)
+        return y, h.to(state_dtype)
     block_l, block_d, num_warps = config or default_config(dim_per_group, dstate)
     block_d = min(block_d, triton.next_power_of_2(dim_per_group))
-    grid = (batch * ngroups, triton.cdiv(dim_per_group, block_d))
+    programs = batch * ngroups * triton.cdiv(dim_per_group, block_d)
+    nchunks = seq_chunks or default_seq_chunks(x, programs, seqlen, block_l)
+    chunk_len = triton.cdiv(triton.cdiv(seqlen, nchunks), block_l) * block_l
+    nchunks = triton.cdiv(seqlen, chunk_len)
+    launch = functools.partial(
+        _launch, x, dt, A, B, C, D, z, dt_bias, seq_idx, y, dt_softplus, acc, nchunks, chunk_len,
+        block_l, block_d, num_warps,
+    )  # fmt: skip
+    if nchunks == 1:
+        hT = torch.empty((batch, dim, dstate), dtype=state_dtype, device=x.device)
+        launch(h0, hT, None, write_y=True)
+        return y, hT
+    # Pass 1: every chunk from a zero state gives its end state and its total decay; a short sequential
+    # combine over chunks gives every chunk's true start state; pass 2 rescans each chunk writing y.
+    ends = torch.empty((batch, nchunks, dim, dstate), dtype=state_dtype, device=x.device)
+    decays = torch.empty_like(ends)
+    launch(None, ends, decays, write_y=False)
+    starts = torch.empty_like(ends)
+    h = h0 if h0 is not None else torch.zeros((batch, dim, dstate), dtype=state_dtype, device=x.device)
+    for c in range(nchunks):
+        starts[:, c] = h
+        h = ends[:, c] + decays[:, c] * h
+    launch(starts, ends, None, write_y=True)
+    return y, ends[:, -1].contiguous()
+
+
+def _launch(
+    x, dt, A, B, C, D, z, dt_bias, seq_idx, y, dt_softplus, acc, nchunks, chunk_len,
+    block_l, block_d, num_warps, h0, hT, decays, write_y,
+):  # fmt: skip
+    batch, seqlen, dim = x.shape
+    dstate = A.shape[1]
+    ngroups = B.shape[2]
+    dim_per_group = dim // ngroups
+    grid = (batch * ngroups, triton.cdiv(dim_per_group, block_d), nchunks)
     si = seq_idx if seq_idx is not None else x  # a placeholder pointer; never read without HAS_SEQ_IDX
     _selective_scan_fwd_kernel[grid](
         x, dt, A, B, C, D if D is not None else x, z if z is not None else x,
         dt_bias if dt_bias is not None else x, h0 if h0 is not None else hT, si,
-        y, hT,
-        seqlen, dim, dstate, dim_per_group, ngroups,
+        y, hT, decays if decays is not None else hT,
+        seqlen, dim, dstate, dim_per_group, ngroups, nchunks, chunk_len,
         x.stride(0), x.stride(1), dt.stride(0), dt.stride(1),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
         z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
@@ -215,7 +285,7 @@ def selective_scan_fwd(
         si.stride(0) if seq_idx is not None else 0, si.stride(1) if seq_idx is not None else 0,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, HAS_H0=h0 is not None,
         HAS_SEQ_IDX=seq_idx is not None, DT_SOFTPLUS=bool(dt_softplus), ACC=acc,
+        WRITE_Y=write_y, WRITE_DECAY=decays is not None,
         BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(dstate),
         num_warps=num_warps,
     )  # fmt: skip
-    return y, hT
