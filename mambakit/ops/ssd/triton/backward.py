@@ -2,8 +2,9 @@
 `bwd_chunk`, then O(batch * seqlen * nheads) PyTorch glue for the scalar-per-position gradients
 (the in-chunk reverse cumsum that turns d cs into d(delta * A), and dt through softplus/clamp).
 
-Recomputation: nothing of size (chunk x chunk) is stored by the forward; the kernels recompute
-C B^T, the decay matrix and x dy^T in registers from x, B, C, delta, cs and the chunk states.
+Recomputation: nothing of size (chunk x chunk) is stored by the forward. The backward recomputes
+C B^T once per (chunk, group) in fp32 (`chunk_cb`, when heads share groups), and the decay matrix and
+x dy^T in registers, from x, B, C, delta, cs and the chunk states.
 """
 
 from __future__ import annotations
