@@ -66,6 +66,48 @@ def ssd_state_update_kernel(
     tl.store(y_ptr + b * sy_b + h * sy_h + offs_p * sy_p, y.to(y_ptr.dtype.element_ty), mask=pmask)
 
 
+@torch.library.custom_op("mambakit::ssd_state_update", mutates_args=("state",), device_types=None)
+def ssd_state_update_op(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+    dt_min: float,
+    dt_max: float,
+) -> torch.Tensor:
+    """The kernel launch as a custom op that mutates `state`, so torch.compile (and CUDA graphs of a
+    compiled decoding step) see one opaque, correctly ordered in-place op."""
+    batch, nheads, headdim, dstate = state.shape
+    ngroups = B.shape[1]
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    block_n = pow2_at_least(dstate, 16)
+    # about 16 state elements per thread (4 warps): enough to hide latency, few enough registers
+    block_p = max(1, min(pow2_at_least(headdim, 1), 2048 // block_n))
+    sD = (0, 0) if D is None else ((D.stride(0), 0) if D.ndim == 1 else D.stride())
+    grid = (triton.cdiv(headdim, block_p), batch, nheads)
+    ssd_state_update_kernel[grid](
+        state, x, dt, A, B, C, D, z, dt_bias, y,
+        headdim, dstate, nheads // ngroups, dt_min, min(dt_max, 3.0e38),
+        *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *sD,
+        *((0, 0, 0) if z is None else z.stride()), *y.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+        HAS_LIMIT=(dt_min, dt_max) != (0.0, math.inf), BLOCK_P=block_p, BLOCK_N=block_n,
+        num_warps=4,
+    )  # fmt: skip
+    return y
+
+
+@ssd_state_update_op.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max):
+    return torch.empty_like(x)
+
+
 def ssd_state_update_triton(
     state: torch.Tensor,
     x: torch.Tensor,
@@ -81,21 +123,6 @@ def ssd_state_update_triton(
 ) -> torch.Tensor:
     """state (batch, nheads, headdim, dstate), updated in place; x, z (batch, nheads, headdim);
     dt (batch, nheads); B, C (batch, ngroups, dstate). Returns y (batch, nheads, headdim), x's dtype."""
-    batch, nheads, headdim, dstate = state.shape
-    ngroups = B.shape[1]
-    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    block_n = pow2_at_least(dstate, 16)
-    # about 16 state elements per thread (4 warps): enough to hide latency, few enough registers
-    block_p = max(1, min(pow2_at_least(headdim, 1), 2048 // block_n))
-    sD = (0, 0) if D is None else ((D.stride(0), 0) if D.ndim == 1 else D.stride())
-    grid = (triton.cdiv(headdim, block_p), batch, nheads)
-    ssd_state_update_kernel[grid](
-        state, x, dt, A, B, C, D, z, dt_bias, y,
-        headdim, dstate, nheads // ngroups, float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
-        *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *sD,
-        *((0, 0, 0) if z is None else z.stride()), *y.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-        HAS_LIMIT=tuple(dt_limit) != (0.0, math.inf), BLOCK_P=block_p, BLOCK_N=block_n,
-        num_warps=4,
-    )  # fmt: skip
-    return y
+    return ssd_state_update_op(
+        state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, float(dt_limit[0]), float(dt_limit[1])
+    )
