@@ -61,7 +61,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    warmup_steps: int = 30
+    warmup_steps: int = 24
     grad_clip: float = 1.0
     fused: str = "auto"  # auto (fused on CUDA) | true | false
 
@@ -71,7 +71,7 @@ class LoopConfig:
     """batch_size is global (rows per optimizer step over all processes); micro_batch_size None means
     batch_size / world_size (no accumulation). eval_every / save_every 0: only at the end."""
 
-    steps: int = 300
+    steps: int = 240
     batch_size: int = 8
     micro_batch_size: int | None = None
     seed: int = 0
@@ -79,18 +79,19 @@ class LoopConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
     compile: bool = False
-    threads: int | None = None  # torch CPU threads
+    threads: int | None = None  # torch CPU threads; None: the idle cores (see trainer.cpu_threads)
     log_every: int = 10
-    eval_every: int = 100
+    eval_every: int = 80
     eval_batches: int = 4
-    save_every: int = 100
+    save_every: int = 80
     keep_last: int = 2
     out: str = "runs"
     name: str | None = None  # None: "<preset>-<timestamp>"
     progress: bool = True
     sample_tokens: int = 300
     sample_prompt: str = "def "
-    sample_temperature: float = 0.7
+    sample_temperature: float = 0.8
+    sample_top_k: int | None = 40
     stop_after: int | None = None  # leave the loop after this step (checkpoint saved), as if interrupted
 
 

@@ -272,6 +272,19 @@ def micro_batch_size(cfg: TrainConfig, info: D.DistInfo) -> int:
     return mb
 
 
+def cpu_threads() -> int:
+    """Threads for a CPU run when train.threads is not set: the cores the 1-minute load average leaves
+    idle, at least 1, at most torch's default. On a machine shared with other jobs, more threads than
+    idle cores make PyTorch's OpenMP workers wait on each other: measured on a 2-core machine at load 9,
+    a step took 0.9 s with 1 thread and 2.5 to 8 s with 2. (Thread counts can change float rounding:
+    set train.threads to resume bit for bit on another machine or load.)"""
+    try:
+        idle = (os.cpu_count() or 1) - round(os.getloadavg()[0])
+    except OSError:  # no load average on this platform
+        return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), idle))
+
+
 def _check_config(cfg: TrainConfig) -> None:
     t = cfg.train
     for name in ("steps", "batch_size", "log_every", "eval_batches", "keep_last"):
@@ -299,8 +312,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
 def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> TrainResult:
     t = cfg.train
     say = tqdm.write if info.is_main else (lambda *a, **k: None)
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    if t.threads or info.device.type == "cpu":
+        torch.set_num_threads(t.threads or cpu_threads())
 
     # where: a resumed run continues in its own directory
     ckpt_path = None
@@ -366,6 +379,7 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
             f"{model_config.d_model}, {n_params / 1e6:.2f}M parameters, "
             f"{len(train_rows.file) / 1e6:.2f}M training tokens, {info.world_size} process(es) on "
             f"{info.device.type}"
+            + (f" ({torch.get_num_threads()} threads)" if info.device.type == "cpu" else "")
         )
 
     def save(at: int) -> Path | None:
@@ -495,7 +509,6 @@ def _final_sample(cfg: TrainConfig, tokenizer, run_dir: Path, device: torch.devi
         else contextlib.nullcontext()
     )
     with ctx:
-        out = sample(
-            model, prompt, cfg.train.sample_tokens, cfg.train.sample_temperature, seed=cfg.train.seed
-        )
+        t = cfg.train
+        out = sample(model, prompt, t.sample_tokens, t.sample_temperature, t.sample_top_k, seed=t.seed)
     return cfg.train.sample_prompt + tokenizer.decode(out)
