@@ -352,6 +352,25 @@ def test_custom_op_registration():
     )
 
 
+def test_state_update_custom_op():
+    """The in-place step is a custom op declaring its mutation of `state` (opcheck, and a compiled step)."""
+    from mambakit.ops.selective_scan.triton.state_update import _state_update_op, selective_state_update_impl
+
+    inputs = make_inputs(2, 1, 6, 3, 2, seed=31)
+    step = [inputs[k][:, 0] for k in ("x", "dt")] + [inputs["A"]] + [inputs[k][:, 0] for k in ("B", "C")]
+    rest = [inputs["D"], inputs["z"][:, 0], inputs["dt_bias"], True]
+    state = inputs["initial_state"].clone()
+    torch.library.opcheck(
+        _state_update_op, [state, *step, *rest], test_utils=("test_schema", "test_faketensor")
+    )
+    eager_state, compiled_state = state.clone(), state.clone()
+    y_eager = selective_state_update_impl(eager_state, *step, *rest)
+    compiled = torch.compile(selective_state_update_impl, backend="aot_eager", fullgraph=True)
+    y_compiled = compiled(compiled_state, *step, *rest)
+    assert torch.equal(y_eager, y_compiled) and torch.equal(eager_state, compiled_state)
+    assert not torch.equal(eager_state, state)
+
+
 def test_torch_compile_traces_through_the_op():
     """fullgraph torch.compile of the backend (aot_eager: the op's tracing and autograd, without CPU code
     generation). The backend is called directly: the public entry's importlib dispatch and its value check

@@ -4,7 +4,7 @@ One program per (batch, group, block of channels): it reads the block's state on
 h = exp(delta A) h + delta B x, writes it back and emits y = C h + D x (gated by silu(z)).
 """
 
-from __future__ import annotations
+from typing import Optional
 
 import torch
 import triton
@@ -57,22 +57,18 @@ def _state_update_kernel(
     tl.store(y_ptr + b * s_y_b + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
 
 
-def selective_state_update_impl(
+def _state_update(
     state: torch.Tensor,
     x: torch.Tensor,
     dt: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    dt_bias: torch.Tensor | None,
+    D: Optional[torch.Tensor],  # noqa: UP045
+    z: Optional[torch.Tensor],  # noqa: UP045
+    dt_bias: Optional[torch.Tensor],  # noqa: UP045
     dt_softplus: bool,
 ) -> torch.Tensor:
-    """Triton backend of `mambakit.ops.selective_state_update` (arguments already checked).
-
-    state (batch, dim, dstate) is updated in place (any strides); returns y (batch, dim) in x's dtype.
-    """
     batch, dim, dstate = state.shape
     ngroups = B.shape[1]
     dim_per_group = dim // ngroups
@@ -94,3 +90,34 @@ def selective_state_update_impl(
         num_warps=4,
     )  # fmt: skip
     return y
+
+
+# A custom op that declares its in-place write, so torch.compile (and CUDA graph capture through it) treat
+# the state update as one opaque, mutating node.
+_state_update_op = torch.library.custom_op("mambakit::selective_state_update", mutates_args=("state",))(
+    _state_update
+)
+
+
+@_state_update_op.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def selective_state_update_impl(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+) -> torch.Tensor:
+    """Triton backend of `mambakit.ops.selective_state_update` (arguments already checked).
+
+    state (batch, dim, dstate) is updated in place (any strides); returns y (batch, dim) in x's dtype.
+    """
+    return _state_update_op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
