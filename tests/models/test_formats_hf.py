@@ -204,7 +204,9 @@ def test_missing_unexpected_and_misshaped_keys_name_file_and_keys(tmp_path):
     tensors = dict(good)
     tensors["backbone.layers.0.mixer.D"] = torch.zeros(5)
     save_file(tensors, path, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"model\.safetensors.*backbone\.layers\.0\.mixer\.D.*\(128,\).*\(5,\)"):
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors.*backbone\.layers\.0\.mixer\.D.*\(128,\).*\(5,\)"
+    ):
         from_pretrained(tmp_path)
 
     # a config that does not fit the weights: every layer mismatches, the error lists them
