@@ -212,14 +212,15 @@ def _config(pattern: str, **kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-@pytest.mark.parametrize("pattern", ["MM*M", "M-*-M-", "*-", "M"])
-def test_expressible_patterns_map_both_ways(pattern):
-    config = _config(pattern)
-    official = config_to_official(config)
-    assert official["n_layer"] == sum(ch != "-" for ch in pattern)
-    assert official["attn_layer_idx"] == [
-        i for i, (ch, _) in enumerate(official_blocks(pattern)) if ch == "*"
-    ]
+@pytest.mark.parametrize(
+    "pattern, n_layer, attn_idx, d_intermediate",
+    [("MM*M", 4, [2], 0), ("M-*-M-", 3, [1], 128), ("*-", 1, [0], 128), ("M", 1, [], 0)],
+)
+def test_expressible_patterns_map_both_ways(pattern, n_layer, attn_idx, d_intermediate):
+    official = config_to_official(_config(pattern))
+    assert official["n_layer"] == n_layer and official["attn_layer_idx"] == attn_idx
+    assert official["d_intermediate"] == d_intermediate
+    assert len(official_blocks(pattern)) == n_layer
     back = config_from_official(json.loads(json.dumps(official)))
     assert back.pattern == pattern
     assert config_to_official(back) == official
