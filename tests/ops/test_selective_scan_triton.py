@@ -228,6 +228,30 @@ def test_random_shapes_forward_and_backward(
         assert_close_rel(got[name], want[name], 2e-4, f"d{name}")
 
 
+@pytest.mark.parametrize("config", [(8, 32, 4), (32, 8, 4), (16, 64, 8)])
+def test_tile_configurations(config):
+    """Other (BLOCK_L, BLOCK_D, num_warps) than the interpreter's default, e.g. the GPU defaults and the
+    benchmark sweep's, through both launchers against the reference."""
+    from mambakit.ops.selective_scan.triton.scan_bwd import selective_scan_bwd
+    from mambakit.ops.selective_scan.triton.scan_fwd import selective_scan_fwd
+
+    inputs = make_inputs(1, 37, 40, 5, 1, ndocs=2, seed=37)
+    names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus", "initial_state", "seq_idx")
+    args = [inputs[k] for k in names]
+    y, final = selective_scan_fwd(*args, config=config)
+    y_ref, final_ref, kw = run(inputs, "reference", upcast=True, grad=True)
+    assert_close_rel(y, y_ref.detach(), 1e-4, "y")
+    assert_close_rel(final, final_ref.detach(), 1e-4, "final_state")
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(y.shape, generator=g).to(DEVICE)
+    dfinal = torch.randn(final.shape, generator=g).to(DEVICE)
+    grad_names = [k for k in TENSOR_ARGS if kw[k] is not None]
+    want = torch.autograd.grad((y_ref * dy).sum() + (final_ref * dfinal).sum(), [kw[k] for k in grad_names])
+    got = selective_scan_bwd(dy, dfinal, *args, config=config)
+    for name, a, b in zip(TENSOR_ARGS, got, want):
+        assert_close_rel(a, b, 2e-4, f"d{name}")
+
+
 def test_low_precision_inputs_against_upcast_reference():
     """bf16 x/dt/B/C/z (fp32 parameters and state) against the reference run on the same values in fp64."""
     inputs = make_inputs(2, 19, 12, 8, 2, dtype=torch.bfloat16, ndocs=2, seed=5)
