@@ -252,3 +252,20 @@ def test_what_hf_cannot_express_is_refused():
         config_to_hf(gate)
     with pytest.raises(ValueError, match="max_shard_size"):
         save_checkpoint(LanguageModel(gate), "unused", format="hf", max_shard_size=0)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"num_heads": 3}, "num_heads \\* head_dim"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"state_size": 0}, "state_size"),
+        ({"model_type": "llama"}, "llama"),
+    ],
+)
+def test_hf_configs_mambakit_cannot_load_are_refused_naming_the_file(tmp_path, change, match):
+    config = {"model_type": "mamba2", "hidden_size": 64, "num_heads": 8, "head_dim": 16, "vocab_size": 10}
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match=match) as e:
+        from_pretrained(tmp_path)
+    assert "config.json" in str(e.value)

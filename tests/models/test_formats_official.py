@@ -261,6 +261,8 @@ def test_settings_the_official_model_cannot_express(kw, match):
         ({"attn_layer_idx": [0], "attn_cfg": {"num_heads": 4}}, "causal"),
         ({"attn_layer_idx": [0], "attn_cfg": {"num_heads": 4, "causal": True, "mlp_dim": 64}}, "mlp_dim"),
         ({"attn_layer_idx": [5]}, "attn_layer_idx"),
+        ({"attn_layer_idx": [0], "attn_cfg": {"causal": True}}, "num_heads"),
+        ({"d_model": 0}, "d_model"),
     ],
 )
 def test_unsupported_official_configs_are_refused(tmp_path, change, match):

@@ -80,6 +80,17 @@ def load_sharded(index_path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def naming_source(source: str, build):
+    """`build()`, with a ValueError or TypeError that does not name `source` (say from ModelConfig's
+    own checks) raised again as a ValueError that does."""
+    try:
+        return build()
+    except (ValueError, TypeError) as e:
+        if source in str(e):
+            raise
+        raise ValueError(f"{source}: {e}") from e
+
+
 def check_tensors(
     expected: dict[str, tuple[int, ...]],
     found: dict[str, torch.Tensor],

@@ -29,6 +29,7 @@ from mambakit.models.formats._files import (
     load_bin,
     load_safetensors,
     load_sharded,
+    naming_source,
     read_json,
     save_safetensors_atomic,
     write_json_atomic,
@@ -57,7 +58,12 @@ def _float(v: object) -> float:
 
 
 def config_from_hf(d: dict, source: str = "HF config") -> ModelConfig:
-    """A `ModelConfig` from a MambaConfig / Mamba2Config dict (transformers' defaults fill gaps)."""
+    """A `ModelConfig` from a MambaConfig / Mamba2Config dict (transformers' defaults fill gaps);
+    errors name `source`."""
+    return naming_source(source, lambda: _config_from_hf(d, source))
+
+
+def _config_from_hf(d: dict, source: str) -> ModelConfig:
     model_type = d.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"{source}: model_type must be one of {sorted(MODEL_TYPES)}, got {model_type!r}")

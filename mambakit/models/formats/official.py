@@ -26,6 +26,7 @@ from mambakit.models.formats._files import (
     expected_shapes,
     load_bin,
     load_safetensors,
+    naming_source,
     read_json,
     save_bin_atomic,
     write_json_atomic,
@@ -115,6 +116,10 @@ def config_from_official(d: dict, source: str = "official config") -> ModelConfi
     """A `ModelConfig` from an official config.json dict; fields the official format has but mambakit
     cannot compute the same way are ValueErrors naming `source`. Missing fields take mamba_ssm's
     `MambaConfig` defaults."""
+    return naming_source(source, lambda: _config_from_official(d, source))
+
+
+def _config_from_official(d: dict, source: str) -> ModelConfig:
     unknown = sorted(set(d) - _TOP_KEYS)
     if unknown:
         raise _fail(source, f"unknown keys {unknown}")
