@@ -13,7 +13,12 @@ Layout of the work: one program per (batch, group, block of BLOCK_D channels of 
 reads a single group's B and C. It walks the sequence in tiles of BLOCK_L steps; inside a tile the linear
 recurrence h_t = a_t h_{t-1} + b_t is solved by `tl.associative_scan` over a (BLOCK_L, BLOCK_D, BLOCK_N)
 tile with the (decay, value) combine, and the state is carried from tile to tile. Steps past the end of the
-sequence get a = 1, b = 0 so the carried state is the state at the last real step.
+sequence get a = 1, b = 0 so the carried state is the state at the last real step. When batch x channel
+blocks would leave the GPU idle (small batch, long sequence), the sequence is also split into chunks scanned
+in parallel: chunk end states and decays from zero state, a short combine, then a rescan writing y.
+
+Tuning without code changes (the benchmark's sweep prints the best): MAMBAKIT_SCAN_CONFIG and
+MAMBAKIT_SCAN_BWD_CONFIG = "BLOCK_L,BLOCK_D,num_warps"; MAMBAKIT_SCAN_SEQ_CHUNKS = number of sequence chunks.
 """
 
 from __future__ import annotations
