@@ -243,7 +243,8 @@ def default_bwd_config(dim_per_group: int, dstate: int) -> tuple[int, int, int]:
     # Wider channel blocks and shorter tiles: the dB/dC partial buffers scale with dim / BLOCK_D.
     block_n = triton.next_power_of_2(dstate)
     block_d = max(1, min(32, 4096 // (8 * block_n), triton.next_power_of_2(dim_per_group)))
-    return 8, block_d, 4
+    # ~7 live (BLOCK_L, BLOCK_D, BLOCK_N) fp32 tiles at the peak: 8 warps keep them near 16 registers each.
+    return 8, block_d, 8
 
 
 def selective_scan_bwd(
