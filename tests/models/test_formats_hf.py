@@ -269,3 +269,15 @@ def test_hf_configs_mambakit_cannot_load_are_refused_naming_the_file(tmp_path, c
     with pytest.raises(ValueError, match=match) as e:
         from_pretrained(tmp_path)
     assert "config.json" in str(e.value)
+
+
+@torch.no_grad()
+def test_hf_pytorch_model_bin_loads(tmp_path):
+    """Older HF checkpoints ship pytorch_model.bin; it is read with weights_only=True."""
+    path = _saved_hf(tmp_path)
+    single = from_pretrained(tmp_path)
+    torch.save(load_file(path), tmp_path / "pytorch_model.bin")
+    path.unlink()
+    from_bin = from_pretrained(tmp_path)
+    prompt = torch.randint(0, VOCAB, (1, 6))
+    assert torch.equal(from_bin(prompt), single(prompt))
