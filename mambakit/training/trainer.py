@@ -7,21 +7,17 @@ batch, so the gradient is the same whatever the split over processes and micro-b
 clipped, AdamW steps, the schedule advances. Around it: validation loss, atomic checkpoints, CSV and
 TensorBoard logs, a tqdm bar, and SIGTERM/SIGINT handling that saves a checkpoint before leaving.
 
-Run directory: config.toml (resolved), metrics.csv, tb/ (TensorBoard), checkpoints/step_*/; token
-files in a cache beside the runs (see prepare_data).
+Run directory: config.toml (resolved), metrics.csv and tb/ (metrics.py), checkpoints/step_*/
+(checkpoint.py); token files in a cache beside the runs (token_cache.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import random
-import shutil
 import signal
 import threading
 import time
@@ -41,21 +37,12 @@ from mambakit.training import distributed as D
 from mambakit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from mambakit.training.checkpoint import rng_state as current_rng_state
 from mambakit.training.config import TrainConfig, dump_toml
-from mambakit.training.data import (
-    IGNORE_INDEX,
-    PackedRows,
-    StepSampler,
-    TokenFile,
-    build_token_files,
-    iter_documents,
-    shard_rows,
-    stdlib_source_dir,
-)
+from mambakit.training.data import IGNORE_INDEX, PackedRows, StepSampler, shard_rows
+from mambakit.training.metrics import MetricsLogger
 from mambakit.training.optim import build_optimizer, build_scheduler
 from mambakit.training.sample import sample
+from mambakit.training.token_cache import prepare_data
 from mambakit.training.tokenizer import load_tokenizer
-
-CSV_FIELDS = ("step", "split", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s")
 
 
 @dataclass
@@ -95,71 +82,6 @@ def default_run_name(cfg: TrainConfig) -> str:
     return f"{cfg.model.get('preset', 'model')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _source_fingerprint(source: Path, glob: str) -> list[int]:
-    """(files, bytes, newest mtime) of what a source reads, so that edited data is tokenized again."""
-    files = (
-        [source]
-        if source.is_file()
-        else [f for f in source.glob(glob if source.is_dir() else "*") if f.is_file()]
-    )
-    stats = [f.stat() for f in files]
-    return [len(stats), sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)]
-
-
-def prepare_data(cfg: TrainConfig, tokenizer, info: D.DistInfo):
-    """Token files for `cfg.data`, built by rank 0 unless already there; returns (train PackedRows,
-    val PackedRows or None).
-
-    They live in data.cache_dir when set, else in `<train.out>/.token-cache/<hash of the settings>`,
-    shared by the runs that read the same source the same way (the default run's 30M stdlib tokens are
-    then built once). A new cache directory is filled under a temporary name and renamed into place.
-    """
-    d = cfg.data
-    source = Path(d.path) if d.path is not None else stdlib_source_dir()
-    glob = d.glob or ("**/*.py" if d.path is None else "**/*")
-    if not source.exists():
-        raise FileNotFoundError(f"data.path {source} does not exist")
-    key = {
-        "source": str(source.resolve()),
-        "files_bytes_mtime": _source_fingerprint(source, glob),
-        "format": d.format,
-        "glob": glob,
-        "text_field": d.text_field,
-        "hf_split": d.hf_split,
-        "tokenizer": tokenizer.name,
-        "eos_id": tokenizer.eos_id,
-        "val_fraction": d.val_fraction,
-        "seed": cfg.train.seed,
-        "max_tokens": d.max_tokens,
-        "min_val_tokens": 4 * d.seq_len + 1,
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    cache = Path(d.cache_dir) if d.cache_dir else Path(cfg.train.out) / ".token-cache" / digest
-    if info.is_main and not _cache_matches(cache, key):
-        build_dir = cache if d.cache_dir else cache.with_name(f".tmp-{digest}-{os.getpid()}")
-        (build_dir / "source.json").unlink(missing_ok=True)
-        docs = iter_documents(source, d.format, d.text_field, glob, d.hf_split)
-        build_token_files(
-            docs, tokenizer, build_dir, d.val_fraction, cfg.train.seed, key["min_val_tokens"], d.max_tokens
-        )
-        (build_dir / "source.json").write_text(json.dumps(key, indent=1) + "\n")
-        if build_dir != cache:
-            try:
-                build_dir.rename(cache)
-            except OSError:  # another run built the same files meanwhile (or a stale copy is there)
-                shutil.rmtree(cache, ignore_errors=True)
-                build_dir.rename(cache)
-    D.barrier(info)
-    train_rows = PackedRows(TokenFile(cache / "train"), d.seq_len)
-    val_rows = PackedRows(TokenFile(cache / "val"), d.seq_len) if d.val_fraction > 0 else None
-    return train_rows, val_rows
-
-
-def _cache_matches(cache: Path, key: dict) -> bool:
-    path = cache / "source.json"
-    return path.is_file() and json.loads(path.read_text()) == key
-
-
 def apply_activation_checkpointing(model: LanguageModel) -> None:
     """Recompute each block's activations in the backward pass instead of storing them. The block's
     forward is replaced on the instance, so parameter names (and checkpoints) do not change."""
@@ -194,47 +116,6 @@ class _Interrupt:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
-
-
-class _Logger:
-    """metrics.csv (rows kept up to the resumed step), TensorBoard when installed; rank 0 only."""
-
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool) -> None:
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        self.path = run_dir / "metrics.csv"
-        kept = []
-        if start_step > 0 and self.path.is_file():
-            with open(self.path, newline="") as f:
-                kept = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, CSV_FIELDS)
-            w.writeheader()
-            w.writerows(kept)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            tqdm.write("tensorboard is not installed: logging to metrics.csv only (pip install tensorboard)")
-        else:
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
-
-    def log(self, rows: list[dict]) -> None:
-        if not self.enabled or not rows:
-            return
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, CSV_FIELDS).writerows(rows)
-        if self.tb is not None:
-            for r in rows:
-                for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                    if r.get(k) not in (None, ""):
-                        self.tb.add_scalar(f"{r['split']}/{k}", float(r[k]), int(r["step"]))
-            self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 @torch.no_grad()
@@ -372,7 +253,7 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=use_bf16)
     tokens_per_step = t.batch_size * cfg.data.seq_len
     result = TrainResult(run_dir=run_dir, step=step)
-    logger = _Logger(run_dir, step, info.is_main)
+    logger = MetricsLogger(run_dir, step, info.is_main)
     if info.is_main:
         say(
             f"run {run_dir}: {model_config.n_layer} layers '{model_config.pattern}', d_model "

@@ -83,8 +83,8 @@ def test_activation_checkpointing_same_losses(corpus, tmp_path):
 
 def test_token_cache_shared_and_rebuilt_when_data_changes(corpus, tmp_path):
     from mambakit.training.distributed import DistInfo
+    from mambakit.training.token_cache import prepare_data
     from mambakit.training.tokenizer import ByteTokenizer
-    from mambakit.training.trainer import prepare_data
 
     cfg = tiny_config(corpus, tmp_path / "runs")
     train_rows, _ = prepare_data(cfg, ByteTokenizer(), DistInfo())

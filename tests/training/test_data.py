@@ -141,5 +141,10 @@ def test_build_split_by_document_and_tail_fallback(tmp_path):
     train, val = build_token_files(iter(["x" * 100]), tok, tmp_path / "b", 0.1, seed=0, min_val_tokens=30)
     assert (len(train), len(val)) == (71, 30)
     assert val.doc_starts.tolist() == [0] and train.doc_starts.tolist() == [0]
+    # max_tokens stops after the document that reaches it
+    train, val = build_token_files(
+        iter(docs), tok, tmp_path / "m", 0.0, seed=0, min_val_tokens=1, max_tokens=100
+    )
+    assert val is None and len(train) == sum(len(d) + 1 for d in docs[:2])
     with pytest.raises(ValueError, match="val_fraction"):
         build_token_files(iter(docs), tok, tmp_path / "c", 1.5, seed=0, min_val_tokens=1)
