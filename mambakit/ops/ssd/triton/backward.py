@@ -14,7 +14,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mambakit.ops.ssd.triton._common import chunk_tiles, dot_in_fp32, dot_precision, pow2_at_least
+from mambakit.ops.ssd.triton._common import (
+    chunk_tiles,
+    dot_in_fp32,
+    dot_precision,
+    pow2_at_least,
+    tune_bucket,
+)
 from mambakit.ops.ssd.triton.bwd_chunk import chunk_bwd_dB_kernel, chunk_bwd_dC_kernel, chunk_bwd_dx_kernel
 from mambakit.ops.ssd.triton.bwd_state import chunk_state_bwd_kernel
 from mambakit.ops.ssd.triton.chunk_cb import chunk_cb, use_cb
@@ -119,7 +125,7 @@ def ssd_backward(
     chunk_bwd_dx_kernel[grid_dx](
         x, B, C, D, seq_idx, delta, cs, G, dy, cb,
         dx, ddelta, dD_parts,
-        seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg,
+        seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg, tune_bucket(x),
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *seq_strides,
         HAS_D=D is not None, HAS_SEQ=seq_idx is not None, USE_CB=cb is not None,
         BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32, **tiles,
@@ -127,7 +133,7 @@ def ssd_backward(
     chunk_bwd_dB_kernel[grid](
         x, C, seq_idx, delta, cs, G, dy,
         dB_parts,
-        seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg, hpp, nsplit,
+        seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg, hpp, nsplit, tune_bucket(x),
         *x.stride(), *C.stride(), *dy.stride(), *seq_strides,
         HAS_SEQ=seq_idx is not None,
         BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32, **tiles,
@@ -135,7 +141,7 @@ def ssd_backward(
     chunk_bwd_dC_kernel[grid](
         x, B, C, seq_idx, delta, cs, states, dy,
         dC_parts, dcs,
-        seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg, hpp, nsplit,
+        seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg, hpp, nsplit, tune_bucket(x),
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *seq_strides,
         HAS_SEQ=seq_idx is not None,
         BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32, **tiles,

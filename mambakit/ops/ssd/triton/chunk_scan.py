@@ -23,7 +23,7 @@ from mambakit.ops.ssd.triton._common import chunk_tuned
 def chunk_scan_fwd_kernel(
     x_ptr, B_ptr, C_ptr, z_ptr, D_ptr, seq_ptr, delta_ptr, cs_ptr, states_ptr, cb_ptr,
     y_ptr, ypre_ptr,
-    seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group,
+    seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group, tune_bucket,
     sx_b, sx_l, sx_h, sx_p,
     sB_b, sB_l, sB_g, sB_n,
     sC_b, sC_l, sC_g, sC_n,

@@ -24,7 +24,13 @@ import math
 
 import torch
 
-from mambakit.ops.ssd.triton._common import chunk_tiles, dot_in_fp32, dot_precision, pow2_at_least
+from mambakit.ops.ssd.triton._common import (
+    chunk_tiles,
+    dot_in_fp32,
+    dot_precision,
+    pow2_at_least,
+    tune_bucket,
+)
 from mambakit.ops.ssd.triton.chunk_cb import chunk_cb, use_cb
 from mambakit.ops.ssd.triton.chunk_scan import chunk_scan_fwd_kernel
 from mambakit.ops.ssd.triton.chunk_state import chunk_state_fwd_kernel
@@ -125,7 +131,7 @@ def ssd_forward(
     chunk_scan_fwd_kernel[grid](
         x, B, C, z, D, seq_idx, delta, cs, states, cb,
         y, y_pre,
-        seqlen, nheads, headdim, dstate, chunk_size, nchunks, nheads // ngroups,
+        seqlen, nheads, headdim, dstate, chunk_size, nchunks, nheads // ngroups, tune_bucket(x),
         *x.stride(), *B.stride(), *C.stride(), *z_strides, *y.stride(), *seq_strides,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=cb is not None,
         BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32, **chunk_tiles(block_q),
