@@ -199,6 +199,10 @@ def test_hand_built_mamba1_with_tied_head_loads(tmp_path):
     assert model.config.ssm.version == 1 and model.config.tie_embeddings and model.config.pattern == "MM"
     ids = torch.randint(0, 45, (2, 9))
     _assert_logits_close(model(ids), _official_forward(MAMBA1_OLD_STYLE, sd, ids))
+    # a tied head that is not the embedding is a broken file, not a choice to make silently
+    _write(tmp_path / "bad", MAMBA1_OLD_STYLE, {**sd, "lm_head.weight": emb + 1})
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin.*lm_head\.weight differs"):
+        from_pretrained(tmp_path / "bad")
     # dtype on load
     assert from_pretrained(tmp_path, dtype=torch.bfloat16).backbone.norm_f.weight.dtype == torch.bfloat16
 

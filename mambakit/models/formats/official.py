@@ -16,6 +16,8 @@ import os
 import re
 from pathlib import Path
 
+import torch
+
 from mambakit.models.checkpoint import build_from_state_dict
 from mambakit.models.config import CONFIG_NAME, AttentionConfig, MLPConfig, ModelConfig, SSMConfig
 from mambakit.models.formats._files import (
@@ -292,6 +294,7 @@ def load_official(directory: str | os.PathLike, *, device=None, dtype=None) -> L
     mapping = key_to_official(config)
     shapes = expected_shapes(config)
     expected = {mapping[k]: shape for k, shape in shapes.items()}
+    head = None
     if config.tie_embeddings:
         # mamba_ssm's state_dict holds the tied head too (the same tensor as the embedding)
         expected_head = shapes["backbone.embedding.weight"]
@@ -302,6 +305,14 @@ def load_official(directory: str | os.PathLike, *, device=None, dtype=None) -> L
                 f"found {tuple(head.shape)}"
             )
     check_tensors(expected, tensors, str(path))
+    if (
+        config.tie_embeddings
+        and head is not None
+        and not torch.equal(head, tensors["backbone.embedding.weight"])
+    ):
+        raise ValueError(
+            f"{path}: tie_embeddings is true but lm_head.weight differs from backbone.embedding.weight"
+        )
     state_dict = {k: tensors[mapping[k]] for k in shapes}
     return build_from_state_dict(config, state_dict, source=str(path), device=device, dtype=dtype)
 
