@@ -199,7 +199,8 @@ def default_seq_chunks(x: torch.Tensor, programs: int, seqlen: int, block_l: int
         return max(1, int(env))
     if x.device.type != "cuda":
         return 1
-    target = 4 * _sm_count(x.device.index or 0)
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    target = 4 * _sm_count(index)
     if programs >= target // 2:
         return 1
     return max(1, min(target // programs, seqlen // (64 * block_l)))
