@@ -95,7 +95,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(config_path, overrides)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise SystemExit(f"mambakit train: {e}") from None
-    result = train(cfg, resume=args.resume)
+    try:
+        result = train(cfg, resume=args.resume)
+    except (FileExistsError, FileNotFoundError) as e:  # a wrong path or run name: no traceback needed
+        raise SystemExit(f"mambakit train: {e}") from None
     if result.interrupted in ("SIGTERM", "SIGINT"):
         return 128 + int(getattr(signal, result.interrupted))
     return 0

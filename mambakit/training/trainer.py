@@ -205,6 +205,11 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
         run_dir = ckpt_path.parent.parent
     else:
         run_dir = Path(t.out) / D.broadcast_object(t.name or default_run_name(cfg), info)
+        if latest_checkpoint(run_dir) is not None:  # a new run would mix its checkpoints with the old ones
+            raise FileExistsError(
+                f"run directory {run_dir} already has checkpoints: continue it with --resume {run_dir} "
+                "or give another --name"
+            )
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
 

@@ -42,6 +42,12 @@ def test_train_cli_end_to_end(corpus, tmp_path, capsys):
     assert latest_checkpoint(run).name == "step_00000006"
     assert read_toml(run / "config.toml")["train"]["steps"] == 6
 
+    # a new run never writes into a directory that already has checkpoints
+    with pytest.raises(SystemExit, match="--resume"):
+        main(args)
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        main(["train", "--resume", str(tmp_path)])
+
     # the resolved config reproduces the run's config
     again = load_config(run / "config.toml")
     assert again.model["d_model"] == 32 and again.train.steps == 6
