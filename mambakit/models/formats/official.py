@@ -288,7 +288,6 @@ def load_official(directory: str | os.PathLike, *, device=None, dtype=None) -> L
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     config = config_from_official(read_json(config_path), source=str(config_path))
-    official_blocks(config.pattern)  # the loaded pattern is always expressible; keeps the two in step
     path = weights_path(directory)
     tensors = load_bin(path) if path.suffix == ".bin" else load_safetensors(path)
     mapping = key_to_official(config)
