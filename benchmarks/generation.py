@@ -86,12 +86,12 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def run_generate(model, batch, prompt_len, new_tokens, device, cuda_graph, repeats=2) -> dict:
+def run_generate(model, batch, prompt_len, new_tokens, device, cuda_graph, repeats=2, compile=False) -> dict:
     """Greedy generation from random prompts; the best of `repeats` timed runs after one warm-up
     (the warm-up captures the CUDA graph). Decode ms/token counts the steps after the first token."""
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
-    kw = dict(max_new_tokens=new_tokens, temperature=0, cuda_graph=cuda_graph)
+    kw = dict(max_new_tokens=new_tokens, temperature=0, cuda_graph=cuda_graph, compile=compile)
     generate(model, ids, **kw)  # warm-up: compile, autotune, capture
     best = None
     if device.type == "cuda":
@@ -147,6 +147,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a short run: fewer tokens, the 130M sizes only")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--no-cuda-graph", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step before capture")
     ap.add_argument("--sections", default="decode,prefill,longctx", help="GPU sections to run")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (CPU runs)")
     args = ap.parse_args()
@@ -154,7 +155,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     graph = not args.no_cuda_graph
-    results: dict = {"environment": environment(), "device": str(device), "cuda_graph": graph and device.type == "cuda"}
+    results: dict = {"environment": environment(), "device": str(device), "cuda_graph": graph and device.type == "cuda",
+               "compile": args.compile}
     sections = set(args.sections.split(","))
 
     if device.type != "cuda":
@@ -187,7 +189,7 @@ def main() -> int:
             model = build(name, device, dtype)
             for batch in (1, 64):
                 free(device)
-                r = run_generate(model, batch, 128, new, device, graph)
+                r = run_generate(model, batch, 128, new, device, graph, compile=args.compile)
                 r["model"] = name
                 r["state_bytes_per_seq"] = state_bytes_per_sequence(model, 128 + new, dtype)
                 r["official"] = OFFICIAL.get((name, batch))

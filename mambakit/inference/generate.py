@@ -156,6 +156,7 @@ def stream_generate(
     attention_mask: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     cuda_graph: bool = True,
+    compile: bool = False,
     stats: dict | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the new tokens (batch,) int64 (on the model's device) one step at a time.
@@ -200,7 +201,7 @@ def stream_generate(
     if use_graph:
         from mambakit.inference.cuda_graph import cuda_graph_decoder
 
-        decoder = cuda_graph_decoder(model, batch, max_seqlen)
+        decoder = cuda_graph_decoder(model, batch, max_seqlen, compile=compile)
         cache, step = decoder.cache, decoder.step
     else:
         cache = model.allocate_inference_cache(batch, max_seqlen)
@@ -256,6 +257,7 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     cuda_graph: bool = True,
+    compile: bool = False,
     callback: Callable[[torch.Tensor], object] | None = None,
 ) -> GenerationOutput:
     """Generate up to `max_new_tokens` tokens after each prompt.
@@ -276,7 +278,7 @@ def generate(
         model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id, seed=seed, generator=generator, attention_mask=attention_mask,
-        max_seqlen=max_seqlen, cuda_graph=cuda_graph, stats=stats,
+        max_seqlen=max_seqlen, cuda_graph=cuda_graph, compile=compile, stats=stats,
     ):  # fmt: skip
         steps.append(tokens)
         if callback is not None:

@@ -175,3 +175,11 @@ def test_cuda_graph_equals_eager(name):
     assert torch.equal(generate(model, PROMPTS, **kw).tokens, generate(model, PROMPTS, cuda_graph=False, **kw).tokens)
     # a smaller batch captures its own graph
     assert generate(model, PROMPTS[:1], max_new_tokens=8, temperature=0).row(0) == eager.row(0)[:8]
+
+
+@pytest.mark.gpu
+def test_compiled_cuda_graph_equals_eager():
+    model = make_model("tiny-mamba2", dtype=torch.float32, device="cuda")
+    kw = dict(max_new_tokens=12, temperature=0)
+    eager = generate(model, PROMPTS, cuda_graph=False, **kw)
+    assert torch.equal(generate(model, PROMPTS, compile=True, **kw).tokens, eager.tokens)
