@@ -257,16 +257,47 @@ def selective_scan_fwd(
         return y, hT
     # Pass 1: every chunk from a zero state gives its end state and its total decay; a short sequential
     # combine over chunks gives every chunk's true start state; pass 2 rescans each chunk writing y.
+    starts = chunk_start_states(
+        x, dt, A, B, dt_bias, dt_softplus, h0, seq_idx, chunk_len, (block_l, block_d, num_warps)
+    )
+    ends = torch.empty_like(starts)
+    launch(starts, ends, None, write_y=True)
+    return y, ends[:, -1].contiguous()
+
+
+def chunk_start_states(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+    h0: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    chunk_len: int,
+    config: tuple[int, int, int],
+) -> torch.Tensor:
+    """The state before each chunk of `chunk_len` steps (a multiple of BLOCK_L), (batch, nchunks, dim,
+    dstate): each chunk scanned from zero state gives its end state and total decay in parallel, then a
+    sequential combine over the (few) chunks."""
+    batch, seqlen, dim = x.shape
+    dstate = A.shape[1]
+    nchunks = triton.cdiv(seqlen, chunk_len)
+    state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    block_l, block_d, num_warps = config
+    block_d = min(block_d, triton.next_power_of_2(dim // B.shape[2]))
     ends = torch.empty((batch, nchunks, dim, dstate), dtype=state_dtype, device=x.device)
     decays = torch.empty_like(ends)
-    launch(None, ends, decays, write_y=False)
+    _launch(
+        x, dt, A, B, B, None, None, dt_bias, seq_idx, x, dt_softplus, _acc_dtype(x), nchunks, chunk_len,
+        block_l, block_d, num_warps, None, ends, decays, write_y=False,
+    )  # fmt: skip
     starts = torch.empty_like(ends)
     h = h0 if h0 is not None else torch.zeros((batch, dim, dstate), dtype=state_dtype, device=x.device)
     for c in range(nchunks):
         starts[:, c] = h
         h = ends[:, c] + decays[:, c] * h
-    launch(starts, ends, None, write_y=True)
-    return y, ends[:, -1].contiguous()
+    return starts
 
 
 def _launch(
