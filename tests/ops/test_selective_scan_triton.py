@@ -152,19 +152,27 @@ def test_forward_matches_reference(batch, seqlen, dim, dstate, ngroups, opts):
 
 
 @pytest.mark.parametrize("seq_chunks", [2, 3])
-def test_forward_sequence_chunks_match_reference(seq_chunks):
-    """The chunk-parallel forward (used when batch x channel blocks leave the GPU idle): chunks from zero
-    state, a combine of end states and decays, then a rescan; with resets and an initial state."""
+def test_sequence_chunks_match_reference(seq_chunks):
+    """The chunk-parallel paths (used when batch x channel blocks leave the GPU idle): forward chunks from
+    zero state, a combine of end states and decays, then a rescan; backward start states and adjoint
+    carries from chunk passes. With resets, an initial state and a final-state gradient."""
+    from mambakit.ops.selective_scan.triton.scan_bwd import selective_scan_bwd
     from mambakit.ops.selective_scan.triton.scan_fwd import selective_scan_fwd
 
     inputs = make_inputs(2, 75, 6, 5, 2, ndocs=3, seed=29)
-    args = [
-        inputs[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus", "initial_state")
-    ]
-    y, final = selective_scan_fwd(*args, inputs["seq_idx"], seq_chunks=seq_chunks)
-    y_ref, final_ref, _ = run(inputs, "reference", upcast=True)
-    assert_close_rel(y, y_ref, 1e-4, "y")
-    assert_close_rel(final, final_ref, 1e-4, "final_state")
+    names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus", "initial_state", "seq_idx")
+    args = [inputs[k] for k in names]
+    y, final = selective_scan_fwd(*args, seq_chunks=seq_chunks)
+    y_ref, final_ref, kw = run(inputs, "reference", upcast=True, grad=True)
+    assert_close_rel(y, y_ref.detach(), 1e-4, "y")
+    assert_close_rel(final, final_ref.detach(), 1e-4, "final_state")
+    g = torch.Generator().manual_seed(2)
+    dy = torch.randn(y.shape, generator=g).to(DEVICE)
+    dfinal = torch.randn(final.shape, generator=g).to(DEVICE)
+    want = torch.autograd.grad((y_ref * dy).sum() + (final_ref * dfinal).sum(), [kw[k] for k in TENSOR_ARGS])
+    got = selective_scan_bwd(dy, dfinal, *args, seq_chunks=seq_chunks)
+    for name, a, b in zip(TENSOR_ARGS, got, want):
+        assert_close_rel(a, b, 2e-4, f"d{name}")
 
 
 def _grads(inputs, backend, upcast, seed):
@@ -228,8 +236,10 @@ def test_random_shapes_forward_and_backward(
         assert_close_rel(got[name], want[name], 2e-4, f"d{name}")
 
 
-@pytest.mark.parametrize("config", [(8, 32, 4), (32, 8, 4), (16, 64, 8)])
-def test_tile_configurations(config):
+@pytest.mark.parametrize(
+    "config,seq_chunks", [((8, 32, 4), 1), ((32, 8, 4), 1), ((16, 64, 8), 1), ((8, 32, 4), 3)]
+)
+def test_tile_configurations(config, seq_chunks):
     """Other (BLOCK_L, BLOCK_D, num_warps) than the interpreter's default, e.g. the GPU defaults and the
     benchmark sweep's, through both launchers against the reference."""
     from mambakit.ops.selective_scan.triton.scan_bwd import selective_scan_bwd
@@ -238,7 +248,7 @@ def test_tile_configurations(config):
     inputs = make_inputs(1, 37, 40, 5, 1, ndocs=2, seed=37)
     names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus", "initial_state", "seq_idx")
     args = [inputs[k] for k in names]
-    y, final = selective_scan_fwd(*args, config=config)
+    y, final = selective_scan_fwd(*args, config=config, seq_chunks=seq_chunks)
     y_ref, final_ref, kw = run(inputs, "reference", upcast=True, grad=True)
     assert_close_rel(y, y_ref.detach(), 1e-4, "y")
     assert_close_rel(final, final_ref.detach(), 1e-4, "final_state")
@@ -247,7 +257,7 @@ def test_tile_configurations(config):
     dfinal = torch.randn(final.shape, generator=g).to(DEVICE)
     grad_names = [k for k in TENSOR_ARGS if kw[k] is not None]
     want = torch.autograd.grad((y_ref * dy).sum() + (final_ref * dfinal).sum(), [kw[k] for k in grad_names])
-    got = selective_scan_bwd(dy, dfinal, *args, config=config)
+    got = selective_scan_bwd(dy, dfinal, *args, config=config, seq_chunks=seq_chunks)
     for name, a, b in zip(TENSOR_ARGS, got, want):
         assert_close_rel(a, b, 2e-4, f"d{name}")
 

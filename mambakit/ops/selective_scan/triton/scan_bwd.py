@@ -14,6 +14,9 @@ only during this call. Pass 2 walks the tiles backward: it rebuilds the tile's s
 state with the forward tile scan, solves the adjoint recurrence with a reverse `tl.associative_scan`
 (decays a_{t+1} are read one step ahead), and writes dx, ddt, dz and per-block partial sums of dB, dC and
 per-batch partial sums of dA, dD, ddt_bias, which the launcher reduces with torch (deterministic, no atomics).
+When batch x channel blocks underfill the GPU, the sequence is also split into chunks handled in parallel:
+chunk start states come from the forward's chunk pass, and the adjoint entering each chunk from
+`_adjoint_chunk_kernel` (each chunk's adjoint from a zero carry and its decay product) and a short combine.
 
 Memory during the call (fp32): scratch 4 * batch * seqlen * dim * dstate / BLOCK_L bytes, and the dB and dC
 partials 4 * batch * seqlen * ngroups * dstate * (dim / ngroups / BLOCK_D) bytes each.
@@ -35,6 +38,9 @@ from mambakit.ops.selective_scan.triton.scan_fwd import (
     _last_dim_contiguous,
     _linear_combine,
     _load_delta,
+    chunk_start_states,
+    default_config,
+    default_seq_chunks,
 )
 
 
@@ -65,15 +71,16 @@ def _selective_scan_bwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h0_ptr, seq_idx_ptr,
     dy_ptr, dhT_ptr, hbuf_ptr,
     dx_ptr, ddt_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbiasp_ptr, dh0_ptr,
-    seqlen, dim, dstate, dim_per_group, ngroups, ntiles, nblocks,
+    seqlen, dim, dstate, dim_per_group, ngroups, ntiles, nblocks, nchunks, tiles_per_chunk,
     s_x_b, s_x_l, s_dt_b, s_dt_l, s_B_b, s_B_l, s_B_g, s_C_b, s_C_l, s_C_g,
     s_z_b, s_z_l, s_si_b, s_si_l, s_dy_b, s_dy_l, s_dx_b, s_dx_l, s_ddt_b, s_ddt_l, s_dz_b, s_dz_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_DHT: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, DT_SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    WRITE_DH0: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_bg = tl.program_id(0)
     pid_d = tl.program_id(1)
+    pid_c = tl.program_id(2)
     # 64-bit offsets: batch * seqlen * dim passes 2**31 at long sequences.
     b = (pid_bg // ngroups).to(tl.int64)
     g = pid_bg % ngroups
@@ -92,7 +99,8 @@ def _selective_scan_bwd_kernel(
     Dv = tl.zeros((BLOCK_D,), dtype=ACC)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
-    state_offs = b * dim * dstate + offs_d[:, None] * dstate + offs_n[None, :]
+    # Chunk start states, carries and partials are (batch, nchunks, dim, dstate); one chunk: whole sequence.
+    state_offs = ((b * nchunks + pid_c) * dim + offs_d[:, None]) * dstate + offs_n[None, :]
     if HAS_H0:
         h = tl.load(h0_ptr + state_offs, mask=mask_dn, other=0.0).to(ACC)
     else:
@@ -100,12 +108,15 @@ def _selective_scan_bwd_kernel(
     hbuf = hbuf_ptr + offs_d[:, None] * dstate + offs_n[None, :]
 
     # Pass 1: the state at the start of every tile.
-    for k in range(0, ntiles):
+    for i in range(0, tiles_per_chunk):
+        k = pid_c * tiles_per_chunk + i
         offs_l = (k * BLOCK_L + rows).to(tl.int64)
         mask_l = offs_l < seqlen
         mask_ld = mask_l[:, None] & mask_d[None, :]
         mask_ln = mask_l[:, None] & mask_n[None, :]
-        tl.store(hbuf + (b * ntiles + k) * dim * dstate, h, mask=mask_dn)
+        tl.store(
+            hbuf + (b * ntiles + k) * dim * dstate, h, mask=mask_dn & ((offs_n * 0 + k) < ntiles)[None, :]
+        )
         delta, dA = _tile_decay(
             dt_ptr, seq_idx_ptr, A, dt_bias, b, offs_l, offs_d, mask_d, seqlen,
             s_dt_b, s_dt_l, s_si_b, s_si_l, HAS_SEQ_IDX, DT_SOFTPLUS, HAS_DT_BIAS, ACC,
@@ -126,13 +137,17 @@ def _selective_scan_bwd_kernel(
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
     dD_acc = tl.zeros((BLOCK_D,), dtype=ACC)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=ACC)
-    for kk in range(0, ntiles):
-        k = ntiles - 1 - kk
+    for i in range(0, tiles_per_chunk):
+        k = pid_c * tiles_per_chunk + tiles_per_chunk - 1 - i
         offs_l = (k * BLOCK_L + rows).to(tl.int64)
         mask_l = offs_l < seqlen
         mask_ld = mask_l[:, None] & mask_d[None, :]
         mask_ln = mask_l[:, None] & mask_n[None, :]
-        h0 = tl.load(hbuf + (b * ntiles + k) * dim * dstate, mask=mask_dn, other=0.0)
+        h0 = tl.load(
+            hbuf + (b * ntiles + k) * dim * dstate,
+            mask=mask_dn & ((offs_n * 0 + k) < ntiles)[None, :],
+            other=0.0,
+        )
         delta, dA = _tile_decay(
             dt_ptr, seq_idx_ptr, A, dt_bias, b, offs_l, offs_d, mask_d, seqlen,
             s_dt_b, s_dt_l, s_si_b, s_si_l, HAS_SEQ_IDX, DT_SOFTPLUS, HAS_DT_BIAS, ACC,
@@ -219,15 +234,79 @@ def _selective_scan_bwd_kernel(
         tl.store(dCp_ptr + part, tl.sum(dyp[:, :, None] * hs, axis=1), mask=mask_ln)
 
     tl.store(dAp_ptr + state_offs, dA_acc, mask=mask_dn)
-    tl.store(dDp_ptr + b * dim + offs_d, dD_acc, mask=mask_d)
-    tl.store(dbiasp_ptr + b * dim + offs_d, dbias_acc, mask=mask_d)
-    if HAS_H0:
+    tl.store(dDp_ptr + (b * nchunks + pid_c) * dim + offs_d, dD_acc, mask=mask_d)
+    tl.store(dbiasp_ptr + (b * nchunks + pid_c) * dim + offs_d, dbias_acc, mask=mask_d)
+    if WRITE_DH0:  # only the first chunk's carry is the gradient of the initial state
         _, dA0 = _tile_decay(
             dt_ptr, seq_idx_ptr, A, dt_bias, b, rows, offs_d, mask_d, seqlen, s_dt_b, s_dt_l, s_si_b, s_si_l,
             HAS_SEQ_IDX, DT_SOFTPLUS, HAS_DT_BIAS, ACC,
         )  # fmt: skip
         dh0 = tl.sum(tl.where((rows == 0)[:, None, None], dA0, 0.0), axis=0) * carry
-        tl.store(dh0_ptr + state_offs, dh0, mask=mask_dn)
+        dh0_offs = (b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
+        tl.store(dh0_ptr + dh0_offs, dh0, mask=mask_dn & ((offs_n * 0 + pid_c) == 0)[None, :])
+
+
+@triton.jit
+def _adjoint_chunk_kernel(
+    dt_ptr, A_ptr, C_ptr, z_ptr, dt_bias_ptr, seq_idx_ptr, dy_ptr, G_ptr, Q_ptr,
+    seqlen, dim, dstate, dim_per_group, ngroups, nchunks, tiles_per_chunk,
+    s_dt_b, s_dt_l, s_C_b, s_C_l, s_C_g, s_z_b, s_z_l, s_si_b, s_si_l, s_dy_b, s_dy_l,
+    HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Per chunk, the adjoint at its first step with a zero carry in (G) and the product of the decays
+    a_{t+1} over the chunk (Q), so that g_first(c) = G(c) + Q(c) g_first(c + 1). The adjoint needs no
+    states: its input dyp C_t depends on dy, z and C only."""
+    pid_bg = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    b = (pid_bg // ngroups).to(tl.int64)
+    g = pid_bg % ngroups
+    offs_dg = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_dg < dim_per_group
+    offs_d = g * dim_per_group + offs_dg
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < dstate
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    rows = tl.arange(0, BLOCK_L)
+    A = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(ACC)
+    dt_bias = tl.zeros((BLOCK_D,), dtype=ACC)
+    if HAS_DT_BIAS:
+        dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
+    prod = tl.full((BLOCK_D, BLOCK_N), 1.0, dtype=ACC)
+    first = (rows == 0)[:, None, None]
+    for i in range(0, tiles_per_chunk):
+        k = pid_c * tiles_per_chunk + tiles_per_chunk - 1 - i
+        offs_l = (k * BLOCK_L + rows).to(tl.int64)
+        mask_l = offs_l < seqlen
+        mask_ld = mask_l[:, None] & mask_d[None, :]
+        mask_ln = mask_l[:, None] & mask_n[None, :]
+        _, dA_next = _tile_decay(
+            dt_ptr, seq_idx_ptr, A, dt_bias, b, offs_l + 1, offs_d, mask_d, seqlen,
+            s_dt_b, s_dt_l, s_si_b, s_si_l, HAS_SEQ_IDX, DT_SOFTPLUS, HAS_DT_BIAS, ACC,
+        )  # fmt: skip
+        Ct = tl.load(
+            C_ptr + b * s_C_b + offs_l[:, None] * s_C_l + g * s_C_g + offs_n[None, :], mask=mask_ln, other=0.0
+        ).to(ACC)
+        dyp = tl.load(
+            dy_ptr + b * s_dy_b + offs_l[:, None] * s_dy_l + offs_d[None, :], mask=mask_ld, other=0.0
+        )
+        dyp = dyp.to(ACC)
+        if HAS_Z:
+            z = tl.load(
+                z_ptr + b * s_z_b + offs_l[:, None] * s_z_l + offs_d[None, :], mask=mask_ld, other=0.0
+            )
+            z = z.to(ACC)
+            dyp = dyp * z / (1.0 + tl.exp(-z))
+        pcum, gs = tl.associative_scan(
+            (dA_next, dyp[:, :, None] * Ct[:, None, :]), 0, _linear_combine, reverse=True
+        )
+        carry = tl.sum(tl.where(first, gs + pcum * carry[None, :, :], 0.0), axis=0)
+        prod *= tl.sum(tl.where(first, pcum, 0.0), axis=0)
+    offs = ((b * nchunks + pid_c) * dim + offs_d[:, None]) * dstate + offs_n[None, :]
+    tl.store(G_ptr + offs, carry, mask=mask_dn)
+    tl.store(Q_ptr + offs, prod, mask=mask_dn)
 
 
 def default_bwd_config(dim_per_group: int, dstate: int) -> tuple[int, int, int]:
@@ -262,6 +341,7 @@ def selective_scan_bwd(
     initial_state: torch.Tensor | None,
     seq_idx: torch.Tensor | None,
     config: tuple[int, int, int] | None = None,
+    seq_chunks: int | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_state) of the selective scan, each in
     its input's dtype (None where the input is None). `dy` is dL/dy (batch, seqlen, dim); `dfinal` is
@@ -283,6 +363,41 @@ def selective_scan_bwd(
     dt_bias = dt_bias.contiguous() if dt_bias is not None else None
     h0 = initial_state.contiguous() if initial_state is not None else None
     dfinal = dfinal.contiguous() if dfinal is not None else None
+    si = seq_idx if seq_idx is not None else x
+    s_si = (si.stride(0), si.stride(1)) if seq_idx is not None else (0, 0)
+    s_z = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
+
+    # Sequence chunks processed in parallel when batch x channel blocks underfill the GPU: start states
+    # from the forward's chunk pass, adjoint carries from a chunk pass of the adjoint (both short combines).
+    programs = batch * ngroups * nblocks
+    nchunks = 1 if seqlen == 0 else seq_chunks or default_seq_chunks(x, programs, seqlen, block_l)
+    fwd_config = default_config(dim_per_group, dstate)
+    step = max(block_l, fwd_config[0])
+    chunk_len = max(step, triton.cdiv(triton.cdiv(max(seqlen, 1), nchunks), step) * step)
+    nchunks = triton.cdiv(seqlen, chunk_len) if seqlen > 0 else 1
+    if nchunks == 1:
+        chunk_len = max(ntiles, 1) * block_l
+    if nchunks > 1:
+        starts = chunk_start_states(x, dt, A, B, dt_bias, dt_softplus, h0, seq_idx, chunk_len, fwd_config)
+        G = torch.empty_like(starts)
+        Q = torch.empty_like(starts)
+        _adjoint_chunk_kernel[(batch * ngroups, nblocks, nchunks)](
+            dt, A, C, z if z is not None else x, dt_bias if dt_bias is not None else x, si, dy, G, Q,
+            seqlen, dim, dstate, dim_per_group, ngroups, nchunks, chunk_len // block_l,
+            dt.stride(0), dt.stride(1), C.stride(0), C.stride(1), C.stride(2), *s_z, *s_si,
+            dy.stride(0), dy.stride(1),
+            HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, HAS_SEQ_IDX=seq_idx is not None,
+            DT_SOFTPLUS=bool(dt_softplus), ACC=acc, BLOCK_L=block_l, BLOCK_D=block_d,
+            BLOCK_N=triton.next_power_of_2(dstate), num_warps=num_warps,
+        )  # fmt: skip
+        carries = torch.empty_like(starts)
+        gcarry = dfinal if dfinal is not None else torch.zeros_like(starts[:, 0])
+        for c in range(nchunks - 1, -1, -1):
+            carries[:, c] = gcarry
+            gcarry = G[:, c] + Q[:, c] * gcarry
+        state_in, carry_in = starts, carries
+    else:
+        state_in, carry_in = h0, dfinal
 
     dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
     ddt = torch.empty(dt.shape, dtype=dt.dtype, device=dev)
@@ -290,33 +405,31 @@ def selective_scan_bwd(
     hbuf = torch.empty((batch, ntiles, dim, dstate), dtype=acc_torch, device=dev)
     dBp = torch.empty((batch, seqlen, ngroups, nblocks, dstate), dtype=acc_torch, device=dev)
     dCp = torch.empty_like(dBp)
-    dAp = torch.empty((batch, dim, dstate), dtype=acc_torch, device=dev)
-    dDp = torch.empty((batch, dim), dtype=acc_torch, device=dev)
-    dbiasp = torch.empty((batch, dim), dtype=acc_torch, device=dev)
+    dAp = torch.empty((batch, nchunks, dim, dstate), dtype=acc_torch, device=dev)
+    dDp = torch.empty((batch, nchunks, dim), dtype=acc_torch, device=dev)
+    dbiasp = torch.empty((batch, nchunks, dim), dtype=acc_torch, device=dev)
     dh0 = torch.empty((batch, dim, dstate), dtype=acc_torch, device=dev) if h0 is not None else None
-    si = seq_idx if seq_idx is not None else x
-    grid = (batch * ngroups, nblocks)
+    grid = (batch * ngroups, nblocks, nchunks)
     _selective_scan_bwd_kernel[grid](
         x, dt, A, B, C, D if D is not None else x, z if z is not None else x,
-        dt_bias if dt_bias is not None else x, h0 if h0 is not None else dAp, si,
-        dy, dfinal if dfinal is not None else dAp, hbuf,
+        dt_bias if dt_bias is not None else x, state_in if state_in is not None else dAp, si,
+        dy, carry_in if carry_in is not None else dAp, hbuf,
         dx, ddt, dz if dz is not None else dx, dBp, dCp, dAp, dDp, dbiasp, dh0 if dh0 is not None else dAp,
-        seqlen, dim, dstate, dim_per_group, ngroups, ntiles, nblocks,
+        seqlen, dim, dstate, dim_per_group, ngroups, ntiles, nblocks, nchunks, chunk_len // block_l,
         x.stride(0), x.stride(1), dt.stride(0), dt.stride(1),
-        B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
-        z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
-        si.stride(0) if seq_idx is not None else 0, si.stride(1) if seq_idx is not None else 0,
+        B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), *s_z, *s_si,
         dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), ddt.stride(0), ddt.stride(1),
         dz.stride(0) if dz is not None else 0, dz.stride(1) if dz is not None else 0,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, HAS_H0=h0 is not None,
-        HAS_DHT=dfinal is not None, HAS_SEQ_IDX=seq_idx is not None, DT_SOFTPLUS=bool(dt_softplus), ACC=acc,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
+        HAS_H0=state_in is not None, HAS_DHT=carry_in is not None, HAS_SEQ_IDX=seq_idx is not None,
+        DT_SOFTPLUS=bool(dt_softplus), ACC=acc, WRITE_DH0=h0 is not None,
         BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(dstate),
         num_warps=num_warps,
     )  # fmt: skip
     dB = dBp.sum(dim=3).to(B.dtype)
     dC = dCp.sum(dim=3).to(C.dtype)
-    dA = dAp.sum(dim=0).to(A.dtype)
-    dD = dDp.sum(dim=0).to(D.dtype) if D is not None else None
-    ddt_bias = dbiasp.sum(dim=0).to(dt_bias.dtype) if dt_bias is not None else None
+    dA = dAp.sum(dim=(0, 1)).to(A.dtype)
+    dD = dDp.sum(dim=(0, 1)).to(D.dtype) if D is not None else None
+    ddt_bias = dbiasp.sum(dim=(0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
     dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
     return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0
