@@ -366,7 +366,12 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="dt"):
         selective_scan(**dict(inputs, dt=inputs["dt"][:, :3]), backend="triton")
     with pytest.raises(ValueError, match="ngroups"):
-        selective_scan(**dict(inputs, B=torch.randn(1, 4, 3, 2), C=torch.randn(1, 4, 3, 2)), backend="triton")
+        selective_scan(
+            **dict(
+                inputs, B=torch.randn(1, 4, 3, 2, device=DEVICE), C=torch.randn(1, 4, 3, 2, device=DEVICE)
+            ),
+            backend="triton",
+        )
     with pytest.raises(TypeError, match="seq_idx"):
         selective_scan(**dict(inputs, seq_idx=torch.zeros(1, 4)), backend="triton")
     with pytest.raises(TypeError, match="state"):
