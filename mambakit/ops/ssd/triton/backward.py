@@ -90,7 +90,7 @@ def ssd_backward(
     dfinal_c = None if dfinal is None else dfinal.to(acc).contiguous()
     block_q = pow2_at_least(chunk_size)
     chunk_state_bwd_kernel[(npn, batch, nheads)](
-        dy, C, seq_idx, cs, states, final, dfinal_c,
+        dy, C, seq_idx, cs, states, dfinal_c,
         G, dh0, dcs_end,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg,
         *dy.stride(), *C.stride(), *seq_strides,
@@ -107,7 +107,9 @@ def ssd_backward(
     dB_parts = torch.empty(nsplit, batch, seqlen, ngroups, dstate, device=dev, dtype=acc)
     dC_parts = torch.empty_like(dB_parts)
     ddelta = torch.empty_like(delta)
-    dcs = torch.empty_like(delta)
+    dcs = torch.empty_like(delta)  # row shares of d cs (dC kernel)
+    dcs_col = torch.empty_like(delta)  # column shares, subtracted (dx kernel)
+    dcs_st = torch.empty_like(delta)  # the part of those owed to the chunk end (state weights)
     # dD partial sums, laid out by row block: room for the most blocks any tile config uses (16 rows);
     # unused entries stay zero (the tuner re-zeroes it between trial configs). A stub without D.
     dD_shape = (batch, nchunks, math.ceil(chunk_size / 16), nheads, headdim) if D is not None else (1,)
@@ -124,7 +126,7 @@ def ssd_backward(
     cb = chunk_cb(B, C, chunk_size, x.dtype, exact=True) if use_cb(nheads, ngroups) else None
     chunk_bwd_dx_kernel[grid_dx](
         x, B, C, D, seq_idx, delta, cs, G, dy, cb,
-        dx, ddelta, dD_parts,
+        dx, ddelta, dcs_col, dcs_st, dD_parts,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg, tune_bucket(x),
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *seq_strides,
         HAS_D=D is not None, HAS_SEQ=seq_idx is not None, USE_CB=cb is not None,
@@ -151,10 +153,11 @@ def ssd_backward(
     dD = None if D is None else dD_parts.sum((0, 1, 2)).to(D.dtype)
 
     # 3. scalars per position: d cs -> d(delta A) by a reverse cumsum inside each chunk
-    dcs -= delta * ddelta
-    ends = torch.clamp(torch.arange(1, nchunks + 1, device=dev) * chunk_size, max=seqlen) - 1
-    dcs[:, :, ends] += dcs_end.sum(-1)
     pad = nchunks * chunk_size - seqlen
+    dcs -= dcs_col
+    ends = torch.clamp(torch.arange(1, nchunks + 1, device=dev) * chunk_size, max=seqlen) - 1
+    st_sums = F.pad(dcs_st, (0, pad)).view(batch, nheads, nchunks, chunk_size).sum(-1)
+    dcs[:, :, ends] += dcs_end.sum(-1) + st_sums
     da = F.pad(dcs, (0, pad)).view(batch, nheads, nchunks, chunk_size)
     da = da.flip(-1).cumsum(-1).flip(-1).reshape(batch, nheads, -1)[..., :seqlen]
     ddelta = ddelta + da * A.to(acc)[None, :, None]

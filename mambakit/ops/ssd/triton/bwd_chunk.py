@@ -12,9 +12,11 @@ leaving it (from `bwd_state`):
     dC_t = sum_heads [ sum_{s <= t} L_ts delta_s (dy_t . x_s) B_s + exp(cs_t) S^T dy_t ]
     dcs_t (row part) = dy_t . (y_t - D x_t), recomputed in fp32 from the same products (a bf16 y
     saved by the forward would lose too much to cancellation in d A)
-The dcs identity: every exp(cs_t - cs_s) term adds its value to dcs_t and subtracts it from dcs_s;
-summed over a row those values are dy_t . y_t (before D), over a column delta_s x_s . dxdt_s. The
-chunk end's extra share comes from `bwd_state`.
+The dcs identity: every exp(cs_t - cs_s) term adds its value to dcs_t and subtracts it from dcs_s
+(likewise exp(cs_end - cs_s): to the chunk's last position, from s). Summed over a row those values
+are dy_t . y_t (before D), over a column delta_s x_s . dxdt_s. The two sides cancel largely, so the dx
+kernel recomputes its column shares in fp32 from the same products as the row side (an extra
+x dy^T product) instead of reusing dxdt, whose tensor-core operands were rounded to bf16.
 The group kernels loop over blocks of the other position outside and over heads inside: the inner
 loop is then straight-line work, the group's C B^T block is computed once for all its heads, and
 only the dB / dC accumulator is carried (a position loop nested in a head loop made the compiler
@@ -34,7 +36,7 @@ from mambakit.ops.ssd.triton._common import chunk_tuned
 @triton.jit
 def chunk_bwd_dx_kernel(
     x_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, delta_ptr, cs_ptr, G_ptr, dy_ptr, cb_ptr,
-    dx_ptr, ddelta_ptr, dD_ptr,
+    dx_ptr, ddelta_ptr, dcs_col_ptr, dcs_st_ptr, dD_ptr,
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group, tune_bucket,
     sx_b, sx_l, sx_h, sx_p,
     sB_b, sB_l, sB_g, sB_n,
@@ -53,8 +55,9 @@ def chunk_bwd_dx_kernel(
     h = tl.program_id(2)
     g = h // heads_per_group
     ACC = G_ptr.dtype.element_ty
-    DOT = x_ptr.dtype.element_ty
-    if DOT_F32:  # see _common.dot_in_fp32
+    XDT = x_ptr.dtype.element_ty  # tensor-core operand dtype
+    DOT = XDT
+    if DOT_F32:  # see _common.dot_in_fp32: operands still rounded to XDT first, as on a GPU
         DOT = tl.float32
     start = c * chunk_size
     chunk_len = tl.minimum(chunk_size, seqlen - start)
@@ -70,11 +73,15 @@ def chunk_bwd_dx_kernel(
     sp_mask = smask[:, None] & pmask[None, :]
     dcs_base = (b * nheads + h) * seqlen
 
-    Bs = tl.load(
-        B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
-        mask=smask[:, None] & nmask[None, :],
-        other=0.0,
-    ).to(DOT)
+    Bs = (
+        tl.load(
+            B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
+            mask=smask[:, None] & nmask[None, :],
+            other=0.0,
+        )
+        .to(XDT)
+        .to(DOT)
+    )
     cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
     delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
     cs_end = tl.load(cs_ptr + dcs_base + last)
@@ -92,7 +99,16 @@ def chunk_bwd_dx_kernel(
         seq_end = tl.load(seq_ptr + b * ss_b + last * ss_l)
         scale = tl.where(seq_s == seq_end, scale, 0.0)
     scale = tl.where(smask, scale, 0.0)
-    dxdt = tl.dot(Bs, G.to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
+    dxdt = tl.dot(Bs, G.to(XDT).to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
+    xs_acc = tl.load(
+        x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p, mask=sp_mask, other=0.0
+    )
+    xs_dot = xs_acc.to(XDT).to(DOT)
+    xs_acc = xs_acc.to(ACC)
+    # d cs column shares, in fp32 from the very products the row and chunk-end shares use, so that
+    # their cancellation is exact up to fp32 (bf16-rounded dot operands would leave ~1e-1 in d A)
+    col_state = tl.sum(xs_acc * dxdt, 1) * delta_s
+    col_chunk = tl.zeros((BLOCK_M,), dtype=ACC)
 
     # through the outputs of this chunk at t >= s
     cb_base = ((b * nchunks + c) * (nheads // heads_per_group) + g) * chunk_size * chunk_size
@@ -107,28 +123,36 @@ def chunk_bwd_dx_kernel(
                 other=0.0,
             ).to(ACC)
         else:
-            Ct = tl.load(
-                C_ptr + b * sC_b + tt[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
-                mask=tmask[:, None] & nmask[None, :],
-                other=0.0,
-            ).to(DOT)
+            Ct = (
+                tl.load(
+                    C_ptr + b * sC_b + tt[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
+                    mask=tmask[:, None] & nmask[None, :],
+                    other=0.0,
+                )
+                .to(XDT)
+                .to(DOT)
+            )
             cbT = tl.dot(Bs, tl.trans(Ct), input_precision=PREC).to(ACC)
-        dyt = tl.load(
-            dy_ptr + b * sy_b + tt[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
-            mask=tmask[:, None] & pmask[None, :],
-            other=0.0,
-        ).to(DOT)
+        dyt = (
+            tl.load(
+                dy_ptr + b * sy_b + tt[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
+                mask=tmask[:, None] & pmask[None, :],
+                other=0.0,
+            )
+            .to(XDT)
+            .to(DOT)
+        )
         cs_t = tl.load(cs_ptr + dcs_base + tt, mask=tmask, other=0.0)
         keep = (t_idx[None, :] >= s_idx[:, None]) & tmask[None, :]
         if HAS_SEQ:
             seq_t = tl.load(seq_ptr + b * ss_b + tt * ss_l, mask=tmask, other=0)
             keep = keep & (seq_s[:, None] == seq_t[None, :])
         Lt = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
-        dxdt += tl.dot((cbT * Lt).to(DOT), dyt, input_precision=PREC).to(ACC)
+        dxdt += tl.dot((cbT * Lt).to(XDT).to(DOT), dyt, input_precision=PREC).to(ACC)
+        xdy = tl.dot(xs_dot, tl.trans(dyt), input_precision=PREC).to(ACC)
+        col_chunk += tl.sum(cbT * Lt * xdy, 1)
 
-    xs = tl.load(
-        x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p, mask=sp_mask, other=0.0
-    ).to(ACC)
+    xs = xs_acc
     dx = dxdt * delta_s[:, None]
     if HAS_D:
         dys = tl.load(
@@ -146,6 +170,8 @@ def chunk_bwd_dx_kernel(
         mask=sp_mask,
     )
     tl.store(ddelta_ptr + dcs_base + ts, tl.sum(xs * dxdt, 1), mask=smask)
+    tl.store(dcs_col_ptr + dcs_base + ts, col_chunk * delta_s + col_state, mask=smask)
+    tl.store(dcs_st_ptr + dcs_base + ts, col_state, mask=smask)
 
 
 @chunk_tuned
@@ -170,8 +196,9 @@ def chunk_bwd_dB_kernel(
     g = tl.program_id(2) // nsplit
     split = tl.program_id(2) % nsplit
     ACC = G_ptr.dtype.element_ty
-    DOT = x_ptr.dtype.element_ty
-    if DOT_F32:  # see _common.dot_in_fp32
+    XDT = x_ptr.dtype.element_ty  # tensor-core operand dtype
+    DOT = XDT
+    if DOT_F32:  # see _common.dot_in_fp32: operands still rounded to XDT first, as on a GPU
         DOT = tl.float32
     start = c * chunk_size
     chunk_len = tl.minimum(chunk_size, seqlen - start)
@@ -198,9 +225,15 @@ def chunk_bwd_dB_kernel(
         cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
         delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
         cs_end = tl.load(cs_ptr + dcs_base + last)
-        xs = tl.load(
-            x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p, mask=sp_mask, other=0.0
-        ).to(DOT)
+        xs = (
+            tl.load(
+                x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
+                mask=sp_mask,
+                other=0.0,
+            )
+            .to(XDT)
+            .to(DOT)
+        )
         st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
         G = tl.load(
             G_ptr + st_off + offs_p[:, None] * dstate + offs_n[None, :],
@@ -210,18 +243,22 @@ def chunk_bwd_dB_kernel(
         scale = tl.exp(cs_end - cs_s) * delta_s
         if HAS_SEQ:
             scale = tl.where(seq_s == seq_end, scale, 0.0)
-        dB += tl.dot(xs, G.to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
+        dB += tl.dot(xs, G.to(XDT).to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
 
     # through the outputs of this chunk at t >= s
     for k0 in range(m * BLOCK_M, chunk_len, BLOCK_K):
         t_idx = k0 + tl.arange(0, BLOCK_K)
         tmask = t_idx < chunk_len
         tt = start + t_idx
-        Ct = tl.load(
-            C_ptr + b * sC_b + tt[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
-            mask=tmask[:, None] & nmask[None, :],
-            other=0.0,
-        ).to(DOT)
+        Ct = (
+            tl.load(
+                C_ptr + b * sC_b + tt[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
+                mask=tmask[:, None] & nmask[None, :],
+                other=0.0,
+            )
+            .to(XDT)
+            .to(DOT)
+        )
         keep = (t_idx[None, :] >= s_idx[:, None]) & tmask[None, :]
         if HAS_SEQ:
             seq_t = tl.load(seq_ptr + b * ss_b + tt * ss_l, mask=tmask, other=0)
@@ -232,19 +269,27 @@ def chunk_bwd_dB_kernel(
             cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
             delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
             cs_t = tl.load(cs_ptr + dcs_base + tt, mask=tmask, other=0.0)
-            xs = tl.load(
-                x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
-                mask=sp_mask,
-                other=0.0,
-            ).to(DOT)
-            dyt = tl.load(
-                dy_ptr + b * sy_b + tt[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
-                mask=tmask[:, None] & pmask[None, :],
-                other=0.0,
-            ).to(DOT)
+            xs = (
+                tl.load(
+                    x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
+                    mask=sp_mask,
+                    other=0.0,
+                )
+                .to(XDT)
+                .to(DOT)
+            )
+            dyt = (
+                tl.load(
+                    dy_ptr + b * sy_b + tt[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
+                    mask=tmask[:, None] & pmask[None, :],
+                    other=0.0,
+                )
+                .to(XDT)
+                .to(DOT)
+            )
             Lt = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
             xdy = tl.dot(xs, tl.trans(dyt), input_precision=PREC).to(ACC)
-            dB += tl.dot((xdy * Lt * delta_s[:, None]).to(DOT), Ct, input_precision=PREC).to(ACC)
+            dB += tl.dot((xdy * Lt * delta_s[:, None]).to(XDT).to(DOT), Ct, input_precision=PREC).to(ACC)
 
     # partial sums: (nsplit, batch, seqlen, ngroups, dstate), contiguous
     ngroups = nheads // heads_per_group
@@ -275,8 +320,9 @@ def chunk_bwd_dC_kernel(
     g = tl.program_id(2) // nsplit
     split = tl.program_id(2) % nsplit
     ACC = states_ptr.dtype.element_ty
-    DOT = x_ptr.dtype.element_ty
-    if DOT_F32:  # see _common.dot_in_fp32
+    XDT = x_ptr.dtype.element_ty  # tensor-core operand dtype
+    DOT = XDT
+    if DOT_F32:  # see _common.dot_in_fp32: operands still rounded to XDT first, as on a GPU
         DOT = tl.float32
     start = c * chunk_size
     chunk_len = tl.minimum(chunk_size, seqlen - start)
@@ -293,11 +339,15 @@ def chunk_bwd_dC_kernel(
         seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(start - 1, 0) * ss_l)
     dC = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     hi = tl.minimum((m + 1) * BLOCK_M, chunk_len)
-    Cr = tl.load(
-        C_ptr + b * sC_b + t[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
-        mask=rmask[:, None] & nmask[None, :],
-        other=0.0,
-    ).to(DOT)
+    Cr = (
+        tl.load(
+            C_ptr + b * sC_b + t[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
+            mask=rmask[:, None] & nmask[None, :],
+            other=0.0,
+        )
+        .to(XDT)
+        .to(DOT)
+    )
 
     # heads inside, positions outside: the innermost loop is straight-line work on one head, so the
     # only values carried across it are the dC accumulator (nested position loops inside a head loop
@@ -306,11 +356,15 @@ def chunk_bwd_dC_kernel(
         h = g * heads_per_group + split * heads_per_prog + j
         dcs_base = (b * nheads + h) * seqlen
         cs_r = tl.load(cs_ptr + dcs_base + t, mask=rmask, other=0.0)
-        dyr = tl.load(
-            dy_ptr + b * sy_b + t[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
-            mask=rmask[:, None] & pmask[None, :],
-            other=0.0,
-        ).to(DOT)
+        dyr = (
+            tl.load(
+                dy_ptr + b * sy_b + t[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
+                mask=rmask[:, None] & pmask[None, :],
+                other=0.0,
+            )
+            .to(XDT)
+            .to(DOT)
+        )
         st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
         S = tl.load(
             states_ptr + st_off + offs_p[:, None] * dstate + offs_n[None, :],
@@ -320,7 +374,7 @@ def chunk_bwd_dC_kernel(
         scale = tl.exp(cs_r)
         if HAS_SEQ:
             scale = tl.where(seq_r == seq_prev, scale, 0.0)
-        dyS = tl.dot(dyr, S.to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
+        dyS = tl.dot(dyr, S.to(XDT).to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
         dC += dyS
         tl.store(
             dcs_ptr + dcs_base + t, tl.sum(dyS * Cr.to(ACC), 1), mask=rmask
@@ -332,11 +386,15 @@ def chunk_bwd_dC_kernel(
         s_idx = k0 + tl.arange(0, BLOCK_K)
         smask = s_idx < chunk_len
         ts = start + s_idx
-        Bs = tl.load(
-            B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
-            mask=smask[:, None] & nmask[None, :],
-            other=0.0,
-        ).to(DOT)
+        Bs = (
+            tl.load(
+                B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
+                mask=smask[:, None] & nmask[None, :],
+                other=0.0,
+            )
+            .to(XDT)
+            .to(DOT)
+        )
         cb = tl.dot(Cr, tl.trans(Bs), input_precision=PREC).to(ACC)  # shared by the heads of the group
         keep = (r[:, None] >= s_idx[None, :]) & smask[None, :]
         if HAS_SEQ:
@@ -346,22 +404,30 @@ def chunk_bwd_dC_kernel(
             h = g * heads_per_group + split * heads_per_prog + j
             dcs_base = (b * nheads + h) * seqlen
             cs_r = tl.load(cs_ptr + dcs_base + t, mask=rmask, other=0.0)
-            dyr = tl.load(
-                dy_ptr + b * sy_b + t[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
-                mask=rmask[:, None] & pmask[None, :],
-                other=0.0,
-            ).to(DOT)
-            xs = tl.load(
-                x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
-                mask=smask[:, None] & pmask[None, :],
-                other=0.0,
-            ).to(DOT)
+            dyr = (
+                tl.load(
+                    dy_ptr + b * sy_b + t[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
+                    mask=rmask[:, None] & pmask[None, :],
+                    other=0.0,
+                )
+                .to(XDT)
+                .to(DOT)
+            )
+            xs = (
+                tl.load(
+                    x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
+                    mask=smask[:, None] & pmask[None, :],
+                    other=0.0,
+                )
+                .to(XDT)
+                .to(DOT)
+            )
             cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
             delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
             L = tl.exp(tl.where(keep, cs_r[:, None] - cs_s[None, :], float("-inf")))
             dyx = tl.dot(dyr, tl.trans(xs), input_precision=PREC).to(ACC)  # (BLOCK_M, BLOCK_K)
             E = dyx * L * delta_s[None, :]
-            dC += tl.dot(E.to(DOT), Bs, input_precision=PREC).to(ACC)
+            dC += tl.dot(E.to(XDT).to(DOT), Bs, input_precision=PREC).to(ACC)
             # dy_t . (chunk part of y_t), recomputed in fp32; rows t belong to this program alone
             dcs_old = tl.load(dcs_ptr + dcs_base + t, mask=rmask, other=0.0)
             tl.store(dcs_ptr + dcs_base + t, dcs_old + tl.sum(E * cb, 1), mask=rmask)

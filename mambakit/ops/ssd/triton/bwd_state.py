@@ -6,9 +6,9 @@ document boundary inside c)
 where dS_out[c] = sum_t exp(cs_t) dy_t^T C_t is what the outputs of c read from the state (tl.dot).
 Each program owns a (headdim block x dstate block) tile of one (batch, head). It writes
 G[c] = T_{c+1} (the gradient of what chunk c adds to the state, read by the chunk kernels) and this
-tile's share of <T_{c+1}, S_{c+1}>, the gradient of chunk c's total log-decay cs_end (summed over
-tiles afterwards). That single inner product covers both the decay of the carried state and the
-exp(cs_end - cs_s) weights of the chunk's own contribution, because S_{c+1} is exactly their sum.
+tile's share of decay_c <T_{c+1}, S_c>, the gradient of chunk c's total log-decay cs_end through the
+carried state (summed over tiles afterwards). The chunk's own exp(cs_end - cs_s) weights add their
+share to cs_end from the dx kernel, where the same numbers are subtracted at each s.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import triton.language as tl
 
 @triton.jit
 def chunk_state_bwd_kernel(
-    dy_ptr, C_ptr, seq_ptr, cs_ptr, states_ptr, final_ptr, dfinal_ptr,
+    dy_ptr, C_ptr, seq_ptr, cs_ptr, states_ptr, dfinal_ptr,
     G_ptr, dh0_ptr, dcsend_ptr,
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group,
     sy_b, sy_l, sy_h, sy_p,
@@ -37,8 +37,9 @@ def chunk_state_bwd_kernel(
     pb = pid_pn % npb
     nb = pid_pn // npb
     ACC = states_ptr.dtype.element_ty
-    DOT = C_ptr.dtype.element_ty
-    if DOT_F32:  # see _common.dot_in_fp32
+    XDT = C_ptr.dtype.element_ty  # tensor-core operand dtype
+    DOT = XDT
+    if DOT_F32:  # see _common.dot_in_fp32: operands still rounded to XDT first, as on a GPU
         DOT = tl.float32
     g = h // heads_per_group
 
@@ -55,7 +56,6 @@ def chunk_state_bwd_kernel(
         T = tl.load(dfinal_ptr + bh_off + pn_off, mask=pn_mask, other=0.0).to(ACC)
     else:
         T = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC)
-    S_next = tl.load(final_ptr + bh_off + pn_off, mask=pn_mask, other=0.0)
     dcs_base = (b * nheads + h) * seqlen
 
     for i in range(nchunks):
@@ -63,16 +63,15 @@ def chunk_state_bwd_kernel(
         start = c * chunk_size
         st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
         tl.store(G_ptr + st_off + pn_off, T, mask=pn_mask)
-        share = tl.sum(tl.sum(T * S_next, 1), 0)
-        tl.store(dcsend_ptr + ((b * nheads + h) * nchunks + c) * npn + pid_pn, share)
-        S_next = tl.load(states_ptr + st_off + pn_off, mask=pn_mask, other=0.0)
-
         last = tl.minimum(start + chunk_size, seqlen) - 1
         decay = tl.exp(tl.load(cs_ptr + dcs_base + last))
         if HAS_SEQ:
             seq_end = tl.load(seq_ptr + b * ss_b + last * ss_l)
             seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(start - 1, 0) * ss_l)
             decay = tl.where(seq_end == seq_prev, decay, 0.0)
+        S_in = tl.load(states_ptr + st_off + pn_off, mask=pn_mask, other=0.0)
+        share = decay * tl.sum(tl.sum(T * S_in, 1), 0)  # d cs_end through the carried state's decay
+        tl.store(dcsend_ptr + ((b * nheads + h) * nchunks + c) * npn + pid_pn, share)
         # SUB rows at a time: small operand tiles, so a whole dstate fits one program's tile
         dS_out = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC)
         for sb in tl.static_range(0, BLOCK_Q, SUB):
@@ -94,8 +93,8 @@ def chunk_state_bwd_kernel(
                 mask=qmask[:, None] & nmask[None, :],
                 other=0.0,
             )
-            dyw = (dy.to(ACC) * w[:, None]).to(DOT)
-            dS_out += tl.dot(tl.trans(dyw), Ct.to(DOT), input_precision=PREC).to(ACC)
+            dyw = (dy.to(ACC) * w[:, None]).to(XDT).to(DOT)
+            dS_out += tl.dot(tl.trans(dyw), Ct.to(XDT).to(DOT), input_precision=PREC).to(ACC)
         T = dS_out + decay * T
 
     tl.store(dh0_ptr + bh_off + pn_off, T, mask=pn_mask)

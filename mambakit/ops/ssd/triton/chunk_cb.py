@@ -36,8 +36,9 @@ def chunk_cb_kernel(
     c = tl.program_id(1) % nchunks
     g = tl.program_id(2)
     ngroups = tl.num_programs(2)
-    DOT = C_ptr.dtype.element_ty
-    if DOT_F32:  # see _common.dot_in_fp32
+    XDT = C_ptr.dtype.element_ty  # tensor-core operand dtype
+    DOT = XDT
+    if DOT_F32:  # see _common.dot_in_fp32: operands still rounded to XDT first, as on a GPU
         DOT = tl.float32
     start = c * chunk_size
     chunk_len = tl.minimum(chunk_size, seqlen - start)
@@ -47,16 +48,24 @@ def chunk_cb_kernel(
     rmask = r < chunk_len
     smask = s < chunk_len
     nmask = offs_n < dstate
-    Cr = tl.load(
-        C_ptr + b * sC_b + (start + r)[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
-        mask=rmask[:, None] & nmask[None, :],
-        other=0.0,
-    ).to(DOT)
-    Bs = tl.load(
-        B_ptr + b * sB_b + (start + s)[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
-        mask=smask[:, None] & nmask[None, :],
-        other=0.0,
-    ).to(DOT)
+    Cr = (
+        tl.load(
+            C_ptr + b * sC_b + (start + r)[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
+            mask=rmask[:, None] & nmask[None, :],
+            other=0.0,
+        )
+        .to(XDT)
+        .to(DOT)
+    )
+    Bs = (
+        tl.load(
+            B_ptr + b * sB_b + (start + s)[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
+            mask=smask[:, None] & nmask[None, :],
+            other=0.0,
+        )
+        .to(XDT)
+        .to(DOT)
+    )
     cb = tl.dot(Cr, tl.trans(Bs), input_precision=PREC)
     # (batch, nchunks, ngroups, chunk_size, chunk_size), contiguous
     base = ((b * nchunks + c) * ngroups + g) * chunk_size * chunk_size

@@ -42,8 +42,9 @@ def chunk_scan_fwd_kernel(
     c = tl.program_id(2) % nchunks
     g = h // heads_per_group
     ACC = states_ptr.dtype.element_ty
-    DOT = x_ptr.dtype.element_ty
-    if DOT_F32:  # see _common.dot_in_fp32
+    XDT = x_ptr.dtype.element_ty  # tensor-core operand dtype
+    DOT = XDT
+    if DOT_F32:  # see _common.dot_in_fp32: operands still rounded to XDT first, as on a GPU
         DOT = tl.float32
     start = c * chunk_size
     chunk_len = tl.minimum(chunk_size, seqlen - start)
@@ -58,11 +59,15 @@ def chunk_scan_fwd_kernel(
     dcs_base = (b * nheads + h) * seqlen
 
     cs_r = tl.load(cs_ptr + dcs_base + t, mask=rmask, other=0.0)
-    Cr = tl.load(
-        C_ptr + b * sC_b + t[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
-        mask=rmask[:, None] & nmask[None, :],
-        other=0.0,
-    ).to(DOT)
+    Cr = (
+        tl.load(
+            C_ptr + b * sC_b + t[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
+            mask=rmask[:, None] & nmask[None, :],
+            other=0.0,
+        )
+        .to(XDT)
+        .to(DOT)
+    )
 
     # the past, through the state entering this chunk
     st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
@@ -76,7 +81,7 @@ def chunk_scan_fwd_kernel(
         seq_r = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=rmask, other=0)
         seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(start - 1, 0) * ss_l)
         scale = tl.where(seq_r == seq_prev, scale, 0.0)
-    acc = tl.dot(Cr, S.to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
+    acc = tl.dot(Cr, S.to(XDT).to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
 
     # the chunk itself: causal, so only columns up to this row block's end
     hi = tl.minimum((m + 1) * BLOCK_M, chunk_len)
@@ -92,11 +97,15 @@ def chunk_scan_fwd_kernel(
                 other=0.0,
             ).to(ACC)
         else:
-            Bs = tl.load(
-                B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
-                mask=smask[:, None] & nmask[None, :],
-                other=0.0,
-            ).to(DOT)
+            Bs = (
+                tl.load(
+                    B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
+                    mask=smask[:, None] & nmask[None, :],
+                    other=0.0,
+                )
+                .to(XDT)
+                .to(DOT)
+            )
             cb = tl.dot(Cr, tl.trans(Bs), input_precision=PREC).to(ACC)  # (BLOCK_M, BLOCK_K)
         cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
         delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
@@ -106,12 +115,16 @@ def chunk_scan_fwd_kernel(
             keep = keep & (seq_r[:, None] == seq_s[None, :])
         L = tl.exp(tl.where(keep, cs_r[:, None] - cs_s[None, :], float("-inf")))
         scores = cb * L * delta_s[None, :]
-        xs = tl.load(
-            x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
-            mask=smask[:, None] & pmask[None, :],
-            other=0.0,
-        ).to(DOT)
-        acc += tl.dot(scores.to(DOT), xs, input_precision=PREC).to(ACC)
+        xs = (
+            tl.load(
+                x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
+                mask=smask[:, None] & pmask[None, :],
+                other=0.0,
+            )
+            .to(XDT)
+            .to(DOT)
+        )
+        acc += tl.dot(scores.to(XDT).to(DOT), xs, input_precision=PREC).to(ACC)
 
     io_mask = rmask[:, None] & pmask[None, :]
     if HAS_D:

@@ -41,8 +41,9 @@ def chunk_state_fwd_kernel(
     pb = pid_pn % npb
     nb = pid_pn // npb
     ACC = states_ptr.dtype.element_ty
-    DOT = x_ptr.dtype.element_ty
-    if DOT_F32:  # see _common.dot_in_fp32
+    XDT = x_ptr.dtype.element_ty  # tensor-core operand dtype
+    DOT = XDT
+    if DOT_F32:  # see _common.dot_in_fp32: operands still rounded to XDT first, as on a GPU
         DOT = tl.float32
     g = h // heads_per_group
 
@@ -117,8 +118,8 @@ def chunk_state_fwd_kernel(
                 mask=qmask[:, None] & nmask[None, :],
                 other=0.0,
             )
-            xw = (x.to(ACC) * w[:, None]).to(DOT)
-            local += tl.dot(tl.trans(xw), Bt.to(DOT), input_precision=PREC).to(ACC)
+            xw = (x.to(ACC) * w[:, None]).to(XDT).to(DOT)
+            local += tl.dot(tl.trans(xw), Bt.to(XDT).to(DOT), input_precision=PREC).to(ACC)
         s = decay * s + local
 
     tl.store(final_ptr + (b * nheads + h) * headdim * dstate + pn_off, s, mask=pn_mask)
