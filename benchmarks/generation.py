@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, print_table, write_json  # noqa: E402
+
 from mambakit.inference.generate import generate, prefill  # noqa: E402
 from mambakit.models.config import AttentionConfig, MLPConfig, ModelConfig  # noqa: E402
 from mambakit.models.lm import LanguageModel  # noqa: E402
@@ -155,8 +156,12 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     graph = not args.no_cuda_graph
-    results: dict = {"environment": environment(), "device": str(device), "cuda_graph": graph and device.type == "cuda",
-               "compile": args.compile}
+    results: dict = {
+        "environment": environment(),
+        "device": str(device),
+        "cuda_graph": graph and device.type == "cuda",
+        "compile": args.compile,
+    }
     sections = set(args.sections.split(","))
 
     if device.type != "cuda":
@@ -173,7 +178,17 @@ def main() -> int:
         results["cpu_decode"] = rows
         print_table(
             ["model", "batch", "prompt", "new", "decode ms/token", "prefill s"],
-            [[r["model"], r["batch"], r["prompt_len"], r["new_tokens"], r["decode_ms_per_token"], r["prefill_s"]] for r in rows],
+            [
+                [
+                    r["model"],
+                    r["batch"],
+                    r["prompt_len"],
+                    r["new_tokens"],
+                    r["decode_ms_per_token"],
+                    r["prefill_s"],
+                ]
+                for r in rows
+            ],
         )
         if args.out:
             write_json(args.out, results)
@@ -194,20 +209,31 @@ def main() -> int:
                 r["state_bytes_per_seq"] = state_bytes_per_sequence(model, 128 + new, dtype)
                 r["official"] = OFFICIAL.get((name, batch))
                 rows.append(r)
-                print(f"decode {name} batch {batch}: {r['decode_ms_per_token']:.3f} ms/token, "
-                      f"{r['decode_tokens_per_s']:.0f} tokens/s", flush=True)
+                print(
+                    f"decode {name} batch {batch}: {r['decode_ms_per_token']:.3f} ms/token, "
+                    f"{r['decode_tokens_per_s']:.0f} tokens/s",
+                    flush=True,
+                )
             del model
             free(device)
         results["decode"] = rows
-        print_table(
-            ["model", "batch", "ms/token", "decode tok/s", "e2e tok/s", "official", "state KiB/seq", "peak MiB"],
-            [
-                [r["model"], r["batch"], r["decode_ms_per_token"], r["decode_tokens_per_s"], r["e2e_tokens_per_s"],
-                 None if not r["official"] else next(iter(r["official"].values())),
-                 r["state_bytes_per_seq"] / 1024, r["peak_mem_mib"]]
-                for r in rows
-            ],
-        )  # fmt: skip
+        headers = [
+            "model",
+            "batch",
+            "ms/token",
+            "decode tok/s",
+            "e2e tok/s",
+            "official",
+            "state KiB/seq",
+            "peak MiB",
+        ]
+        table = [
+            [r["model"], r["batch"], r["decode_ms_per_token"], r["decode_tokens_per_s"],
+             r["e2e_tokens_per_s"], None if not r["official"] else next(iter(r["official"].values())),
+             r["state_bytes_per_seq"] / 1024, r["peak_mem_mib"]]
+            for r in rows
+        ]  # fmt: skip
+        print_table(headers, table)
 
     if "prefill" in sections:
         rows = []
@@ -245,8 +271,8 @@ def main() -> int:
                     r["params_m"] = model.num_parameters() / 1e6
                     r["state_bytes_per_seq"] = state_bytes_per_sequence(model, L + 32, dtype)
                     rows.append(r)
-                    print(f"longctx {label} prompt {L}: {r.get('decode_ms_per_token', float('nan')):.3f} ms/token",
-                          flush=True)  # fmt: skip
+                    ms = r.get("decode_ms_per_token", float("nan"))
+                    print(f"longctx {label} prompt {L}: {ms:.3f} ms/token", flush=True)
                 del model
                 free(device)
         results["longctx"] = rows

@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-p", type=float, default=0.0, help="0 = off")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--tokenizer", default=None, help="a tokenizer.json, or 'byte' (default: from --model)")
+    parser.add_argument(
+        "--tokenizer", default=None, help="a tokenizer.json, or 'byte' (default: from --model)"
+    )
     parser.add_argument("--eos-token", default=None, help="name of the eos token in tokenizer.json")
     parser.add_argument("--no-eos", action="store_true", help="do not stop at the tokenizer's eos token")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -84,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
         if not ids:
             raise SystemExit(f"--prompt {p!r} encodes to no tokens")
         if max(ids) >= vocab:
-            raise SystemExit(f"--prompt {p!r} has token ids >= the model's vocab_size={vocab}: wrong tokenizer?")
+            raise SystemExit(
+                f"--prompt {p!r} has token ids >= the model's vocab_size={vocab}: wrong tokenizer?"
+            )
     eos = getattr(tokenizer, "eos_id", None)
     eos = None if args.no_eos or eos is None or eos >= vocab else eos
 

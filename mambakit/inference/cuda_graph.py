@@ -75,7 +75,8 @@ class CUDAGraphDecoder:
             p.zero_()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (batch,) or (batch, 1) int64 -> logits (batch, vocab_size) (a buffer the next step overwrites)."""
+        """tokens (batch,) or (batch, 1) int64 -> logits (batch, vocab_size), a buffer the next step
+        overwrites."""
         if self.cache.seqlen_offset >= self.max_seqlen:
             raise ValueError(f"cache is full: it holds max_seqlen={self.max_seqlen} tokens")
         self.input_ids.copy_(tokens.reshape(self.batch_size, 1))
@@ -88,7 +89,11 @@ class CUDAGraphDecoder:
 
 
 def cuda_graph_decoder(
-    model: nn.Module, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, compile: bool = False
+    model: nn.Module,
+    batch_size: int,
+    max_seqlen: int,
+    dtype: torch.dtype | None = None,
+    compile: bool = False,
 ) -> CUDAGraphDecoder:
     """The model's decoder for `batch_size`, captured now or reused (when it holds >= max_seqlen tokens
     and has the same cache dtype); its cache is reset."""
@@ -109,4 +114,3 @@ def cuda_graph_decoder(
 def clear_cuda_graphs(model: nn.Module) -> None:
     """Drop every captured decoder of `model` (and their caches)."""
     model.__dict__.pop(_ATTR, None)
-

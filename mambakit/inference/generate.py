@@ -77,7 +77,9 @@ def prepare_prompts(
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
         if input_ids.ndim != 2 or input_ids.is_floating_point():
-            raise ValueError(f"input_ids must be an integer tensor (batch, seqlen), got {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids must be an integer tensor (batch, seqlen), got {tuple(input_ids.shape)}"
+            )
         if attention_mask is None:
             rows = list(input_ids.cpu())
         else:
@@ -99,7 +101,9 @@ def prepare_prompts(
         raise ValueError(f"every prompt needs at least one token, got lengths {lengths}")
     flat = torch.cat(rows)
     if bool(((flat < 0) | (flat >= vocab_size)).any()):
-        raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got [{int(flat.min())}, {int(flat.max())}]")
+        raise ValueError(
+            f"input_ids must lie in [0, vocab_size={vocab_size}), got [{int(flat.min())}, {int(flat.max())}]"
+        )
     width = max(lengths)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     seq_idx = torch.ones(len(rows), width, dtype=torch.long)

@@ -46,7 +46,9 @@ def test_generate_tokenizer_json_and_batch(model_dir, tmp_path, capsys):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=280, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=280,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )  # fmt: skip
     tok.train_from_iterator(["the cat sat on the mat"] * 20, trainer=trainer)
@@ -64,7 +66,11 @@ def test_generate_tokenizer_json_and_batch(model_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "extra, name",
-    [(["--top-p", "0"], "top_p"), (["--temperature", "-1"], "temperature"), (["--max-new-tokens", "-2"], "max_new_tokens")],
+    [
+        (["--top-p", "0"], "top_p"),
+        (["--temperature", "-1"], "temperature"),
+        (["--max-new-tokens", "-2"], "max_new_tokens"),
+    ],
 )
 def test_bad_arguments(model_dir, extra, name):
     argv = ["generate", "--model", str(model_dir), "--prompt", "x", "--device", "cpu", *extra]

@@ -9,7 +9,12 @@ from mambakit.layers.attention import Attention, enable_static_position
 from mambakit.models.lm import LanguageModel
 
 PRESETS = ["tiny-mamba1", "tiny-mamba2", "hybrid-tiny"]
-PROMPTS = [[5, 17, 99, 3, 42, 8, 120], [200, 1], [64, 64, 7, 250], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+PROMPTS = [
+    [5, 17, 99, 3, 42, 8, 120],
+    [200, 1],
+    [64, 64, 7, 250],
+    [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21],
+]
 
 
 def make_model(name: str, dtype=torch.float64, device=None) -> LanguageModel:
@@ -60,7 +65,9 @@ def test_sampling_mixed_batch_rows_match_alone_with_same_noise():
     model = make_model("hybrid-tiny")
     out = generate(model, PROMPTS, max_new_tokens=5, temperature=0.7, top_k=1, repetition_penalty=1.3, seed=1)
     for i, p in enumerate(PROMPTS):
-        alone = generate(model, [p], max_new_tokens=5, temperature=0.7, top_k=1, repetition_penalty=1.3, seed=1)
+        alone = generate(
+            model, [p], max_new_tokens=5, temperature=0.7, top_k=1, repetition_penalty=1.3, seed=1
+        )
         assert out.row(i) == alone.row(0)
 
 
@@ -157,7 +164,20 @@ def test_attention_static_step_equals_dynamic_step():
         if static:
             enable_static_position(cache)
         attn(x, seq_idx=seq_idx, cache=cache)
-        outs.append(torch.cat([attn.step(torch.randn(2, 1, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(i)), cache) for i in range(4)], 1))
+        outs.append(
+            torch.cat(
+                [
+                    attn.step(
+                        torch.randn(
+                            2, 1, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(i)
+                        ),
+                        cache,
+                    )
+                    for i in range(4)
+                ],
+                1,
+            )
+        )
         assert cache.seqlen_offset == 9
     torch.testing.assert_close(outs[0], outs[1])
 
@@ -172,7 +192,9 @@ def test_cuda_graph_equals_eager(name):
     assert torch.equal(graph.tokens, eager.tokens)
     # replayed again (the captured decoder is reused) and with sampling
     kw = dict(max_new_tokens=16, temperature=0.9, top_p=0.9, seed=0)
-    assert torch.equal(generate(model, PROMPTS, **kw).tokens, generate(model, PROMPTS, cuda_graph=False, **kw).tokens)
+    assert torch.equal(
+        generate(model, PROMPTS, **kw).tokens, generate(model, PROMPTS, cuda_graph=False, **kw).tokens
+    )
     # a smaller batch captures its own graph
     assert generate(model, PROMPTS[:1], max_new_tokens=8, temperature=0).row(0) == eager.row(0)[:8]
 
