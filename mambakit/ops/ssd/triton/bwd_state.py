@@ -1,4 +1,4 @@
-"""Backward pass 1 of 3: gradients of the states, walking the chunks in reverse.
+"""Backward, first pass (then `bwd_chunk`): gradients of the states, walking the chunks in reverse.
 
 T_c, the gradient of the state entering chunk c, obeys (decay_c = exp(cs_end of c), zero across a
 document boundary inside c)
