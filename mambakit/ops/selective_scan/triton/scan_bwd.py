@@ -322,8 +322,9 @@ def default_bwd_config(dim_per_group: int, dstate: int) -> tuple[int, int, int]:
     # Wider channel blocks and shorter tiles: the dB/dC partial buffers scale with dim / BLOCK_D.
     block_n = triton.next_power_of_2(dstate)
     block_d = max(1, min(32, 4096 // (8 * block_n), triton.next_power_of_2(dim_per_group)))
-    # ~7 live (BLOCK_L, BLOCK_D, BLOCK_N) fp32 tiles at the peak: 8 warps keep them near 16 registers each.
-    return 8, block_d, 8
+    # H100 sweep at B4 L2048 D4096 N16 bf16 (2026-11-23, docs/benchmarks.md): (8, 32, 4) 7.5 ms was the
+    # fastest of 7 tile settings; (16, 16, 8) 14.2 ms the slowest.
+    return 8, block_d, 4
 
 
 def selective_scan_bwd(
