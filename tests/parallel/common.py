@@ -1,0 +1,42 @@
+"""Helpers shared by the torchrun workers of tests/parallel: process group set-up, comparisons, packed ids."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+ATOL = RTOL = 1e-4
+
+
+def setup() -> tuple[int, int, dist.ProcessGroup]:
+    """Join the gloo group torchrun describes; one thread a process (the tests share 2 cores)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    os.environ.setdefault("MAMBAKIT_BACKEND", "torch")
+    return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+
+
+def check_close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = ATOL, rtol: float = RTOL):
+    """assert_close with the rank and the quantity in the message."""
+    torch.testing.assert_close(
+        got, want, atol=atol, rtol=rtol, msg=lambda m: f"rank {dist.get_rank()}: {name}: {m}"
+    )
+
+
+def make_seq_idx(kind: str | None, batch: int, seqlen: int, world: int) -> torch.Tensor | None:
+    """Packed document ids (batch, seqlen): None; "boundaries": documents that start exactly at rank
+    boundaries in row 0 and one spanning several ranks in row 1; "inside": starts inside slices."""
+    if kind is None:
+        return None
+    per = seqlen // world
+    ids = torch.zeros(batch, seqlen, dtype=torch.int64)
+    if kind == "boundaries":
+        starts = [[per], [2 * per + 1] if world > 2 else [per + 1]]
+    else:
+        starts = [[1, per // 2, per + 3], [per - 1, seqlen - 2]]
+    for row in range(batch):
+        for s in starts[row % 2]:
+            ids[row, s:] += 1
+    return ids
