@@ -34,3 +34,8 @@ def _torchrun(script: str, nproc: int) -> str:
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_context_parallel_ops(nproc):
     assert f"ops OK on {nproc} ranks" in _torchrun("worker_ops.py", nproc)
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_tensor_and_context_parallel_models(nproc):
+    assert f"models OK on {nproc} ranks" in _torchrun("worker_models.py", nproc)
