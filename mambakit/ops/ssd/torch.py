@@ -28,6 +28,15 @@ from mambakit.ops.ssd.reference import compute_dtype, gate, process_dt, skip, ss
 
 __all__ = ["ssd_impl", "ssd_state_update_impl"]
 
+# exp(v) = exp2(v * log2(e))
+_LOG2E = 1.0 / math.log(2.0)
+# On CPU, chunks longer than this are cut to it (the result does not depend on chunk_size beyond
+# rounding). At the mamba2-130m layer shape (1, L, 24, 64, 128), fp32, one thread, CPU ms (min of 4),
+# with the exp2 decays: forward L=1024: chunk 256 -> 53, 128 -> 37, 64 -> 30, 32 -> 33;
+# forward+backward L=256: 256 -> 41, 128 -> 26, 64 -> 29, 32 -> 34. The (Q, Q) blocks cost O(L * Q)
+# work and memory traffic, while the presets' 256 is tuned for GPU tiles.
+CPU_MAX_CHUNK = 64
+
 
 def _chunk_scan(
     x: torch.Tensor,
@@ -51,8 +60,11 @@ def _chunk_scan(
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     c, Q, r = L // chunk, chunk, h // g
-    # time-major layouts (b, c, Q, ...) as the inputs come, so the big matmuls need no copies
-    acs = (delta * A).view(b, c, Q, h).cumsum(2)  # (b, c, Q, h)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, delta, A, B, C))
+    # time-major layouts (b, c, Q, ...) as the inputs come, so the big matmuls need no copies.
+    # acs is kept in base 2 (delta * A * log2(e)) so that every decay is an exp2: PyTorch's CPU exp2
+    # is several times faster than exp on float32 (same values up to rounding).
+    acs = (delta * (A * _LOG2E)).view(b, c, Q, h).cumsum(2)  # (b, c, Q, h)
     acs_hq = acs.transpose(2, 3)  # (b, c, h, Q)
     xdt = (x * delta[..., None]).view(b, c, Q, h, p)
     Bg = B.view(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
@@ -66,20 +78,25 @@ def _chunk_scan(
     mask = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
     if seq_idx is not None:
         mask = (mask & (doc[..., :, None] == doc[..., None, :]))[:, :, None]  # (b, c, 1, Q, Q)
-    decay_ts = torch.exp((acs_hq[..., :, None] - acs_hq[..., None, :]).masked_fill(~mask, -math.inf))
+    # in place on the fresh difference tensor: (b, c, h, Q, Q) is the largest tensor here
+    decay_ts = (acs_hq[..., :, None] - acs_hq[..., None, :]).masked_fill_(~mask, -math.inf).exp2_()
     CB = Cg @ Bg.transpose(-1, -2)  # (b, c, g, Q, Q), shared by the heads of a group
-    scores = (decay_ts.view(b, c, g, r, Q, Q) * CB[:, :, :, None]).view(b, c, h, Q, Q)
+    if grad:  # exp2's backward needs its output
+        scores = decay_ts.view(b, c, g, r, Q, Q) * CB[:, :, :, None]
+    else:
+        scores = decay_ts.view(b, c, g, r, Q, Q).mul_(CB[:, :, :, None])
+    scores = scores.view(b, c, h, Q, Q)
     y_diag = scores @ xdt.transpose(2, 3)  # (b, c, h, Q, p)
 
     # 2. each chunk's own contribution to the state at its end
-    decay_to_end = torch.exp(acs[:, :, -1:] - acs)  # (b, c, Q, h)
+    decay_to_end = torch.exp2(acs[:, :, -1:] - acs)  # (b, c, Q, h)
     if seq_idx is not None:
         decay_to_end = decay_to_end * (doc == doc[..., -1:]).to(x.dtype)[..., None]
     xw = (xdt * decay_to_end[..., None]).view(b, c, Q, g, r * p).permute(0, 1, 3, 4, 2)  # (b, c, g, rp, Q)
     states = (xw @ Bg).view(b, c, h, p, n)
 
     # 3. scan over chunks: O(c) small elementwise ops
-    chunk_decay = torch.exp(acs[:, :, -1])  # (b, c, h)
+    chunk_decay = torch.exp2(acs[:, :, -1])  # (b, c, h)
     if seq_idx is not None:
         chunk_decay = chunk_decay * (doc[..., -1] == doc_in).to(x.dtype)[..., None]
     state = h0 if h0 is not None else x.new_zeros(b, h, p, n)
@@ -94,7 +111,7 @@ def _chunk_scan(
     entering = torch.stack(entering, dim=1)  # (b, c, h, p, n)
 
     # 4. off-diagonal blocks: the entering state read out by C, decayed to each position
-    decay_in = torch.exp(acs)  # (b, c, Q, h)
+    decay_in = torch.exp2(acs)  # (b, c, Q, h)
     if seq_idx is not None:
         decay_in = decay_in * (doc == doc_in[..., None]).to(x.dtype)[..., None]
     y_off = Cg @ entering.view(b, c, g, r * p, n).transpose(-1, -2)  # (b, c, g, Q, r * p)
@@ -171,6 +188,8 @@ def ssd_impl(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Backend entry (see `mambakit.ops.ssd.ssd` for shapes and math)."""
     dtype = compute_dtype(x)
+    if x.device.type == "cpu":
+        chunk_size = min(chunk_size, CPU_MAX_CHUNK)
     # padding is applied to delta after processing, so padded steps have delta = 0: no decay, no input
     delta = process_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)
     xs, As, Bs, Cs = x.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
