@@ -6,6 +6,7 @@ from mambakit.parallel.context_parallel import (
     context_parallel_ssd,
 )
 from mambakit.parallel.context_parallel_model import parallelize_context, sum_gradients
+from mambakit.parallel.fsdp_tp import full_state_dict, parallelize_fsdp_tp, save_full
 from mambakit.parallel.tensor_parallel import ShardSpec, gather_full, parallelize_tensor
 
 __all__ = [
@@ -13,8 +14,11 @@ __all__ = [
     "context_parallel_causal_conv1d",
     "context_parallel_selective_scan",
     "context_parallel_ssd",
+    "full_state_dict",
     "gather_full",
     "parallelize_context",
+    "parallelize_fsdp_tp",
     "parallelize_tensor",
+    "save_full",
     "sum_gradients",
 ]

@@ -21,10 +21,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(script: str, nproc: int) -> str:
+def _torchrun(script: str, nproc: int, *args: str) -> str:
     script = os.path.join(ROOT, "tests", "parallel", script)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(_free_port()), script]  # fmt: skip
+           "127.0.0.1", "--master-port", str(_free_port()), script, *args]  # fmt: skip
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=200, cwd=ROOT)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
@@ -39,3 +39,7 @@ def test_context_parallel_ops(nproc):
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_tensor_and_context_parallel_models(nproc):
     assert f"models OK on {nproc} ranks" in _torchrun("worker_models.py", nproc)
+
+
+def test_fsdp_x_tensor_parallel_and_checkpoint_relayout(tmp_path):
+    assert "FSDP x TP OK on 4 ranks" in _torchrun("worker_fsdp_tp.py", 4, str(tmp_path))
