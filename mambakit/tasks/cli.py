@@ -37,14 +37,22 @@ class TaskSpec:
 
 TASKS: dict[str, TaskSpec] = {
     "selective-copying": TaskSpec(
-        SelectiveCopying, TrainSettings(steps=20000, batch_size=64, lr=1e-3), TrainSettings(steps=300), 512
+        SelectiveCopying,
+        TrainSettings(steps=20000, batch_size=64, lr=1e-3),
+        TrainSettings(steps=1500, lr=5e-3),
+        512,
     ),
     "induction-heads": TaskSpec(
-        InductionHeads, TrainSettings(steps=20000, batch_size=64, lr=1e-3), TrainSettings(steps=300), 256
+        InductionHeads,
+        TrainSettings(steps=20000, batch_size=64, lr=1e-3),
+        TrainSettings(steps=1000, lr=5e-3),
+        64,
     ),
-    "mqar": TaskSpec(MQAR, TrainSettings(steps=20000, batch_size=64, lr=1e-3), TrainSettings(steps=300), 256),
+    "mqar": TaskSpec(
+        MQAR, TrainSettings(steps=20000, batch_size=64, lr=1e-3), TrainSettings(steps=3000, lr=1e-3), 256
+    ),
     "phonebook": TaskSpec(
-        Phonebook, TrainSettings(steps=20000, batch_size=32, lr=1e-3), TrainSettings(steps=300), 256
+        Phonebook, TrainSettings(steps=20000, batch_size=32, lr=1e-3), TrainSettings(steps=1000), 256
     ),
 }
 

@@ -49,7 +49,7 @@ class MQAR:
 
     @classmethod
     def cpu(cls) -> MQAR:
-        return cls(seqlen=128, num_kv_pairs=16, vocab_size=256)
+        return cls(seqlen=64, num_kv_pairs=8, vocab_size=128)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> TaskBatch:
         """A batch: input_ids, targets (batch_size, seqlen); num_kv_pairs answers per row."""

@@ -42,7 +42,7 @@ class SelectiveCopying:
     @classmethod
     def cpu(cls) -> SelectiveCopying:
         """Small enough to train in a few minutes on a laptop CPU."""
-        return cls(seqlen=256, num_tokens=8, vocab_size=16)
+        return cls(seqlen=32, num_tokens=4, vocab_size=16)
 
     @property
     def marker(self) -> int:
