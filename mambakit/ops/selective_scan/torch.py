@@ -1,4 +1,4 @@
-"""Chunked, vectorized PyTorch backend of the Mamba-1 selective scan (S6); autograd by PyTorch.
+"""Chunked, vectorized PyTorch backend of the Mamba-1 selective scan (S6), with a hand-written backward.
 
 Same math as `reference.py`. Time is cut into chunks; for each chunk the decays dA = exp(delta * A)
 and inputs dBx = delta * B * x of all its steps are computed at once as (chunk, batch, dim, dstate)
@@ -9,8 +9,11 @@ y_t = C_t . h_t is one small matmul. Decays are applied one step at a time, as i
 
 Two paths:
 - forward only (no autograd): chunk buffers are reused and updated in place;
-- autograd: the same steps out of place, and for large inputs each chunk is recomputed in the
-  backward pass (activation checkpointing) so memory kept for backward is O(seqlen * dim).
+- autograd: dt's discretization, D and the gate are recorded by PyTorch; the scan core is
+  `_ScanFunction`, whose forward is the forward-only path keeping each chunk's start state, and whose
+  backward recomputes each chunk from it and runs the adjoint recurrence in reverse, so memory kept
+  for backward is O(seqlen * dim). At (1, 256, 1536, 16) fp32, one core, forward+backward went from
+  ~87 ms (autograd recording ~6 nodes per step) to ~40 ms CPU.
 
 Measured and rejected on the 2-core CPU (fp32, (1, 256..2048, 1536, 16)): a two-level scan (all
 chunks at once from zero, then a short scan over chunk starts, then exp(A * cumsum(delta)) to
@@ -26,24 +29,21 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from mambakit.ops.selective_scan.reference import accumulation_dtype, discretize_dt
 from mambakit.ops.selective_scan.reference import selective_state_update_impl as _reference_update
 
-# Steps whose dA, dBx are computed at once (autograd path; one checkpointed unit when recomputing).
-# fp32 forward+backward at (1, 256, 1536, 16) on one core: 16 -> 96 ms, 32 -> 69 ms, 64 -> 96 ms,
-# 256 -> 153 ms (min of 4; the machine is shared, so +-30%): 32 keeps a chunk's tensors (3 MB each
-# at dim 1536) in cache while amortizing the per-chunk ops.
-CHUNK = 32
+# Chunk length of `_ScanFunction` (forward buffers, backward recomputation). fp32 forward+backward at
+# (1, 256, 1536, 16) on one core, CPU ms, min of 4, three runs on a loaded machine: 16 -> 37-45,
+# 32 -> 41-66, 64 -> 56-86, 128 -> 42-91: the backward holds ~5 chunk tensors (1.5 MB each at 16),
+# which stay in cache at 16.
+CHUNK = 16
 # Buffer length of the forward-only path, same trade-off: forward (1, 1024, 1536, 16) on one core,
 # 16 -> 25 ms, 32 -> 22 ms, 64 -> 23 ms.
 FORWARD_CHUNK = 32
-# With autograd, checkpoint chunks once batch * seqlen * dim * dstate exceeds this (64 MB of fp32 per
-# saved tensor); below it, keeping the activations is ~1.5x faster than recomputing them.
-RECOMPUTE_ABOVE = 2**24
 # exp(v) = exp2(v * log2(e)); PyTorch's CPU exp2 is several times faster than exp on float32.
 _LOG2E = 1.0 / math.log(2.0)
+_LN2 = math.log(2.0)
 
 
 def _forward_only(
@@ -59,6 +59,7 @@ def _forward_only(
     h: torch.Tensor,
     reset: torch.Tensor | None,
     chunk: int,
+    starts: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole scan without autograd, one chunk of steps at a time in reused buffers.
 
@@ -82,6 +83,8 @@ def _forward_only(
     D_acc = None if D is None else D.to(acc)
     h = h.clone()
     for s in range(0, length, chunk):
+        if starts is not None:  # for the backward of `_ScanFunction`
+            starts.append(h.clone())
         e = min(s + chunk, length)
         n = e - s
         xc, delta, tmp, Bc, Cc = x_b[:n], delta_b[:n], tmp_b[:n], B_b[:n], C_b[:n]
@@ -123,80 +126,90 @@ def _forward_only(
     return y, h
 
 
-def _scan_chunk(
-    h: torch.Tensor,
-    delta: torch.Tensor,
-    x: torch.Tensor,
-    A2: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    reset: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scan a few steps out of place, for autograd.
+class _ScanFunction(torch.autograd.Function):
+    """The scan core with a hand-written backward: y (without D / z) and the final state.
 
-    h (batch, dim, dstate) state before the chunk; delta, x (batch, L, dim); A2 = A * log2(e)
-    (dim, dstate); B, C (batch, L, ngroups, dstate); reset (batch, L) bool, True where the state
-    carried into t is zero. Returns y (batch, L, dim) without D / z, and the state after the chunk.
+    forward(h0, delta, x, A2, B, C, reset, chunk): h0 (batch, dim, dstate); delta, x (batch, seqlen,
+    dim); A2 = A * log2(e) (dim, dstate); B, C (batch, seqlen, ngroups, dstate); reset (batch,
+    seqlen) bool or None. The forward is `_forward_only` and keeps only the state at each chunk start.
+    The backward walks the chunks in reverse: it recomputes a chunk's decays and states from its
+    start state, then runs the adjoint recurrence g_{t-1} = dA_t * g_t (+ C_t gy_{t-1}) one fused
+    multiply-add per step, and forms every input's gradient with whole-chunk ops.
+    Replaces an autograd graph of ~6 nodes per time step, whose backward cost ~2.5x the forward.
     """
-    batch, length, dim = x.shape
-    ngroups, dstate = B.shape[2], B.shape[3]
-    group_size = dim // ngroups
-    nb = batch * ngroups
-    delta_t = delta.transpose(0, 1).contiguous()  # (length, batch, dim)
-    dx_t = (delta * x).transpose(0, 1).contiguous()
-    B_t = B.transpose(0, 1).contiguous()  # (length, batch, ngroups, dstate)
-    C_t = C.transpose(0, 1).reshape(length, nb, 1, dstate)
-    dA = torch.exp2(delta_t[..., None] * A2)  # (length, batch, dim, dstate)
-    if reset is not None:
-        dA = torch.where(reset.transpose(0, 1)[:, :, None, None], 0.0, dA)
-    dBx = dx_t.view(length, batch, ngroups, group_size, 1) * B_t.unsqueeze(3)
-    dBx = dBx.view(length, batch, dim, dstate)
-    ys = []
-    # unbind, not dA[t]: the backward of each indexed view would scatter into a zeros tensor of the
-    # whole chunk, making the backward quadratic in the chunk length.
-    for a_t, u_t, c_t in zip(dA.unbind(0), dBx.unbind(0), C_t.unbind(0)):
-        h = torch.addcmul(u_t, a_t, h)
-        ys.append(torch.bmm(c_t, h.view(nb, group_size, dstate).transpose(1, 2)))
-    y = torch.stack(ys).view(length, batch, dim).transpose(0, 1)
-    return y, h
 
+    @staticmethod
+    def forward(ctx, h0, delta, x, A2, B, C, reset, chunk):
+        starts: list[torch.Tensor] = []
+        y, h = _forward_only(x, delta, A2, B, C, None, None, None, False, h0, reset, chunk, starts)
+        ctx.chunk = chunk
+        ctx.has_reset = reset is not None
+        extra = (reset,) if reset is not None else ()
+        ctx.save_for_backward(delta, x, A2, B, C, *starts, *extra)
+        return y, h
 
-def _scan_with_grad(
-    h: torch.Tensor,
-    delta: torch.Tensor,
-    x: torch.Tensor,
-    A2: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    reset: torch.Tensor | None,
-    chunk: int,
-    recompute: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scan recorded by autograd, chunk by chunk (`_scan_chunk`), optionally checkpointed.
-
-    Same arguments as `_scan_chunk` plus the chunk length, any seqlen. Returns y (batch, seqlen, dim)
-    and the final state.
-    """
-    batch, seqlen, dim = x.shape
-    ys = []
-    for s in range(0, seqlen, chunk):
-        e = min(s + chunk, seqlen)
-        args = (
-            h,
-            delta[:, s:e],
-            x[:, s:e],
-            A2,
-            B[:, s:e],
-            C[:, s:e],
-            None if reset is None else reset[:, s:e],
-        )
-        if recompute:
-            y_chunk, h = checkpoint(_scan_chunk, *args, use_reentrant=False)
-        else:
-            y_chunk, h = _scan_chunk(*args)
-        ys.append(y_chunk)
-    y = torch.cat(ys, dim=1) if ys else x.new_zeros(batch, 0, dim)
-    return y, h
+    @staticmethod
+    def backward(ctx, gy, gh):
+        delta, x, A2, B, C, *rest = ctx.saved_tensors
+        reset = rest.pop() if ctx.has_reset else None
+        starts, chunk = rest, ctx.chunk
+        batch, length, dim = x.shape
+        ngroups, dstate = B.shape[2], B.shape[3]
+        gsz = dim // ngroups
+        g_delta, g_x = torch.empty_like(delta), torch.empty_like(x)
+        g_B, g_C = torch.empty_like(B), torch.empty_like(C)
+        g_A2 = torch.zeros_like(A2)
+        # gradient reaching the state after the current chunk from everything later
+        carry = torch.zeros(batch, dim, dstate, dtype=A2.dtype, device=x.device) if gh is None else gh
+        if gy is None:
+            gy = torch.zeros_like(x)
+        for k in reversed(range(len(starts))):
+            s = k * chunk
+            e = min(s + chunk, length)
+            q = e - s
+            nb = q * batch * ngroups
+            dl = delta[:, s:e].transpose(0, 1).contiguous()  # (q, batch, dim)
+            xc = x[:, s:e].transpose(0, 1).contiguous()
+            Bc = B[:, s:e].transpose(0, 1).contiguous()  # (q, batch, ngroups, dstate)
+            Cc = C[:, s:e].transpose(0, 1).contiguous()
+            gyc = gy[:, s:e].transpose(0, 1).contiguous()
+            # recompute the chunk: decays, inputs, states
+            dA = torch.exp2(dl[..., None] * A2)  # (q, batch, dim, dstate)
+            if reset is not None:
+                dA.masked_fill_(reset[:, s:e].transpose(0, 1)[:, :, None, None], 0.0)
+            dx = dl * xc
+            hs = (dx.reshape(q, batch, ngroups, gsz, 1) * Bc.reshape(q, batch, ngroups, 1, dstate)).view(
+                q, batch, dim, dstate
+            )
+            prev = starts[k]
+            for t in range(q):
+                prev = hs[t].addcmul_(dA[t], prev)
+            # y_t = C_t . h_t: gC_t = sum over the group's channels of gy_t h_t
+            g_Cc = torch.bmm(gyc.view(nb, 1, gsz), hs.view(nb, gsz, dstate))
+            g_C[:, s:e].copy_(g_Cc.view(q, batch, ngroups, dstate).transpose(0, 1))
+            # G_t, the gradient of h_t: gy_t C_t + dA_{t+1} G_{t+1}
+            G = (gyc.reshape(q, batch, ngroups, gsz, 1) * Cc.reshape(q, batch, ngroups, 1, dstate)).view(
+                q, batch, dim, dstate
+            )
+            G[q - 1].add_(carry)
+            for t in range(q - 2, -1, -1):
+                G[t].addcmul_(dA[t + 1], G[t + 1])
+            carry = G[0] * dA[0]
+            # h_t = dA_t h_{t-1} + dx_t B_t; gradient of log2(dA_t) = delta_t A2: G_t h_{t-1} dA_t ln 2
+            gs = torch.empty_like(hs)
+            torch.mul(G[1:], hs[:-1], out=gs[1:])
+            torch.mul(G[0], starts[k], out=gs[0])
+            gs.mul_(dA).mul_(_LN2)
+            g_A2.add_((gs * dl[..., None]).sum((0, 1)))
+            g_dx = torch.bmm(G.view(nb, gsz, dstate), Bc.reshape(nb, dstate, 1)).view(q, batch, dim)
+            g_B[:, s:e].copy_(
+                torch.bmm(dx.reshape(nb, 1, gsz), G.view(nb, gsz, dstate))
+                .view(q, batch, ngroups, dstate)
+                .transpose(0, 1)
+            )
+            g_x[:, s:e].copy_((g_dx * dl).transpose(0, 1))
+            g_delta[:, s:e].copy_((torch.addcmul((gs * A2).sum(-1), g_dx, xc)).transpose(0, 1))
+        return carry, g_delta, g_x, g_A2, g_B, g_C, None, None
 
 
 def selective_scan_impl(
@@ -224,9 +237,10 @@ def selective_scan_impl(
     Returns y (batch, seqlen, dim) in x's dtype and the final state (batch, dim, dstate) in float32
     (float64 for float64 inputs), or None.
 
-    Keyword-only knobs (tests and benchmarks): when autograd records the scan, `chunk_size` and
-    `recompute` (checkpoint each chunk; None: above RECOMPUTE_ABOVE elements); otherwise
-    `forward_chunk`, the buffer length of the forward-only path.
+    Keyword-only knobs (tests and benchmarks): when autograd records the scan, `chunk_size`, the
+    chunk length of `_ScanFunction` (forward buffers and backward recomputation); otherwise
+    `forward_chunk`, the buffer length of the forward-only path. `recompute` is accepted for
+    compatibility and has no effect: the backward always recomputes each chunk from its start state.
     """
     acc = accumulation_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)
     batch, seqlen, dim = x.shape
@@ -249,9 +263,7 @@ def selective_scan_impl(
 
     xf = x.to(acc)
     delta = discretize_dt(dt, dt_bias, dt_softplus, acc)
-    if recompute is None:
-        recompute = batch * seqlen * dim * dstate > RECOMPUTE_ABOVE
-    y, h = _scan_with_grad(h, delta, xf, A2, B.to(acc), C.to(acc), reset, max(1, chunk_size), recompute)
+    y, h = _ScanFunction.apply(h, delta, xf, A2, B.to(acc), C.to(acc), reset, max(1, chunk_size))
     if D is not None:
         y = y + xf * D.to(acc)
     if z is not None:
@@ -277,4 +289,3 @@ def selective_state_update_impl(
     One step is already a handful of whole-tensor ops, so the reference step is the fast path too.
     """
     return _reference_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-
