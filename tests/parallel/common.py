@@ -22,7 +22,7 @@ def setup() -> tuple[int, int, dist.ProcessGroup]:
 def check_close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL):
     """assert_close (fp32) with an absolute tolerance scaled to the reference's magnitude, so that tiny
     gradients are checked as strictly as large ones; the rank and the quantity in the message."""
-    atol = SCALED_ATOL * float(want.abs().max()) + 1e-12
+    atol = SCALED_ATOL * float(want.detach().abs().max()) + 1e-12
     torch.testing.assert_close(
         got, want, atol=atol, rtol=rtol, msg=lambda m: f"rank {dist.get_rank()}: {name}: {m}"
     )

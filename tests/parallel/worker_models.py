@@ -1,7 +1,8 @@
 """Run under torchrun (gloo, CPU): tensor-parallel and context-parallel Mamba-1, Mamba-2 and hybrid
 language models against the one-process model with the same weights and data: logits, loss, every
 parameter's gradient (TP: gathered to full tensors; CP: summed over ranks), and a few SGD steps
-(losses and final weights). Packed documents (seq_idx) are used throughout."""
+(losses and final weights); TP prefill and decoding steps; errors that name the argument.
+Packed documents (seq_idx) are used throughout."""
 
 from __future__ import annotations
 
@@ -89,6 +90,40 @@ def tp_case(name, config, world, group):
         check_close(f"TP {name} trained {n}", weights[n], p.detach())
 
 
+def tp_decode_case(name, config, world, group):
+    """Prefill then one-token steps: the hooks sit on the projections, so `step` is parallel too."""
+    ref = _reference(config)
+    model = parallelize_tensor(copy.deepcopy(ref), group)
+    ids, _, _ = _batch(0, config.vocab_size, world)
+    with torch.no_grad():
+        caches = [m.allocate_inference_cache(BATCH, SEQLEN) for m in (ref, model)]
+        want = ref(ids[:, :8], cache=caches[0])
+        check_close(f"TP {name} prefill", model(ids[:, :8], cache=caches[1]), want)
+        for t in range(8, 11):
+            want = ref.step(ids[:, t : t + 1], caches[0])
+            check_close(f"TP {name} step {t}", model.step(ids[:, t : t + 1], caches[1]), want)
+
+
+def error_cases(rank, world, group):
+    """Bad layouts and inputs are errors that name the argument."""
+    bad = preset("tiny-mamba2", pattern="M", ssm={"ngroups": 1})
+    _expect(ValueError, "ngroups=1", lambda: parallelize_tensor(LanguageModel(bad), group))
+    model = parallelize_context(LanguageModel(configs(world)["mamba2"]), group)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    cu = torch.tensor([0, 2, 4])
+    _expect(ValueError, "cu_seqlens", lambda: model(ids, cu_seqlens=cu))
+    _expect(ValueError, "seqlen >= width - 1", lambda: model(ids[:, :2]))
+
+
+def _expect(kind, text, fn):
+    try:
+        fn()
+    except kind as e:
+        assert text in str(e), f"rank {dist.get_rank()}: {text!r} not in {e}"
+        return
+    raise AssertionError(f"rank {dist.get_rank()}: expected {kind.__name__} mentioning {text!r}")
+
+
 def cp_case(name, config, rank, world, group):
     ref = _reference(config)
     model = parallelize_context(copy.deepcopy(ref), group)
@@ -121,7 +156,9 @@ if __name__ == "__main__":
     rank, world, group = setup()
     for name, config in configs(world).items():
         tp_case(name, config, world, group)
+        tp_decode_case(name, config, world, group)
         cp_case(name, config, rank, world, group)
+    error_cases(rank, world, group)
     dist.barrier()
     if rank == 0:
         print(f"models OK on {world} ranks")
