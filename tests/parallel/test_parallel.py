@@ -41,5 +41,5 @@ def test_tensor_and_context_parallel_models(nproc):
     assert f"models OK on {nproc} ranks" in _torchrun("worker_models.py", nproc)
 
 
-def test_fsdp_x_tensor_parallel_and_checkpoint_relayout(tmp_path):
-    assert "FSDP x TP OK on 4 ranks" in _torchrun("worker_fsdp_tp.py", 4, str(tmp_path))
+def test_2d_meshes_fsdp_x_tp_checkpoint_relayout_and_cp_x_tp(tmp_path):
+    assert "FSDP x TP and CP x TP OK on 4 ranks" in _torchrun("worker_2d.py", 4, str(tmp_path))
