@@ -7,10 +7,11 @@ from mambakit.parallel.context_parallel import (
 )
 from mambakit.parallel.context_parallel_model import parallelize_context, sum_gradients
 from mambakit.parallel.fsdp_tp import full_state_dict, parallelize_fsdp_tp, save_full
-from mambakit.parallel.tensor_parallel import ShardSpec, gather_full, parallelize_tensor
+from mambakit.parallel.tensor_parallel import ShardSpec, clip_grad_norm_, gather_full, parallelize_tensor
 
 __all__ = [
     "ShardSpec",
+    "clip_grad_norm_",
     "context_parallel_causal_conv1d",
     "context_parallel_selective_scan",
     "context_parallel_ssd",

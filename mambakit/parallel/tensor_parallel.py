@@ -36,7 +36,7 @@ from torch.distributed import ProcessGroup
 from mambakit.layers import MLP, Attention, Mamba1, Mamba2
 from mambakit.parallel.comm import copy_to_parallel, reduce_both, reduce_from_parallel
 
-__all__ = ["ShardSpec", "gather_full", "parallelize_tensor"]
+__all__ = ["ShardSpec", "clip_grad_norm_", "gather_full", "parallelize_tensor"]
 
 
 @dataclass(frozen=True)
@@ -189,3 +189,44 @@ def gather_full(tensors: dict[str, torch.Tensor], plan: dict[str, ShardSpec], gr
         dist.all_gather(parts, t.contiguous(), group=group)
         out[name] = spec.full(parts)
     return out
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients of a TP (or FSDP2 x TP) model by their global L2 norm, as
+    `torch.nn.utils.clip_grad_norm_` would on the one-process model; returns that norm (on every rank).
+
+    Squares of TP-sharded gradients are summed over the "tp" group; replicated ones are counted once.
+    FSDP2 gradients (DTensors over "dp") contribute their local shards, summed over "dp". Collective.
+    """
+    if max_norm <= 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm!r}")
+    plan = getattr(model, "tp_plan", {})
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    dp_group = None
+    grads = []
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        g = p.grad
+        if hasattr(g, "to_local"):  # DTensor from FSDP2
+            dp_group = g.device_mesh.get_group()
+            g = g.to_local()
+        grads.append(g)
+        sq = g.double().square().sum().cpu()
+        if name in plan:
+            sharded += sq
+        else:
+            replicated += sq
+    if plan:
+        dist.all_reduce(sharded, group=model.tp_group)
+    total = sharded + replicated
+    if dp_group is not None:
+        dist.all_reduce(total, group=dp_group)
+    norm = total.sqrt().float()
+    scale = max_norm / (float(norm) + 1e-6)
+    if scale < 1:
+        for g in grads:
+            g.mul_(scale)
+    return norm

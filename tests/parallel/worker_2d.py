@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from mambakit.models import LanguageModel
 from mambakit.parallel.context_parallel_model import parallelize_context, sum_gradients
 from mambakit.parallel.fsdp_tp import full_state_dict, parallelize_fsdp_tp, save_full
-from mambakit.parallel.tensor_parallel import gather_full, parallelize_tensor
+from mambakit.parallel.tensor_parallel import clip_grad_norm_, gather_full, parallelize_tensor
 from tests.parallel.common import check_close, setup
 from tests.parallel.worker_models import SEQLEN, STEPS, _batch, _loss_sum, _optimizer, _reference, configs
 
@@ -43,6 +43,8 @@ def fsdp_tp_case(name, config, mesh, ckpt_dir):
         check_close(f"FSDPxTP {name} step {step} loss", total, loss_ref.detach())
         loss_ref.backward()
         (loss * dp).backward()  # FSDP2 averages over "dp"
+        norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        check_close(f"FSDPxTP {name} step {step} grad norm", clip_grad_norm_(model, 0.05), norm_ref)
         if step == 0:
             grads = _full_grads(model)
             for n, p in ref.named_parameters():

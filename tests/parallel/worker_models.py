@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from mambakit.models import LanguageModel
 from mambakit.models.presets import preset
 from mambakit.parallel.context_parallel_model import parallelize_context, sum_gradients
-from mambakit.parallel.tensor_parallel import gather_full, parallelize_tensor
+from mambakit.parallel.tensor_parallel import clip_grad_norm_, gather_full, parallelize_tensor
 from tests.parallel.common import check_close, make_seq_idx, setup
 
 BATCH, SEQLEN, STEPS = 2, 32, 3
@@ -79,6 +79,8 @@ def tp_case(name, config, world, group):
         check_close(f"TP {name} step {step} loss", loss, loss_ref)
         loss_ref.backward()
         loss.backward()
+        norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        check_close(f"TP {name} step {step} grad norm", clip_grad_norm_(model, 0.05), norm_ref)
         if step == 0:
             grads = gather_full({n: p.grad for n, p in model.named_parameters()}, model.tp_plan, group)
             for n, p in ref.named_parameters():
