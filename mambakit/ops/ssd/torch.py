@@ -100,6 +100,33 @@ def _chunk_scan(
     if seq_idx is not None:
         chunk_decay = chunk_decay * (doc[..., -1] == doc_in).to(x.dtype)[..., None]
     state = h0 if h0 is not None else x.new_zeros(b, h, p, n)
+    decay_in = torch.exp2(acs)  # (b, c, Q, h)
+    if seq_idx is not None:
+        decay_in = decay_in * (doc == doc_in[..., None]).to(x.dtype)[..., None]
+
+    def read_out(Cc: torch.Tensor, ent: torch.Tensor) -> torch.Tensor:
+        """Cc (b, k, g, Q, n), entering states ent (b, k, h, p, n) -> (b, k, Q, h, p)."""
+        k = Cc.shape[1]
+        out = Cc @ ent.reshape(b, k, g, r * p, n).transpose(-1, -2)  # (b, k, g, Q, r * p)
+        return out.view(b, k, g, Q, r, p).transpose(2, 3).reshape(b, k, Q, h, p)
+
+    if not grad and chunk_init is None:
+        # Forward only: the state after each chunk overwrites `states` in place and the readout of
+        # chunks 1.. reads it shifted by one, so the (b, c, h, p, n) stack of entering states (a fresh
+        # 12.6 MB per mamba2-130m layer at seqlen 1024) is never built.
+        h_first = state
+        for ci in range(c):
+            state = states[:, ci].addcmul_(chunk_decay[:, ci, :, None, None], state)
+        # 4. (as below) off-diagonal blocks: chunk 0 reads h0, chunk ci >= 1 the state after ci - 1
+        y = torch.empty(b, c, Q, h, p, dtype=x.dtype, device=x.device)
+        y_diag_t = y_diag.transpose(2, 3)
+        y_first = read_out(Cg[:, :1], h_first[:, None])
+        torch.addcmul(y_diag_t[:, :1], y_first, decay_in[:, :1, ..., None], out=y[:, :1])
+        if c > 1:
+            y_rest = read_out(Cg[:, 1:], states[:, :-1])
+            torch.addcmul(y_diag_t[:, 1:], y_rest, decay_in[:, 1:, ..., None], out=y[:, 1:])
+        return y.reshape(b, L, h, p), states[:, save_after]
+
     entering, saved, save = [], [], set(save_after)
     for ci in range(c):
         if chunk_init is not None and chunk_init[1][ci] >= 0:
@@ -111,12 +138,7 @@ def _chunk_scan(
     entering = torch.stack(entering, dim=1)  # (b, c, h, p, n)
 
     # 4. off-diagonal blocks: the entering state read out by C, decayed to each position
-    decay_in = torch.exp2(acs)  # (b, c, Q, h)
-    if seq_idx is not None:
-        decay_in = decay_in * (doc == doc_in[..., None]).to(x.dtype)[..., None]
-    y_off = Cg @ entering.view(b, c, g, r * p, n).transpose(-1, -2)  # (b, c, g, Q, r * p)
-    y_off = y_off.view(b, c, g, Q, r, p).transpose(2, 3).reshape(b, c, Q, h, p)
-    y = torch.addcmul(y_diag.transpose(2, 3), y_off, decay_in[..., None])
+    y = torch.addcmul(y_diag.transpose(2, 3), read_out(Cg, entering), decay_in[..., None])
     return y.reshape(b, L, h, p), torch.stack(saved, dim=1)
 
 
