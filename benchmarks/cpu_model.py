@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, write_json  # noqa: E402
 from mambakit.models.lm import LanguageModel  # noqa: E402
 from mambakit.models.presets import preset  # noqa: E402
+
+from _common import environment, write_json  # noqa: E402
 
 
 def _time(fn, repeats: int, warmup: int = 1) -> float:

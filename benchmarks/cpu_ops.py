@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, print_table, time_ms, write_json  # noqa: E402
-
 from mambakit import ops  # noqa: E402
+
+from _common import environment, print_table, time_ms, write_json  # noqa: E402
 
 
 def _randn(*shape: int, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:

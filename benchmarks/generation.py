@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, print_table, write_json  # noqa: E402
-
 from mambakit.inference.generate import generate, prefill  # noqa: E402
 from mambakit.models.config import AttentionConfig, MLPConfig, ModelConfig  # noqa: E402
 from mambakit.models.lm import LanguageModel  # noqa: E402
 from mambakit.models.presets import preset  # noqa: E402
+
+from _common import environment, print_table, write_json  # noqa: E402
 
 OFFICIAL = {  # H100, state-spaces/mamba README / paper
     ("mamba1-1.4b", 1): {"ms_per_token": 2.28},

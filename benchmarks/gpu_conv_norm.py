@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, print_table, write_json  # noqa: E402
-
 from mambakit.ops import add_rms_norm, causal_conv1d, gated_rms_norm, rms_norm  # noqa: E402
+
+from _common import environment, print_table, write_json  # noqa: E402
 
 DEV = "cuda"
 PEAK_GBS = 3000.0

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, print_table, write_json  # noqa: E402
-
 from mambakit.models.lm import LanguageModel  # noqa: E402
 from mambakit.models.presets import preset  # noqa: E402
 from mambakit.training.optim import param_groups  # noqa: E402
+
+from _common import environment, print_table, write_json  # noqa: E402
 
 
 def bench(name: str, batch: int, seqlen: int, steps: int, warmup: int) -> dict:

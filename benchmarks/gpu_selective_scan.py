@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, print_table, write_json  # noqa: E402
-
 from mambakit.ops.selective_scan import selective_scan  # noqa: E402
+
+from _common import environment, print_table, write_json  # noqa: E402
 
 DEV = "cuda"
 ANCHOR = dict(batch=4, dim=4096, dstate=16, ngroups=1)

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, print_table, write_json  # noqa: E402
-
 from mambakit.ops.ssd import ssd  # noqa: E402
+
+from _common import environment, print_table, write_json  # noqa: E402
 
 DEV = "cuda"
 ANCHOR = dict(batch=4, nheads=64, headdim=64, ngroups=1, dstate=128, chunk=256)
