@@ -125,6 +125,8 @@ _FORWARDS = {Mamba2: _mamba2_forward, Mamba1: _mamba1_forward, Attention: _atten
 def parallelize_context(model: nn.Module, group: ProcessGroup) -> nn.Module:
     """Make every mixer of `model` (a built `LanguageModel`) run on sequence slices split over `group`,
     in place. Call the model with this rank's slice of input_ids (batch, seqlen / world) and seq_idx."""
+    if getattr(model, "cp_group", None) is not None:
+        raise ValueError("model is already context-parallel (parallelize_context was applied to it)")
     for block in model.backbone.layers:
         mixer = block.mixer
         if isinstance(mixer, MLP):

@@ -151,6 +151,8 @@ def parallelize_tensor(model: nn.Module, group: ProcessGroup) -> nn.Module:
     """Shard every mixer of `model` (a built `LanguageModel`, same weights on every rank) over the ranks
     of `group` (for a DeviceMesh: `mesh.get_group("tp")`), in place. Returns the model, with
     `model.tp_plan` ({parameter name: ShardSpec}) and `model.tp_group` set."""
+    if getattr(model, "tp_plan", None) is not None:
+        raise ValueError("model is already tensor-parallel (parallelize_tensor was applied to it)")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     plan: dict[str, ShardSpec] = {}
     for i, block in enumerate(model.backbone.layers):

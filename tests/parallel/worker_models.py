@@ -115,6 +115,9 @@ def error_cases(rank, world, group):
     cu = torch.tensor([0, 2, 4])
     _expect(ValueError, "cu_seqlens", lambda: model(ids, cu_seqlens=cu))
     _expect(ValueError, "seqlen >= width - 1", lambda: model(ids[:, :2]))
+    _expect(ValueError, "already context-parallel", lambda: parallelize_context(model, group))
+    tp = parallelize_tensor(LanguageModel(configs(world)["mamba2"]), group)
+    _expect(ValueError, "already tensor-parallel", lambda: parallelize_tensor(tp, group))
 
 
 def _expect(kind, text, fn):
