@@ -60,7 +60,7 @@ def _chunk_scan(
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     c, Q, r = L // chunk, chunk, h // g
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, delta, A, B, C))
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, delta, A, B, C, h0))
     # time-major layouts (b, c, Q, ...) as the inputs come, so the big matmuls need no copies.
     # acs is kept in base 2 (delta * A * log2(e)) so that every decay is an exp2: PyTorch's CPU exp2
     # is several times faster than exp on float32 (same values up to rounding).
