@@ -29,6 +29,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from mambakit.ops.selective_scan.reference import accumulation_dtype, discretize_dt
 from mambakit.ops.selective_scan.reference import selective_state_update_impl as _reference_update
@@ -149,6 +150,7 @@ class _ScanFunction(torch.autograd.Function):
         return y, h
 
     @staticmethod
+    @once_differentiable  # the backward is not itself recorded: a double backward raises clearly
     def backward(ctx, gy, gh):
         delta, x, A2, B, C, *rest = ctx.saved_tensors
         reset = rest.pop() if ctx.has_reset else None
