@@ -23,6 +23,11 @@ from mambakit.ops.ssd.triton.forward import acc_dtype, ssd_forward
 Tensor = torch.Tensor
 
 
+def _contiguous_like(t: Tensor) -> Tensor:
+    """The fakes' results: contiguous whatever the input's layout, as the real ops return them."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 @torch.library.custom_op("mambakit::ssd_fwd", mutates_args=(), device_types=None)
 def ssd_fwd_op(
     x: Tensor,
@@ -44,7 +49,9 @@ def ssd_fwd_op(
     y, y_pre, final, states, delta, cs = ssd_forward(
         x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, (dt_min, dt_max), initial_state, seq_idx
     )
-    return y, (x.new_empty(0) if y_pre is None else y_pre), final, states, delta, cs
+    # the fake declares contiguous results: every real one is made so (a no-op where it already is)
+    outs = (y, (x.new_empty(0) if y_pre is None else y_pre), final, states, delta, cs)
+    return tuple(t.contiguous() for t in outs)
 
 
 @ssd_fwd_op.register_fake
@@ -54,8 +61,8 @@ def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, in
     nchunks = math.ceil(seqlen / chunk_size)
     acc = acc_dtype(x)
     return (
-        torch.empty_like(x),
-        torch.empty_like(x) if z is not None else x.new_empty(0),
+        _contiguous_like(x),
+        _contiguous_like(x) if z is not None else x.new_empty(0),
         x.new_empty(batch, nheads, headdim, dstate, dtype=acc),
         x.new_empty(batch, nchunks, nheads, headdim, dstate, dtype=acc),
         x.new_empty(batch, nheads, seqlen, dtype=acc),
@@ -92,19 +99,20 @@ def ssd_bwd_op(
         dy, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, (dt_min, dt_max),
         has_initial_state, seq_idx, y_pre, final, states, delta, cs,
     )  # fmt: skip
-    return tuple(x.new_empty(0) if g is None else g for g in grads)
+    # contiguous, as the fake declares: ddt comes out of the glue as a transposed (batch, nheads,
+    # seqlen) buffer, which torch.compile's stride assertions rejected on the H100
+    return tuple(x.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 
 @ssd_bwd_op.register_fake
 def _(dy, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max,
       has_initial_state, seq_idx, y_pre, final, states, delta, cs):  # fmt: skip
     def like(t):
-        return x.new_empty(0) if t is None else torch.empty_like(t)
+        return x.new_empty(0) if t is None else _contiguous_like(t)
 
     return (
-        torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A), torch.empty_like(B),
-        torch.empty_like(C), like(D), like(z), like(dt_bias),
-        torch.empty_like(final) if has_initial_state else x.new_empty(0),
+        like(x), like(dt), like(A), like(B), like(C), like(D), like(z), like(dt_bias),
+        like(final) if has_initial_state else x.new_empty(0),
     )  # fmt: skip
 
 

@@ -105,7 +105,7 @@ def ssd_state_update_op(
 
 @ssd_state_update_op.register_fake
 def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max):
-    return torch.empty_like(x)
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous, as the real op's
 
 
 def ssd_state_update_triton(
