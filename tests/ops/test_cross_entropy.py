@@ -1,0 +1,263 @@
+"""Tests of linear_cross_entropy: the chunked backend against the full-logits reference (and both against
+F.cross_entropy on the full logits), loss and gradients of hidden and weight, over shapes where the
+number of tokens is not a multiple of the chunk, smaller than one chunk, a padded vocabulary, ignored
+targets (a whole chunk of them), fp32 and bf16 autocast; float64 gradcheck; argument errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mambakit.ops import linear_cross_entropy
+from mambakit.ops.cross_entropy import default_chunk_size
+
+IGNORE = -100
+
+# (tokens, d_model, padded vocab, vocab, chunk)
+SHAPES = [
+    (37, 16, 40, 33, 8),  # tokens not a multiple of the chunk, padded vocab
+    (5, 8, 24, 24, 16),  # fewer tokens than one chunk
+    (64, 12, 72, 65, 16),  # a multiple of the chunk
+    (1, 4, 3, 3, 1),  # one token, one-token chunks
+    (50, 24, 136, 130, 7),  # odd chunk
+]
+
+
+def rand(shape, seed, dtype=torch.float32, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=g)).to(dtype)
+
+
+def make(n, d, padded, vocab, seed=0, ignore_every=5, ignored_span=None):
+    """hidden (n, d), weight (padded, d), targets (n,) with every `ignore_every`-th target and the
+    rows of `ignored_span` (start, stop) ignored."""
+    hidden = rand((n, d), seed)
+    weight = rand((padded, d), seed + 1, scale=d**-0.5 * 2)
+    g = torch.Generator().manual_seed(seed + 2)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    if ignore_every:
+        targets[ignore_every - 1 :: ignore_every] = IGNORE
+    if ignored_span is not None:
+        targets[slice(*ignored_span)] = IGNORE
+    return hidden, weight, targets
+
+
+def full_logits_loss(hidden, weight, targets, vocab, reduction="mean"):
+    """What the trainer computed before: F.cross_entropy on the whole float32 logits."""
+    logits = F.linear(hidden, weight)[..., :vocab].float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction=reduction)
+
+
+def loss_and_grads(fn, hidden, weight, targets, grad_seed=7, autocast=False):
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = fn(h, w, targets)
+    gy = rand(loss.shape, grad_seed) if loss.ndim else torch.tensor(1.7)
+    gh, gw = torch.autograd.grad(loss, (h, w), gy)
+    return loss.detach(), gh, gw
+
+
+def assert_close(got, want, rtol, name):
+    """Relative to the largest entry of `want` (gradients have entries near 0)."""
+    assert got.shape == want.shape and got.dtype == want.dtype, name
+    scale = want.abs().max().clamp(min=1e-30)
+    err = float((got.double() - want.double()).abs().max() / scale) if want.numel() else 0.0
+    assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:.0e}"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_chunked_matches_reference_fp32(shape, reduction):
+    n, d, padded, vocab, chunk = shape
+    inputs = make(n, d, padded, vocab, seed=n, ignored_span=(0, chunk) if n > chunk else None)
+
+    def chunked(h, w, t):
+        return linear_cross_entropy(h, w, t, vocab_size=vocab, reduction=reduction, chunk_size=chunk)
+
+    def ref(h, w, t):
+        return linear_cross_entropy(h, w, t, vocab_size=vocab, reduction=reduction, backend="reference")
+
+    def textbook(h, w, t):
+        return full_logits_loss(h, w, t, vocab, reduction)
+
+    got, want, torch_ce = (loss_and_grads(f, *inputs) for f in (chunked, ref, textbook))
+    for name, a, b in zip(("loss", "d hidden", "d weight"), got, want):
+        assert_close(a, b, 1e-5, f"chunked {name}")
+    for name, a, b in zip(("loss", "d hidden", "d weight"), want, torch_ce):
+        assert_close(a, b, 1e-5, f"reference vs F.cross_entropy {name}")
+    assert (got[2][vocab:] == 0).all(), "padded rows of the weight must get zero gradient"
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_chunked_matches_reference_bf16_autocast(shape):
+    n, d, padded, vocab, chunk = shape
+    inputs = make(n, d, padded, vocab, seed=n + 1)
+
+    def chunked(h, w, t):
+        return linear_cross_entropy(h, w, t, vocab_size=vocab, chunk_size=chunk)
+
+    def ref(h, w, t):
+        return full_logits_loss(h, w, t, vocab)
+
+    got = loss_and_grads(chunked, *inputs, autocast=True)
+    want = loss_and_grads(ref, *inputs, autocast=True)
+    assert got[0].dtype == torch.float32  # the loss is float32 under autocast, like the upcast logits'
+    assert got[1].dtype == got[2].dtype == torch.float32  # gradients in the parameters' dtype
+    for name, a, b in zip(("loss", "d hidden", "d weight"), got, want):
+        assert_close(a, b, 1e-2, f"bf16 {name}")
+
+
+def test_bf16_inputs_without_autocast():
+    """A model held in bfloat16: matmuls in bfloat16, softmax in float32, gradients in bfloat16."""
+    hidden, weight, targets = make(40, 16, 40, 36, seed=3)
+    hb, wb = hidden.bfloat16(), weight.bfloat16()
+    got = loss_and_grads(
+        lambda h, w, t: linear_cross_entropy(h, w, t, vocab_size=36, chunk_size=16), hb, wb, targets
+    )
+    want = loss_and_grads(lambda h, w, t: full_logits_loss(h, w, t, 36), hb, wb, targets)
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.bfloat16
+    for name, a, b in zip(("loss", "d hidden", "d weight"), got, want):
+        assert_close(a.float(), b.float(), 1e-2, f"bf16 weights {name}")
+
+
+def test_leading_dims_and_default_chunk():
+    hidden, weight, targets = make(24, 8, 20, 20, seed=4)
+    h3, t3 = hidden.reshape(2, 12, 8), targets.reshape(2, 12)
+    flat = linear_cross_entropy(hidden, weight, targets)
+    assert torch.allclose(linear_cross_entropy(h3, weight, t3), flat)
+    per_token = linear_cross_entropy(h3, weight, t3, reduction="none")
+    assert per_token.shape == (2, 12)
+    assert torch.allclose(
+        per_token.flatten(), linear_cross_entropy(hidden, weight, targets, reduction="none")
+    )
+    assert default_chunk_size(50280) == 2048 and default_chunk_size(257) == 2**18
+    assert default_chunk_size(10**9) == 256
+
+
+def test_all_ignored_like_f_cross_entropy():
+    """All targets ignored: mean is NaN (0 / 0) and gradients are zero, as F.cross_entropy gives."""
+    hidden, weight, _ = make(10, 8, 12, 12, seed=5)
+    targets = torch.full((10,), IGNORE)
+    got = loss_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=4), hidden, weight, targets)
+    want = loss_and_grads(lambda h, w, t: full_logits_loss(h, w, t, 12), hidden, weight, targets)
+    assert got[0].isnan() and want[0].isnan()
+    assert (got[1] == 0).all() and (got[2] == 0).all() and (want[1] == 0).all()
+    total = linear_cross_entropy(hidden, weight, targets, reduction="sum")
+    assert total == 0
+
+
+def test_grad_of_one_input_only():
+    hidden, weight, targets = make(9, 4, 6, 6, seed=6)
+    h = hidden.clone().requires_grad_()
+    linear_cross_entropy(h, weight, targets, chunk_size=4).backward()
+    w = weight.clone().requires_grad_()
+    linear_cross_entropy(hidden, w, targets, chunk_size=4).backward()
+    _, gh, gw = loss_and_grads(lambda a, b, t: full_logits_loss(a, b, t, 6), hidden, weight, targets)
+    assert_close(h.grad, gh / 1.7, 1e-5, "d hidden alone")
+    assert_close(w.grad, gw / 1.7, 1e-5, "d weight alone")
+
+
+def test_no_grad_forward():
+    hidden, weight, targets = make(9, 4, 6, 5, seed=8)
+    with torch.no_grad():
+        got = linear_cross_entropy(hidden.requires_grad_(), weight, targets, vocab_size=5, chunk_size=2)
+    assert got.grad_fn is None
+    assert torch.allclose(got, full_logits_loss(hidden, weight, targets, 5).detach())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_float64(reduction):
+    hidden, weight, targets = make(7, 3, 6, 5, seed=9, ignore_every=3)
+    h = hidden.double().requires_grad_()
+    w = weight.double().requires_grad_()
+
+    def fn(h, w):
+        return linear_cross_entropy(h, w, targets, vocab_size=5, reduction=reduction, chunk_size=3)
+
+    assert torch.autograd.gradcheck(fn, (h, w))
+
+
+@given(
+    n=st.integers(1, 40),
+    d=st.integers(1, 12),
+    vocab=st.integers(1, 30),
+    pad=st.integers(0, 6),
+    chunk=st.integers(1, 48),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes(n, d, vocab, pad, chunk, seed):
+    hidden, weight, targets = make(n, d, vocab + pad, vocab, seed=seed, ignore_every=4)
+    got = loss_and_grads(
+        lambda h, w, t: linear_cross_entropy(h, w, t, vocab_size=vocab, reduction="sum", chunk_size=chunk),
+        hidden,
+        weight,
+        targets,
+    )
+    want = loss_and_grads(lambda h, w, t: full_logits_loss(h, w, t, vocab, "sum"), hidden, weight, targets)
+    for name, a, b in zip(("loss", "d hidden", "d weight"), got, want):
+        assert_close(a, b, 1e-5, name)
+
+
+def test_env_backend(monkeypatch):
+    """MAMBAKIT_BACKEND reaches the op; 'triton' means the chunked backend (the op's GPU path)."""
+    import mambakit.ops.cross_entropy.reference as ref
+    import mambakit.ops.cross_entropy.torch as tor
+
+    calls = []
+    for name, mod in (("reference", ref), ("torch", tor)):
+        real = mod.linear_cross_entropy_impl
+        monkeypatch.setattr(
+            mod, "linear_cross_entropy_impl", lambda *a, n=name, f=real: calls.append(n) or f(*a)
+        )
+    hidden, weight, targets = make(4, 3, 5, 5)
+    for env in ("auto", "reference", "triton"):
+        monkeypatch.setenv("MAMBAKIT_BACKEND", env)
+        linear_cross_entropy(hidden, weight, targets)
+    linear_cross_entropy(hidden, weight, targets, backend="torch")
+    assert calls == ["torch", "reference", "torch", "torch"]
+    with pytest.raises(ValueError, match="backend='triton'.*implements only"):
+        linear_cross_entropy(hidden, weight, targets, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"hidden": [1.0]}, TypeError, "hidden must be a torch.Tensor"),
+        ({"hidden": torch.randn(4)}, ValueError, r"hidden must have shape \(N, d_model\)"),
+        ({"hidden": torch.ones(4, 3, dtype=torch.long)}, TypeError, "hidden must have dtype"),
+        ({"weight": torch.randn(5, 2)}, ValueError, r"weight must have shape \(\*, 3\)"),
+        ({"weight": torch.randn(5, 3).double()}, TypeError, "hidden .* and weight .* same dtype"),
+        ({"targets": torch.zeros(3, dtype=torch.long)}, ValueError, r"targets must have shape \(4\)"),
+        ({"targets": torch.zeros(4)}, TypeError, "targets must have dtype"),
+        (
+            {"targets": torch.tensor([0, 1, 5, 2])},
+            ValueError,
+            r"targets must lie in \[0, vocab_size=5\).*got 5",
+        ),
+        ({"targets": torch.tensor([0, -1, 1, 2])}, ValueError, "targets must lie in"),
+        ({"vocab_size": 6}, ValueError, r"vocab_size must be an int in \[1, weight.shape\[0\]=5\]"),
+        ({"vocab_size": 0}, ValueError, "vocab_size must be"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+        ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
+        ({"backend": "cuda"}, ValueError, "argument backend='cuda'"),
+    ],
+)
+def test_argument_errors(kwargs, error, match):
+    args = {
+        "hidden": torch.randn(4, 3),
+        "weight": torch.randn(5, 3),
+        "targets": torch.tensor([0, 1, IGNORE, 4]),
+    }
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        linear_cross_entropy(**args)
+
+
+def test_target_beyond_vocab_size_is_an_error():
+    """A target that is a padded row of the weight is not a class."""
+    with pytest.raises(ValueError, match=r"vocab_size=3"):
+        linear_cross_entropy(torch.randn(2, 3), torch.randn(5, 3), torch.tensor([0, 3]), vocab_size=3)
