@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mambakit.ops.selective_scan.triton.seq_fwd import selective_scan_fwd_seq_kernel
+
 
 @triton.jit
 def _linear_combine(a1, b1, a2, b2):
@@ -300,6 +302,22 @@ def chunk_start_states(
     return starts
 
 
+def kernel_choice() -> str:
+    """"seq" (step loop, `seq_fwd.py`) or "tile" (tile scan, this file); MAMBAKIT_SCAN_KERNEL overrides."""
+    return os.environ.get("MAMBAKIT_SCAN_KERNEL", "tile")
+
+
+def seq_config(dim_per_group: int) -> tuple[int, int, int]:
+    """(BLOCK_D, num_warps, num_stages) of the step-loop kernel; MAMBAKIT_SCAN_SEQ_CONFIG overrides."""
+    env = os.environ.get("MAMBAKIT_SCAN_SEQ_CONFIG")
+    if env:
+        bd, nw, ns = (int(v) for v in env.split(","))
+        return bd, nw, ns
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return 16, 1, 1
+    return min(32, triton.next_power_of_2(dim_per_group)), 4, 3
+
+
 def _launch(
     x, dt, A, B, C, D, z, dt_bias, seq_idx, y, dt_softplus, acc, nchunks, chunk_len,
     block_l, block_d, num_warps, h0, hT, decays, write_y,
@@ -308,9 +326,13 @@ def _launch(
     dstate = A.shape[1]
     ngroups = B.shape[2]
     dim_per_group = dim // ngroups
+    seq = kernel_choice() == "seq"
+    stages = 1
+    if seq:
+        block_d, num_warps, stages = seq_config(dim_per_group)
     grid = (batch * ngroups, triton.cdiv(dim_per_group, block_d), nchunks)
     si = seq_idx if seq_idx is not None else x  # a placeholder pointer; never read without HAS_SEQ_IDX
-    _selective_scan_fwd_kernel[grid](
+    args = (
         x, dt, A, B, C, D if D is not None else x, z if z is not None else x,
         dt_bias if dt_bias is not None else x, h0 if h0 is not None else hT, si,
         y, hT, decays if decays is not None else hT,
@@ -320,9 +342,14 @@ def _launch(
         z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
         y.stride(0), y.stride(1),
         si.stride(0) if seq_idx is not None else 0, si.stride(1) if seq_idx is not None else 0,
+    )  # fmt: skip
+    flags = dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, HAS_H0=h0 is not None,
         HAS_SEQ_IDX=seq_idx is not None, DT_SOFTPLUS=bool(dt_softplus), ACC=acc,
         WRITE_Y=write_y, WRITE_DECAY=decays is not None,
-        BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(dstate),
-        num_warps=num_warps,
+        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(dstate), num_warps=num_warps,
     )  # fmt: skip
+    if seq:
+        selective_scan_fwd_seq_kernel[grid](*args, **flags, NUM_STAGES=stages)
+    else:
+        _selective_scan_fwd_kernel[grid](*args, **flags, BLOCK_L=block_l)

@@ -55,6 +55,10 @@ def _chunk_configs(configs, named_args, **kwargs):
     ones for fp32/fp64, whose exact products run on CUDA cores and need more registers and shared memory."""
     wide = named_args["x_ptr"].element_size() <= 2
     keep = [c for c in configs if (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] >= 2048) == wide]
+    # Tiles taller than the chunk only compute masked rows.
+    rows = pow2_at_least(named_args["chunk_size"])
+    fits = [c for c in keep if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_K"] <= rows]
+    keep = fits or sorted(keep, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"])[:1]
     if named_args["tune_bucket"] == 0:  # small problem: the first (default) config, no tuning run
         return keep[:1] or configs[:1]
     return keep or configs
@@ -80,9 +84,11 @@ def chunk_tuned(fn=None, *, reset_to_zero: tuple[str, ...] = ()):
     # the first of each list is the untuned default: fewest register spills across these kernels on sm_90
     wide = [(64, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)]
     narrow = [(32, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 2)]
-    configs = [
-        triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, k, w, s in wide + narrow
-    ]
+    tiles = wide + narrow
+    env = os.environ.get("MAMBAKIT_SSD_CHUNK_CONFIG")
+    if env:  # one fixed "BLOCK_M,BLOCK_K,num_warps,num_stages" for every per-chunk kernel (tuning, debugging)
+        tiles = [tuple(int(v) for v in env.split(","))]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, k, w, s in tiles]
     return triton.autotune(
         configs=configs,
         key=["nheads", "headdim", "dstate", "chunk_size", "heads_per_group", "tune_bucket"],
