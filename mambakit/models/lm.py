@@ -151,12 +151,15 @@ class LanguageModel(nn.Module):
             )
         return input_ids
 
-    def _logits(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         norm_f = self.backbone.norm_f
         hidden, _ = ops.add_rms_norm(
             hidden, residual, norm_f.weight, norm_f.eps, self.config.residual_in_fp32
         )
-        return self.lm_head(hidden)[..., : self.config.vocab_size]
+        return hidden
+
+    def _logits(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        return self.lm_head(self._final_norm(hidden, residual))[..., : self.config.vocab_size]
 
     def forward(
         self,
@@ -164,12 +167,15 @@ class LanguageModel(nn.Module):
         seq_idx: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         cache: InferenceCache | None = None,
+        return_hidden_states: bool = False,
     ) -> torch.Tensor:
         """input_ids (batch, seqlen) integer -> logits (batch, seqlen, vocab_size).
 
         seq_idx (batch, seqlen) or cu_seqlens (nseqs + 1,) mark packed documents. With `cache`
         (from `allocate_inference_cache`) this is a prefill that fills every layer's state; a second
-        prefill continues where the first stopped.
+        prefill continues where the first stopped. With `return_hidden_states=True` the result is the
+        final-normed hidden states (batch, seqlen, d_model) instead, the LM head's input, for a loss that
+        applies the head itself (`ops.linear_cross_entropy(h, lm_head.weight, ..., vocab_size=...)`).
         """
         self._check_input_ids(input_ids, cache, step=False)
         hidden, residual = self.backbone.embedding(input_ids), None
@@ -178,6 +184,8 @@ class LanguageModel(nn.Module):
             hidden, residual = layer(hidden, residual, seq_idx=seq_idx, cu_seqlens=cu_seqlens, cache=state)
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
+        if return_hidden_states:
+            return self._final_norm(hidden, residual)
         return self._logits(hidden, residual)
 
     def step(self, input_ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:

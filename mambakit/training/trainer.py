@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -37,7 +36,8 @@ from mambakit.training import distributed as D
 from mambakit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from mambakit.training.checkpoint import rng_state as current_rng_state
 from mambakit.training.config import TrainConfig, dump_toml
-from mambakit.training.data import IGNORE_INDEX, PackedRows, StepSampler, shard_rows
+from mambakit.training.data import PackedRows, StepSampler, shard_rows
+from mambakit.training.loss import lm_loss
 from mambakit.training.metrics import MetricsLogger
 from mambakit.training.optim import build_optimizer, build_scheduler
 from mambakit.training.sample import sample
@@ -133,10 +133,7 @@ def evaluate(
     for part in shard_rows(all_rows, mb, info.rank, info.world_size):
         batch = rows.batch(part).to(info.device)
         with autocast:
-            logits = model(batch.input_ids, seq_idx=batch.seq_idx)
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+            loss = lm_loss(model, batch.input_ids, batch.targets, batch.seq_idx)
         total += torch.stack([loss.double(), torch.tensor(float(batch.num_targets), device=info.device)])
     model.train()
     total = D.all_reduce(total, info)
@@ -328,14 +325,8 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
             for i, part in enumerate(micro):
                 batch = train_rows.batch(part).to(info.device)
                 with D.grad_sync(model, i == len(micro) - 1):
-                    with autocast:
-                        logits = model(batch.input_ids, seq_idx=batch.seq_idx)
-                    loss = F.cross_entropy(
-                        logits.flatten(0, 1).float(),
-                        batch.targets.flatten(),
-                        ignore_index=IGNORE_INDEX,
-                        reduction="sum",
-                    )
+                    with autocast:  # summed cross-entropy, chunked: the logits never exist whole
+                        loss = lm_loss(model, batch.input_ids, batch.targets, batch.seq_idx)
                     # the wrappers average gradients over processes: scale by world_size to get the sum
                     (loss * (info.world_size / n_targets)).backward()
                 loss_sum += loss.detach()
