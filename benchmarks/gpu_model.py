@@ -1,9 +1,13 @@
 """GPU training throughput of whole models: tokens/s and peak memory of full training steps.
 
-Random weights in the preset shapes, bf16 autocast, AdamW (fused) with mambakit's parameter groups,
-cross-entropy over the whole vocabulary. Prints a table and writes JSON.
+Random weights in the preset shapes, bf16 autocast, AdamW (fused) with mambakit's parameter groups, and
+the trainer's loss (`mambakit.training.loss.lm_loss`: the LM head and cross-entropy chunked over tokens
+by `ops.linear_cross_entropy`, so the (tokens, vocab) logits never exist whole). `--full-logits-loss`
+takes the old path (whole logits upcast to float32, F.cross_entropy) for comparison. Prints a table and
+writes JSON.
 
     python benchmarks/gpu_model.py --out bench_out/gpu_model.json
+    python benchmarks/gpu_model.py --device cpu --models tiny-mamba2 --batch 2 --seqlen 64 --steps 1  # smoke
 """
 
 from __future__ import annotations
@@ -18,24 +22,35 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mambakit.models.lm import LanguageModel  # noqa: E402
 from mambakit.models.presets import preset  # noqa: E402
+from mambakit.training.loss import lm_loss  # noqa: E402
 from mambakit.training.optim import param_groups  # noqa: E402
 
 from _common import environment, print_table, write_json  # noqa: E402
 
 
-def bench(name: str, batch: int, seqlen: int, steps: int, warmup: int) -> dict:
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    model = LanguageModel(preset(name), device="cuda")
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=True)
+def bench(
+    name: str,
+    batch: int,
+    seqlen: int,
+    steps: int,
+    warmup: int,
+    device: str = "cuda",
+    full_logits: bool = False,
+) -> dict:
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model = LanguageModel(preset(name), device=device)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=cuda)
     vocab = model.config.vocab_size
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    batches = [torch.randint(0, vocab, (batch, seqlen + 1), device="cuda", generator=gen) for _ in range(2)]
+    gen = torch.Generator(device=device).manual_seed(0)
+    batches = [torch.randint(0, vocab, (batch, seqlen + 1), device=device, generator=gen) for _ in range(2)]
 
     def step(ids: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        with torch.autocast(device, dtype=torch.bfloat16):  # the trainer's loss path, mean over tokens
+            loss = lm_loss(model, ids[:, :-1], ids[:, 1:], reduction="mean", full_logits=full_logits)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -43,20 +58,21 @@ def bench(name: str, batch: int, seqlen: int, steps: int, warmup: int) -> dict:
 
     for i in range(warmup):
         step(batches[i % 2])
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for i in range(steps):
         loss = step(batches[i % 2])
-    torch.cuda.synchronize()
+    sync()
     seconds = (time.perf_counter() - t0) / steps
     return {
         "model": name,
+        "loss_path": "full-logits" if full_logits else "chunked",
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
         "batch": batch,
         "seqlen": seqlen,
         "step_ms": round(seconds * 1e3, 1),
         "tokens_per_s": round(batch * seqlen / seconds),
-        "peak_mem_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+        "peak_mem_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
         "loss_finite": bool(torch.isfinite(loss).item()),
     }
 
@@ -69,17 +85,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default="bench_out/gpu_model.json")
+    parser.add_argument(
+        "--full-logits-loss",
+        action="store_true",
+        help="the old loss: whole float32 logits and F.cross_entropy (default: chunked, as the trainer)",
+    )
+    parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/gpu_model.py needs a CUDA device")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu_model.py needs a CUDA device (or --device cpu for a smoke test)")
     rows = []
     for name in args.models:
         try:
-            rows.append(bench(name, args.batch, args.seqlen, args.steps, args.warmup))
+            rows.append(
+                bench(
+                    name, args.batch, args.seqlen, args.steps, args.warmup, args.device, args.full_logits_loss
+                )
+            )
         except Exception as exc:  # one failing model must not hide the others' numbers
             rows.append({"model": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
         print(rows[-1], flush=True)
-    headers = ["model", "params_M", "batch", "seqlen", "step_ms", "tokens_per_s", "peak_mem_GB", "error"]
+    headers = [
+        "model", "loss_path", "params_M", "batch", "seqlen", "step_ms", "tokens_per_s", "peak_mem_GB", "error"
+    ]  # fmt: skip
     print_table(headers, [[row.get(h) for h in headers] for row in rows])
     write_json(args.out, {"benchmark": "gpu_model", "environment": environment(), "results": rows})
 
