@@ -2,7 +2,7 @@
 
 By default the model returns its final-normed hidden states and `ops.linear_cross_entropy` applies the
 LM head and the cross-entropy over chunks of tokens, so the (tokens, vocab) logits never exist whole
-(in float32 they were 8 x 2048 x 50,280 x 4 B = 3.3 GB for the 130M presets at batch 8 x 2048).
+(in float32 they are 8 x 2048 x 50,277 x 4 B = 3.3 GB for the 130M presets at batch 8 x 2048).
 `full_logits=True` is the textbook path (logits, upcast to float32, F.cross_entropy), kept for comparison.
 """
 

@@ -32,7 +32,7 @@ def _impl(backend: str):
 
 def default_chunk_size(vocab_size: int) -> int:
     """Tokens a chunk when `chunk_size=None`: the largest power of two whose (chunk, vocab) float32
-    logits fit in 2**27 elements (512 MiB), at least 256. Vocabulary 50,280: 2048 tokens (412 MB);
+    logits fit in 2**27 elements (512 MiB), at least 256. Vocabulary 50,277: 2048 tokens (412 MB);
     a byte vocabulary (257): 262,144 tokens, i.e. usually one chunk."""
     rows = max(1, _CHUNK_ELEMENTS // max(1, vocab_size))
     return max(256, 1 << (rows.bit_length() - 1))
