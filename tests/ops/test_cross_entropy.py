@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mambakit.ops import linear_cross_entropy
 from mambakit.ops.cross_entropy import default_chunk_size
@@ -261,3 +262,39 @@ def test_target_beyond_vocab_size_is_an_error():
     """A target that is a padded row of the weight is not a class."""
     with pytest.raises(ValueError, match=r"vocab_size=3"):
         linear_cross_entropy(torch.randn(2, 3), torch.randn(5, 3), torch.tensor([0, 3]), vocab_size=3)
+
+
+class _LargestResult(TorchDispatchMode):
+    """Records the element count of the largest tensor any op returns (no memory measurement: shapes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_never_more_than_one_chunk_of_logits():
+    """Forward and backward of the chunked backend create no tensor larger than one chunk's logits (or
+    the weight), and save nothing of (tokens, vocab) size for the backward; the reference does both."""
+    n, d, vocab, chunk = 96, 4, 200, 16
+    hidden, weight, targets = make(n, d, vocab, vocab, seed=11)
+    for backend, want_small in (("torch", True), ("reference", False)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor, saved=saved) -> torch.Tensor:
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with _LargestResult() as mode:
+                linear_cross_entropy(h, w, targets, chunk_size=chunk, backend=backend).backward()
+        bound = max(chunk * vocab, vocab * d)
+        assert (mode.largest <= bound) == want_small, (backend, mode.largest, bound)
+        assert (max(saved) < n * vocab) == want_small, (backend, max(saved))
