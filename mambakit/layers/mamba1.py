@@ -20,7 +20,7 @@ from torch import nn
 from mambakit import ops
 from mambakit.inference.cache import MambaState
 from mambakit.layers.packing import check_hidden, check_state_batch, resolve_seq_idx
-from mambakit.layers.ssm_init import dt_bias_init, no_reinit, no_weight_decay, state_dtype
+from mambakit.layers.ssm_init import decay_rates, dt_bias_init, no_reinit, no_weight_decay, state_dtype
 
 
 class Mamba1(nn.Module):
@@ -127,7 +127,7 @@ class Mamba1(nn.Module):
         x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)
         x = ops.causal_conv1d_update(x, cache.conv_state, self._conv_weight(), self.conv1d.bias, "silu")
         dt, B, C = self._ssm_inputs(x)
-        A = -torch.exp(self.A_log.to(state_dtype(self.A_log.dtype)))
+        A = decay_rates(self)  # cached between tokens while A_log is unchanged
         y = ops.selective_state_update(cache.ssm_state, x, dt, A, B, C, self.D, z, self.dt_proj.bias, True)
         cache.seqlen_offset += 1
         return self.out_proj(y).unsqueeze(1)

@@ -20,7 +20,7 @@ from mambakit import ops
 from mambakit.inference.cache import MambaState
 from mambakit.layers.norm import GatedRMSNorm
 from mambakit.layers.packing import check_hidden, check_state_batch, cu_seqlens_as_seq_idx
-from mambakit.layers.ssm_init import dt_bias_init, no_weight_decay, state_dtype
+from mambakit.layers.ssm_init import decay_rates, dt_bias_init, no_weight_decay, state_dtype
 
 
 class Mamba2(nn.Module):
@@ -161,7 +161,7 @@ class Mamba2(nn.Module):
         )
         xBC = ops.causal_conv1d_update(xBC, cache.conv_state, self._conv_weight(), self.conv1d.bias, "silu")
         x, B, C = self._split_xbc(xBC)
-        A = -torch.exp(self.A_log.to(state_dtype(self.A_log.dtype)))
+        A = decay_rates(self)  # cached between tokens while A_log is unchanged
         y = ops.ssd_state_update(
             cache.ssm_state, x, dt, A, B, C, self.D, None, self.dt_bias, True, self.dt_limit
         )

@@ -19,6 +19,17 @@ def _recording(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+# Below this many elements (a decoding step's (batch, 1, dim)) a norm is bound by per-op overhead, and
+# `F.rms_norm` (one call) beat the ops below: add+norm at (1, 768) 10 vs 16 us, gated at (1, 1536)
+# 12 vs 22 us; at (1, 1024, 768) it was slower (2.5 vs 1.9 ms), so large inputs keep the in-place path.
+_SMALL = 32768
+
+
+def _small_rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of a small float32/64 `h` over its last axis in one call (same formula)."""
+    return F.rms_norm(h, (h.shape[-1],), weight.to(h.dtype), eps)
+
+
 def _inv_rms(h: torch.Tensor, eps: float) -> torch.Tensor:
     """1 / sqrt(mean(h^2) + eps) over the last axis, (..., 1); autograd off only (in-place on a
     norm's output)."""
@@ -32,6 +43,8 @@ def rms_norm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
         return reference.rms_norm_impl(x, weight, eps)
     acc = reference.compute_dtype(x, weight)
     h = x.to(acc)
+    if h.numel() <= _SMALL:
+        return _small_rms_norm(h, weight, eps).to(x.dtype)
     return (h * _inv_rms(h, eps)).mul_(weight.to(acc)).to(x.dtype)
 
 
@@ -50,6 +63,9 @@ def gated_rms_norm_impl(
     h, gate = x.to(acc), F.silu(z.to(acc))
     if not norm_before_gate:
         h = h * gate
+    if h.numel() <= _SMALL and group_size == h.shape[-1]:
+        out = _small_rms_norm(h, weight, eps)
+        return (out.mul_(gate) if norm_before_gate else out).to(x.dtype)
     groups = h.unflatten(-1, (-1, group_size))  # (..., ngroups, group_size)
     out = (groups * _inv_rms(groups, eps)).flatten(-2).mul_(weight.to(acc))
     if norm_before_gate:
@@ -70,5 +86,8 @@ def add_rms_norm_impl(
         return reference.add_rms_norm_impl(x, residual, weight, eps, residual_in_fp32)
     acc = reference.compute_dtype(x, residual, weight)
     total = x.to(acc) if residual is None else x.to(acc) + residual.to(acc)
+    if total.numel() <= _SMALL:
+        normed = _small_rms_norm(total, weight, eps).to(x.dtype)
+        return normed, total.to(reference.residual_dtype(x.dtype, residual_in_fp32))
     normed = (total * _inv_rms(total, eps)).mul_(weight.to(acc)).to(x.dtype)
     return normed, total.to(reference.residual_dtype(x.dtype, residual_in_fp32))

@@ -24,7 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mambakit.ops.ssd.reference import compute_dtype, gate, process_dt, skip, ssd_state_update_impl
+from mambakit.ops.ssd import reference
+from mambakit.ops.ssd.reference import compute_dtype, gate, process_dt, skip
 
 __all__ = ["ssd_impl", "ssd_state_update_impl"]
 
@@ -189,6 +190,51 @@ def _scan_varlen(x, delta, A, B, C, chunk, h0, cu_seqlens):
     xp, deltap, Bp, Cp = spread(x), spread(delta), spread(B), spread(C)
     y, finals = _chunk_scan(xp, deltap, A, Bp, Cp, chunk, None, None, (h0, starts_in_chunk), last_chunk)
     return y[:, dst], finals[0]
+
+
+def ssd_state_update_impl(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+    dt_limit: tuple[float, float],
+) -> torch.Tensor:
+    """One step of the recurrence; writes the new state into `state` (batch, nheads, headdim, dstate).
+
+    x, z (batch, nheads, headdim); dt (batch, nheads); B, C (batch, ngroups, dstate).
+    Returns y (batch, nheads, headdim) in x's dtype. The reference's step with fewer, in-place ops:
+    the state is viewed as (batch, ngroups, heads_per_group * headdim, dstate) so that each group's
+    B and C broadcast over its heads (no `repeat_interleave` copies, no einsum permutes), decayed and
+    fed in place, and read out by one batched matmul.
+    """
+    dtype = compute_dtype(x)
+    if (
+        state.dtype != dtype
+        or not state.is_contiguous()
+        or (
+            torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (state, x, dt, A, B, C, D, z, dt_bias))
+        )
+    ):  # in-place updates would overwrite what autograd saves; mixed state dtypes are rare
+        return reference.ssd_state_update_impl(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
+    batch, nheads, headdim, dstate = state.shape
+    ngroups = B.shape[1]
+    delta = process_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)  # (batch, nheads)
+    xs = x.to(dtype)
+    state.mul_(torch.exp(delta * A.to(dtype))[:, :, None, None])
+    hg = state.view(batch, ngroups, -1, dstate)  # (batch, ngroups, heads_per_group * headdim, dstate)
+    hg.addcmul_((xs * delta[..., None]).view(batch, ngroups, -1, 1), B.to(dtype)[:, :, None, :])
+    y = torch.matmul(hg, C.to(dtype)[:, :, :, None]).view(batch, nheads, headdim)
+    if D is not None:
+        D = D.to(dtype)
+        y = y.addcmul_(xs, D[:, None] if D.ndim == 1 else D)
+    return gate(y, z).to(x.dtype)
 
 
 def ssd_impl(
