@@ -53,15 +53,20 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def variants(kind: str) -> list[tuple[str, dict]]:
     out = [("tile default", {"MAMBAKIT_SCAN_KERNEL": "tile"})]
-    seq = [(32, 4, 3), (32, 4, 1), (64, 4, 3), (16, 2, 3), (64, 8, 3), (32, 4, 4), (128, 4, 3), (16, 4, 3)]
+    seq = [(128, 4, 1), (64, 2, 1), (32, 1, 1), (128, 4, 2), (256, 8, 1)]
     if kind == "bwd":
         seq = [(32, 4, 2), (32, 4, 1), (16, 2, 2), (64, 4, 2), (16, 4, 2), (64, 8, 2)]
     for cfg in seq:
         env = {"MAMBAKIT_SCAN_KERNEL": "seq", "MAMBAKIT_SCAN_SEQ_CONFIG": ",".join(map(str, cfg))}
         out.append((f"seq {cfg}", env))
-    for chunks in (2, 4):
-        env = {"MAMBAKIT_SCAN_KERNEL": "seq", "MAMBAKIT_SCAN_SEQ_CHUNKS": str(chunks)}
-        out.append((f"seq default, {chunks} seq chunks", env))
+    for chunks in (1, 2, 8, 16):
+        for cfg in ((128, 4, 1), (64, 2, 1)):
+            env = {
+                "MAMBAKIT_SCAN_KERNEL": "seq",
+                "MAMBAKIT_SCAN_SEQ_CONFIG": ",".join(map(str, cfg)),
+                "MAMBAKIT_SCAN_SEQ_CHUNKS": str(chunks),
+            }
+            out.append((f"seq {cfg}, {chunks} seq chunks", env))
     return out
 
 

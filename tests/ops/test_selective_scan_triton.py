@@ -262,6 +262,28 @@ def test_tile_configurations(config, seq_chunks):
         assert_close_rel(a, b, 2e-4, f"d{name}")
 
 
+@pytest.mark.parametrize(
+    "kernel,seq_config,seq_chunks",
+    [("tile", None, 1), ("tile", None, 3), ("seq", "16,1,1", 1), ("seq", "32,1,2", 4), ("seq", "64,2,1", 3)],
+)
+@pytest.mark.parametrize("case", FWD_CASES[1:])
+def test_forward_kernels_match_reference(monkeypatch, kernel, seq_config, seq_chunks, case):
+    """Both forward kernels (the step loop, default on GPUs, and the tile scan), with sequence chunks and
+    channel blocks wider than dim, on the forward cases: resets, groups, initial states, no D/z/bias."""
+    from mambakit.ops.selective_scan.triton.scan_fwd import selective_scan_fwd
+
+    monkeypatch.setenv("MAMBAKIT_SCAN_KERNEL", kernel)
+    if seq_config:
+        monkeypatch.setenv("MAMBAKIT_SCAN_SEQ_CONFIG", seq_config)
+    batch, seqlen, dim, dstate, ngroups, opts = case
+    inputs = make_inputs(batch, seqlen, dim, dstate, ngroups, seed=seqlen + seq_chunks, **opts)
+    names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus", "initial_state", "seq_idx")
+    y, final = selective_scan_fwd(*[inputs[k] for k in names], seq_chunks=seq_chunks)
+    y_ref, final_ref, _ = run(inputs, "reference", upcast=True)
+    assert_close_rel(y, y_ref, 1e-4, "y")
+    assert_close_rel(final, final_ref, 1e-4, "final_state")
+
+
 def test_low_precision_inputs_against_upcast_reference():
     """bf16 x/dt/B/C/z (fp32 parameters and state) against the reference run on the same values in fp64."""
     inputs = make_inputs(2, 19, 12, 8, 2, dtype=torch.bfloat16, ndocs=2, seed=5)

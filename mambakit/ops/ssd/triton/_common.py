@@ -59,6 +59,11 @@ def _chunk_configs(configs, named_args, **kwargs):
     rows = pow2_at_least(named_args["chunk_size"])
     fits = [c for c in keep if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_K"] <= rows]
     keep = fits or sorted(keep, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"])[:1]
+    if triton.next_power_of_2(named_args["dstate"]) < 128:
+        # Triton 3.6 on sm_90 miscompiles chunk_bwd_dC at (BLOCK_M 64, 8 warps) with dstate 32 (an
+        # out-of-range shared-memory access under compute-sanitizer; `benchmarks/gpu_ssd_config_probe.py`
+        # finds it): that tile is kept only at the dstate it was verified at.
+        keep = [c for c in keep if not (c.kwargs["BLOCK_M"] == 64 and c.num_warps == 8)] or keep
     if named_args["tune_bucket"] == 0:  # small problem: the first (default) config, no tuning run
         return keep[:1] or configs[:1]
     return keep or configs
