@@ -32,6 +32,21 @@ def causal_conv1d_impl(
     width = weight.shape[1]
     acc = compute_dtype(x, weight)
     # half inputs are upcast: float32 accumulation is what the reference and the GPU kernels do
+    if initial_state is None and seq_idx is None and not return_final_state:
+        # Plain forward (training, full-sequence inference): tap k reaches back `width - 1 - k`
+        # steps, so it adds into out[:, shift:] from x[:, :-shift]; no zero-padded copy of x (on the
+        # mamba2-130m shape at 1024 tokens the pad's fill and copy were ~1 ms of a ~3 ms conv).
+        xa, taps = x.to(acc), weight.t().to(acc)
+        last = width - 1
+        if bias is None:
+            out = taps[last] * xa
+        else:
+            out = torch.addcmul(bias.to(acc), taps[last], xa)
+        for k in range(last):
+            shift = last - k
+            if shift < seqlen:
+                out[:, shift:].addcmul_(taps[k], xa[:, : seqlen - shift])
+        return activate(out, activation).to(x.dtype), None
     if initial_state is None:
         xs = F.pad(x.to(acc), (0, 0, width - 1, 0))
     else:
