@@ -10,6 +10,7 @@ from torch import nn
 
 from mambakit import ops
 from mambakit.layers.norm import RMSNorm
+from mambakit.layers.step_ops import step_ops
 
 
 class Block(nn.Module):
@@ -42,7 +43,10 @@ class Block(nn.Module):
         self, hidden_states: torch.Tensor, residual: torch.Tensor | None, cache
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One token: (batch, 1, d_model) in and out; advances the mixer's `cache`."""
-        normed, residual = self._add_norm(hidden_states, residual)
+        add_rms_norm = step_ops(hidden_states).add_rms_norm  # direct backend call on CPU
+        normed, residual = add_rms_norm(
+            hidden_states, residual, self.norm.weight, self.norm.eps, self.residual_in_fp32
+        )
         return self.mixer.step(normed, cache), residual
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, device=None):

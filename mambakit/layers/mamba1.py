@@ -21,6 +21,7 @@ from mambakit import ops
 from mambakit.inference.cache import MambaState
 from mambakit.layers.packing import check_hidden, check_state_batch, resolve_seq_idx
 from mambakit.layers.ssm_init import decay_rates, dt_bias_init, no_reinit, no_weight_decay, state_dtype
+from mambakit.layers.step_ops import step_ops
 
 
 class Mamba1(nn.Module):
@@ -124,11 +125,12 @@ class Mamba1(nn.Module):
         """One token: hidden_states (batch, 1, d_model) -> (batch, 1, d_model); advances `cache` in place."""
         check_hidden(hidden_states, self.d_model, step=True)
         check_state_batch("cache", cache.ssm_state.shape[0], hidden_states.shape[0])
+        step = step_ops(hidden_states)  # direct backend calls on CPU: see layers/step_ops.py
         x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)
-        x = ops.causal_conv1d_update(x, cache.conv_state, self._conv_weight(), self.conv1d.bias, "silu")
+        x = step.causal_conv1d_update(x, cache.conv_state, self._conv_weight(), self.conv1d.bias, "silu")
         dt, B, C = self._ssm_inputs(x)
         A = decay_rates(self)  # cached between tokens while A_log is unchanged
-        y = ops.selective_state_update(cache.ssm_state, x, dt, A, B, C, self.D, z, self.dt_proj.bias, True)
+        y = step.selective_state_update(cache.ssm_state, x, dt, A, B, C, self.D, z, self.dt_proj.bias, True)
         cache.seqlen_offset += 1
         return self.out_proj(y).unsqueeze(1)
 

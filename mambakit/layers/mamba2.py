@@ -21,6 +21,7 @@ from mambakit.inference.cache import MambaState
 from mambakit.layers.norm import GatedRMSNorm
 from mambakit.layers.packing import check_hidden, check_state_batch, cu_seqlens_as_seq_idx
 from mambakit.layers.ssm_init import decay_rates, dt_bias_init, no_weight_decay, state_dtype
+from mambakit.layers.step_ops import step_ops
 
 
 class Mamba2(nn.Module):
@@ -156,17 +157,21 @@ class Mamba2(nn.Module):
         check_hidden(hidden_states, self.d_model, step=True)
         batch = hidden_states.shape[0]
         check_state_batch("cache", cache.ssm_state.shape[0], batch)
+        step = step_ops(hidden_states)  # direct backend calls on CPU: see layers/step_ops.py
         z, xBC, dt = self.in_proj(hidden_states[:, 0]).split(
             [self.d_inner, self.conv_dim, self.nheads], dim=-1
         )
-        xBC = ops.causal_conv1d_update(xBC, cache.conv_state, self._conv_weight(), self.conv1d.bias, "silu")
+        xBC = step.causal_conv1d_update(xBC, cache.conv_state, self._conv_weight(), self.conv1d.bias, "silu")
         x, B, C = self._split_xbc(xBC)
         A = decay_rates(self)  # cached between tokens while A_log is unchanged
-        y = ops.ssd_state_update(
+        y = step.ssd_state_update(
             cache.ssm_state, x, dt, A, B, C, self.D, None, self.dt_bias, True, self.dt_limit
         )
         cache.seqlen_offset += 1
-        y = self.norm(y.reshape(batch, self.d_inner), z)
+        n = self.norm
+        y = step.gated_rms_norm(
+            y.reshape(batch, self.d_inner), z, n.weight, n.eps, n.group_size, n.norm_before_gate
+        )
         return self.out_proj(y).unsqueeze(1)
 
     def allocate_inference_cache(

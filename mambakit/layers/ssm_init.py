@@ -50,7 +50,8 @@ def decay_rates(module: nn.Module) -> torch.Tensor:
     is computed fresh so that gradients reach A_log.
     """
     A_log = module.A_log
-    if torch.is_grad_enabled():
+    # inference tensors (a layer built under inference_mode) have no version counter to watch
+    if torch.is_grad_enabled() or A_log.is_inference():
         return -torch.exp(A_log.to(state_dtype(A_log.dtype)))
     key = (A_log._version, A_log.data_ptr(), A_log.dtype, A_log.device, tuple(A_log.shape))
     cached = module.__dict__.get("_decay_rates_cache")

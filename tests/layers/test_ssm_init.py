@@ -30,3 +30,11 @@ def test_decay_rates_with_autograd_reach_A_log():
     layer = Mamba1(16, d_state=4)
     decay_rates(layer).sum().backward()
     torch.testing.assert_close(layer.A_log.grad, -torch.exp(layer.A_log.detach()))
+
+
+def test_layer_built_under_inference_mode_steps():
+    with torch.inference_mode():
+        layer = Mamba1(16, d_state=4)
+        torch.testing.assert_close(decay_rates(layer), -torch.exp(layer.A_log), rtol=0, atol=0)
+        cache = layer.allocate_inference_cache(1, 4)
+        assert layer.step(torch.randn(1, 1, 16), cache).shape == (1, 1, 16)
