@@ -53,13 +53,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def variants(kind: str) -> list[tuple[str, dict]]:
     out = [("tile default", {"MAMBAKIT_SCAN_KERNEL": "tile"})]
-    seq = [(128, 4, 1), (64, 2, 1), (32, 1, 1), (128, 4, 2), (256, 8, 1)]
+    seq = [(64, 2, 1), (32, 1, 1)]
     if kind == "bwd":
         seq = [(32, 4, 2), (32, 4, 1), (16, 2, 2), (64, 4, 2), (16, 4, 2), (64, 8, 2)]
     for cfg in seq:
         env = {"MAMBAKIT_SCAN_KERNEL": "seq", "MAMBAKIT_SCAN_SEQ_CONFIG": ",".join(map(str, cfg))}
         out.append((f"seq {cfg}", env))
-    for chunks in (1, 2, 8, 16):
+    out.append(("seq default", {"MAMBAKIT_SCAN_KERNEL": "seq"}))
+    out.append(("seq default, fp32 B/C", {"MAMBAKIT_SCAN_KERNEL": "seq", "MAMBAKIT_SCAN_BC_FP32": "1"}))
+    for chunks in (4, 8):
         for cfg in ((128, 4, 1), (64, 2, 1)):
             env = {
                 "MAMBAKIT_SCAN_KERNEL": "seq",

@@ -262,6 +262,9 @@ def selective_scan_fwd(
     block_d = min(block_d, triton.next_power_of_2(dim_per_group))
     programs = batch * ngroups * triton.cdiv(dim_per_group, block_d)
     if kernel_choice() == "seq":
+        if os.environ.get("MAMBAKIT_SCAN_BC_FP32", "0") == "1" and B.dtype != torch.float32:
+            # Every thread of the step loop reads all of B_t and C_t: converted once here, not per thread.
+            B, C = B.float(), C.float()
         seq_bd, seq_nw, _ = seq_config(dim_per_group)
         warps = batch * ngroups * triton.cdiv(dim_per_group, seq_bd) * seq_nw
         nchunks = seq_chunks or default_seq_chunks_seq(x, warps, seqlen)
