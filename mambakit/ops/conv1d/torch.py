@@ -46,6 +46,11 @@ def causal_conv1d_impl(
             shift = last - k
             if shift < seqlen:
                 out[:, shift:].addcmul_(taps[k], xa[:, : seqlen - shift])
+        recording = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias)
+        )
+        if activation == "silu" and not recording:  # in place on the fresh out: no second full-size tensor
+            return F.silu(out, inplace=True).to(x.dtype), None
         return activate(out, activation).to(x.dtype), None
     if initial_state is None:
         xs = F.pad(x.to(acc), (0, 0, width - 1, 0))

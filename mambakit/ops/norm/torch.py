@@ -62,12 +62,15 @@ def gated_rms_norm_impl(
     acc = reference.compute_dtype(x, z, weight)
     h, gate = x.to(acc), F.silu(z.to(acc))
     if not norm_before_gate:
-        h = h * gate
+        h = gate.mul_(h)  # silu(z) is fresh and not needed again: x * gate in its buffer
     if h.numel() <= _SMALL and group_size == h.shape[-1]:
         out = _small_rms_norm(h, weight, eps)
         return (out.mul_(gate) if norm_before_gate else out).to(x.dtype)
     groups = h.unflatten(-1, (-1, group_size))  # (..., ngroups, group_size)
-    out = (groups * _inv_rms(groups, eps)).flatten(-2).mul_(weight.to(acc))
+    if norm_before_gate:
+        out = (groups * _inv_rms(groups, eps)).flatten(-2).mul_(weight.to(acc))
+    else:  # h = x * gate is a fresh tensor of ours: normalize it in place (one full-size tensor less)
+        out = groups.mul_(_inv_rms(groups, eps)).flatten(-2).mul_(weight.to(acc))
     if norm_before_gate:
         out.mul_(gate)
     return out.to(x.dtype)
