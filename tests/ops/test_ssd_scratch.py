@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mambakit.ops import ssd
-from mambakit.ops.ssd import torch as ssd_torch
+from mambakit.ops import _scratch, ssd
 
 
 def _inputs(seed: int, L: int = 40, h: int = 4, p: int = 3, g: int = 2, n: int = 5):
@@ -38,7 +37,7 @@ def test_results_survive_later_calls_and_modes():
 
 
 def test_large_buffers_are_not_kept(monkeypatch):
-    monkeypatch.setattr(ssd_torch, "SCRATCH_MAX_BYTES", 0)
+    monkeypatch.setattr(_scratch, "MAX_BYTES", 0)
     a = _inputs(2)
     with torch.no_grad():
         y = ssd(**a, chunk_size=8, backend="torch")

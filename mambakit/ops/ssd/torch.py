@@ -20,11 +20,11 @@ padded positions per sequence (cheap for long sequences, wasteful for many very 
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 import torch.nn.functional as F
 
+from mambakit.ops._scratch import scratch
 from mambakit.ops.ssd import reference
 from mambakit.ops.ssd.reference import compute_dtype, gate, process_dt, skip
 
@@ -38,30 +38,6 @@ _LOG2E = 1.0 / math.log(2.0)
 # forward+backward L=256: 256 -> 41, 128 -> 26, 64 -> 29, 32 -> 34. The (Q, Q) blocks cost O(L * Q)
 # work and memory traffic, while the presets' 256 is tuned for GPU tiles.
 CPU_MAX_CHUNK = 64
-
-# Forward-only scratch: the chunked forward makes five temporaries of 4 * L * h * p bytes or more
-# (12.6 MB each per mamba2-130m layer at 2048 tokens). Fresh tensors that large come straight from
-# the OS and each of their pages faults on first touch; on the 2-core CPU VM those faults cost about
-# as much as the arithmetic (the whole op ran ~2x faster with glibc told never to return memory).
-# Keeping them per thread and reusing them across calls removes that cost. Only forward-only CPU
-# calls use it (autograd must keep its saved tensors), only up to this size per buffer, and no
-# returned tensor is a view of it.
-_SCRATCH = threading.local()
-SCRATCH_MAX_BYTES = 64 << 20
-
-
-def _scratch(slot: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """An uninitialized (shape) tensor of `like`'s dtype and device, reused across calls on CPU."""
-    numel = math.prod(shape)
-    if like.device.type != "cpu" or numel * like.element_size() > SCRATCH_MAX_BYTES:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    # inference tensors may only be written under inference_mode, ordinary ones anywhere: keep both
-    key = (slot, like.dtype, torch.is_inference_mode_enabled())
-    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
-    buf = bufs.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = bufs[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return buf[:numel].view(shape)
 
 
 def _chunk_scan(
@@ -92,10 +68,13 @@ def _chunk_scan(
     # is several times faster than exp on float32 (same values up to rounding).
     acs = (delta * (A * _LOG2E)).view(b, c, Q, h).cumsum(2)  # (b, c, Q, h)
     acs_hq = acs.transpose(2, 3)  # (b, c, h, Q)
+    # forward only, the large temporaries live in per-thread scratch (no page faults: ops/_scratch.py)
     if grad:
         xdt = (x * delta[..., None]).view(b, c, Q, h, p)
     else:
-        xdt = torch.mul(x, delta[..., None], out=_scratch("xdt", (b, L, h, p), x)).view(b, c, Q, h, p)
+        xdt = torch.mul(x, delta[..., None], out=scratch("ssd_xdt", (b, L, h, p), x.dtype, x.device)).view(
+            b, c, Q, h, p
+        )
     Bg = B.view(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
     Cg = C.view(b, c, Q, g, n).transpose(2, 3)
     if seq_idx is not None:
@@ -108,7 +87,7 @@ def _chunk_scan(
     if seq_idx is not None:
         mask = (mask & (doc[..., :, None] == doc[..., None, :]))[:, :, None]  # (b, c, 1, Q, Q)
     # in place on the fresh difference tensor: (b, c, h, Q, Q) is the largest tensor here
-    diff_out = None if grad else _scratch("decay", (b, c, h, Q, Q), x)
+    diff_out = None if grad else scratch("ssd_decay", (b, c, h, Q, Q), x.dtype, x.device)
     decay_ts = torch.sub(acs_hq[..., :, None], acs_hq[..., None, :], out=diff_out)
     decay_ts = decay_ts.masked_fill_(~mask, -math.inf).exp2_()
     CB = Cg @ Bg.transpose(-1, -2)  # (b, c, g, Q, Q), shared by the heads of a group
@@ -117,7 +96,7 @@ def _chunk_scan(
     else:
         scores = decay_ts.view(b, c, g, r, Q, Q).mul_(CB[:, :, :, None])
     scores = scores.view(b, c, h, Q, Q)
-    y_diag_out = None if grad else _scratch("y_diag", (b, c, h, Q, p), x)
+    y_diag_out = None if grad else scratch("ssd_y_diag", (b, c, h, Q, p), x.dtype, x.device)
     y_diag = torch.matmul(scores, xdt.transpose(2, 3), out=y_diag_out)  # (b, c, h, Q, p)
 
     # 2. each chunk's own contribution to the state at its end
@@ -128,7 +107,7 @@ def _chunk_scan(
     # tensor less: on CPU fresh large tensors cost page faults comparable to the arithmetic)
     xw = xdt.mul_(decay_to_end[..., None]) if not grad else xdt * decay_to_end[..., None]
     xw = xw.view(b, c, Q, g, r * p).permute(0, 1, 3, 4, 2)  # (b, c, g, rp, Q)
-    states_out = None if grad else _scratch("states", (b, c, g, r * p, n), x)
+    states_out = None if grad else scratch("ssd_states", (b, c, g, r * p, n), x.dtype, x.device)
     states = torch.matmul(xw, Bg, out=states_out).view(b, c, h, p, n)
 
     # 3. scan over chunks: O(c) small elementwise ops
