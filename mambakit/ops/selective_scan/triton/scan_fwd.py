@@ -326,7 +326,7 @@ def chunk_start_states(
 
 
 def kernel_choice() -> str:
-    """"seq" (step loop, `seq_fwd.py`) or "tile" (tile scan, this file); MAMBAKIT_SCAN_KERNEL overrides."""
+    """The forward kernel: "seq" (step loop, `seq_fwd.py`) or "tile" (tile scan, this file); env overrides."""
     return os.environ.get("MAMBAKIT_SCAN_KERNEL", "seq")
 
 
