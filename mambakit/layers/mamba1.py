@@ -129,7 +129,7 @@ class Mamba1(nn.Module):
         x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)
         x = step.causal_conv1d_update(x, cache.conv_state, self._conv_weight(), self.conv1d.bias, "silu")
         dt, B, C = self._ssm_inputs(x)
-        A = decay_rates(self)  # cached between tokens while A_log is unchanged
+        A = decay_rates(self)
         y = step.selective_state_update(cache.ssm_state, x, dt, A, B, C, self.D, z, self.dt_proj.bias, True)
         cache.seqlen_offset += 1
         return self.out_proj(y).unsqueeze(1)

@@ -163,7 +163,7 @@ class Mamba2(nn.Module):
         )
         xBC = step.causal_conv1d_update(xBC, cache.conv_state, self._conv_weight(), self.conv1d.bias, "silu")
         x, B, C = self._split_xbc(xBC)
-        A = decay_rates(self)  # cached between tokens while A_log is unchanged
+        A = decay_rates(self)
         y = step.ssd_state_update(
             cache.ssm_state, x, dt, A, B, C, self.D, None, self.dt_bias, True, self.dt_limit
         )
