@@ -125,7 +125,8 @@ def _chunk_scan(
     def read_out(Cc: torch.Tensor, ent: torch.Tensor) -> torch.Tensor:
         """Cc (b, k, g, Q, n), entering states ent (b, k, h, p, n) -> (b, k, Q, h, p)."""
         k = Cc.shape[1]
-        out = Cc @ ent.reshape(b, k, g, r * p, n).transpose(-1, -2)  # (b, k, g, Q, r * p)
+        dst = None if grad else scratch("ssd_read_out", (b, k, g, Q, r * p), x.dtype, x.device)
+        out = torch.matmul(Cc, ent.reshape(b, k, g, r * p, n).transpose(-1, -2), out=dst)  # (b, k, g, Q, rp)
         return out.view(b, k, g, Q, r, p).transpose(2, 3).reshape(b, k, Q, h, p)
 
     if not grad and chunk_init is None:
