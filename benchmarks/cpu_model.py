@@ -137,12 +137,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    from cpu_ops import format_probe, machine_probe  # the sibling script: one probe for both benchmarks
+
+    probe_before = machine_probe()
+    print(f"machine before: {format_probe(probe_before)}", flush=True)
     rows = []
     for version in (1, 2):
         ours = bench_mambakit(version, args)
         hf = None if args.no_hf else bench_hf(version, args)
         rows.append({"model": f"mamba{version}-130m", "mambakit": ours, "hf_transformers": hf})
-    print(f"\nCPU, fp32, {args.threads} threads, random weights")
+    probe_after = machine_probe()
+    print(f"\nmachine before: {format_probe(probe_before)}\nmachine after:  {format_probe(probe_after)}")
+    print(f"CPU, fp32, {args.threads} threads, random weights")
     header = f"{'model':14s} {'impl':10s} {f'fwd tok/s (L={args.fwd_seqlen})':>18s} "
     header += f"{f'train step s (1x{args.train_seqlen})':>20s} {'decode ms/tok':>14s}"
     print(header)
@@ -162,7 +168,11 @@ def main() -> None:
                 f"{h['train_step_s'] / o['train_step_s']:19.1f}x "
                 f"{h['decode_ms_per_token'] / o['decode_ms_per_token']:13.1f}x"
             )
-    write_json(args.out, {"benchmark": "cpu_model", "environment": environment(), "results": rows})
+    machine = {"before": probe_before, "after": probe_after}
+    write_json(
+        args.out,
+        {"benchmark": "cpu_model", "environment": environment(), "machine": machine, "results": rows},
+    )
 
 
 if __name__ == "__main__":
