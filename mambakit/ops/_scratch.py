@@ -5,7 +5,9 @@ first touch. On the 2-core CPU VM the benchmarks run on, those faults cost about
 arithmetic of the chunked scans (the SSD forward ran ~2x faster with glibc told never to return
 memory to the OS). Reusing one buffer per slot and thread removes that cost. Rules for callers: use
 it only for temporaries that are dead when the op returns (never returned, never saved for
-backward); a buffer above `MAX_BYTES` is not kept. Buffers are uninitialized.
+backward); a buffer above `MAX_BYTES` is not kept. Buffers are uninitialized. The memory stays
+held by the thread (at most MAX_BYTES per slot, dtype and inference mode; the SSD uses five slots)
+until `release()` or the thread's end.
 """
 
 from __future__ import annotations
@@ -32,3 +34,8 @@ def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     if buf is None or buf.numel() < numel:
         buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel].view(shape)
+
+
+def release() -> None:
+    """Drop this thread's scratch buffers (their memory goes back to the allocator)."""
+    _LOCAL.__dict__.pop("bufs", None)

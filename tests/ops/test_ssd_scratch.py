@@ -42,3 +42,11 @@ def test_large_buffers_are_not_kept(monkeypatch):
     with torch.no_grad():
         y = ssd(**a, chunk_size=8, backend="torch")
     torch.testing.assert_close(y, ssd(**a, chunk_size=8, backend="reference"), rtol=1e-5, atol=1e-5)
+
+
+def test_release_drops_the_buffers():
+    with torch.no_grad():
+        ssd(**_inputs(3), chunk_size=8, backend="torch")
+    assert _scratch._LOCAL.__dict__.get("bufs")
+    _scratch.release()
+    assert not _scratch._LOCAL.__dict__.get("bufs")
