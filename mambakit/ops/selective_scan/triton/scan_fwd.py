@@ -30,19 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
-from mambakit.ops.selective_scan.triton.seq_fwd import selective_scan_fwd_seq_kernel
+from mambakit.ops.selective_scan.triton.seq_fwd import _softplus, selective_scan_fwd_seq_kernel
 
 
 @triton.jit
 def _linear_combine(a1, b1, a2, b2):
     # (a1, b1) is the earlier segment: applying it then (a2, b2) gives h -> a2 (a1 h + b1) + b2.
     return a1 * a2, b1 * a2 + b2
-
-
-@triton.jit
-def _softplus(v):
-    # Same threshold as torch.nn.functional.softplus (beta 1, threshold 20).
-    return tl.where(v <= 20.0, tl.log(1.0 + tl.exp(v)), v)
 
 
 @triton.jit
