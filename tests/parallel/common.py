@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,21 @@ def setup() -> tuple[int, int, dist.ProcessGroup]:
     dist.init_process_group("gloo")
     os.environ.setdefault("MAMBAKIT_BACKEND", "torch")
     return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+
+
+def finish(message: str) -> None:
+    """Rank 0 prints `message` once every rank got here, then the process leaves without interpreter
+    finalization. Why: a gloo run-loop thread can still hold the last reference to a finished
+    all-reduce (and so to its Python tensors); if it drops it while the interpreter is shutting down,
+    taking the GIL aborts the process ("terminate called without an active exception", seen about
+    1 run in 15 on a 2-core machine; the stack is in pytorch/pytorch#179291's description)."""
+    dist.barrier()
+    if dist.get_rank() == 0:
+        print(message)
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def check_close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL):

@@ -17,7 +17,7 @@ from mambakit.models import LanguageModel
 from mambakit.parallel.context_parallel_model import parallelize_context, sum_gradients
 from mambakit.parallel.fsdp_tp import full_state_dict, parallelize_fsdp_tp, save_full
 from mambakit.parallel.tensor_parallel import clip_grad_norm_, gather_full, parallelize_tensor
-from tests.parallel.common import check_close, setup
+from tests.parallel.common import check_close, finish, setup
 from tests.parallel.worker_models import SEQLEN, STEPS, _batch, _loss_sum, _optimizer, _reference, configs
 
 
@@ -105,7 +105,4 @@ if __name__ == "__main__":
     cp_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("cp", "tp"))
     for name, config in configs(world).items():
         cp_tp_case(name, config, cp_mesh)
-    dist.barrier()
-    if rank == 0:
-        print("FSDP x TP and CP x TP OK on 4 ranks")
-    dist.destroy_process_group()
+    finish("FSDP x TP and CP x TP OK on 4 ranks")

@@ -16,7 +16,7 @@ from mambakit.models import LanguageModel
 from mambakit.models.presets import preset
 from mambakit.parallel.context_parallel_model import parallelize_context, sum_gradients
 from mambakit.parallel.tensor_parallel import clip_grad_norm_, gather_full, parallelize_tensor
-from tests.parallel.common import check_close, make_seq_idx, setup
+from tests.parallel.common import check_close, finish, make_seq_idx, setup
 
 BATCH, SEQLEN, STEPS = 2, 32, 3
 
@@ -164,7 +164,4 @@ if __name__ == "__main__":
         tp_decode_case(name, config, world, group)
         cp_case(name, config, rank, world, group)
     error_cases(rank, world, group)
-    dist.barrier()
-    if rank == 0:
-        print(f"models OK on {world} ranks")
-    dist.destroy_process_group()
+    finish(f"models OK on {world} ranks")

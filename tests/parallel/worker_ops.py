@@ -16,7 +16,7 @@ from mambakit.parallel.context_parallel import (
     context_parallel_selective_scan,
     context_parallel_ssd,
 )
-from tests.parallel.common import check_close, make_seq_idx, setup
+from tests.parallel.common import check_close, finish, make_seq_idx, setup
 
 
 def _leaves(tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
@@ -218,7 +218,4 @@ if __name__ == "__main__":
     ssd_cases(rank, world, group)
     selective_scan_cases(rank, world, group)
     conv_cases(rank, world, group)
-    dist.barrier()
-    if rank == 0:
-        print(f"ops OK on {world} ranks")
-    dist.destroy_process_group()
+    finish(f"ops OK on {world} ranks")
