@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -78,8 +79,13 @@ def init_distributed(device_spec: str, backend: str = "auto") -> DistInfo:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Leave the process group. The barrier and the pause give gloo's run-loop threads time to drop
+    the finished all-reduces they still hold: one dropped during interpreter shutdown needs the GIL
+    and aborts the process ("terminate called without an active exception", pytorch/pytorch#179291)."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+        time.sleep(0.05)
 
 
 def parallelize(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
