@@ -60,6 +60,9 @@ def test_small_presets_build_and_run():
             assert 0 < c.pattern.count("*") <= max(1, round(0.1 * c.n_layer))
     c = preset("hybrid-130m")
     assert c.n_layer == 24 and c.d_model == 768
+    for name in ("hybrid-130m", "hybrid-8b"):  # the hybrid paper's share: 4 of 56 layers (7%)
+        share = preset(name).pattern.count("*") / preset(name).n_layer
+        assert 0.05 <= share <= 0.1, (name, share)
     assert 120e6 <= count_on_meta("hybrid-130m") <= 150e6
 
 
