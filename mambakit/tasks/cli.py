@@ -69,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-tokens", type=int, help="selective copying: tokens to memorize")
     parser.add_argument("--num-kv-pairs", type=int, help="mqar: key-value pairs")
     parser.add_argument("--num-entries", type=int, help="phonebook: entries")
+    parser.add_argument("--num-queries", type=int, help="phonebook: queries after the book")
     parser.add_argument("--vocab-size", type=int, help="override the task's vocabulary")
     parser.add_argument("--eval-lengths", type=_int_list, help="induction heads: comma-separated lengths")
     parser.add_argument("--d-model", type=int, default=64)
@@ -93,6 +94,7 @@ def build_task(args: argparse.Namespace):
         "num_tokens": args.num_tokens,
         "num_kv_pairs": args.num_kv_pairs,
         "num_entries": args.num_entries,
+        "num_queries": args.num_queries,
         "vocab_size": args.vocab_size,
         "eval_lengths": tuple(args.eval_lengths) if args.eval_lengths else None,
     }

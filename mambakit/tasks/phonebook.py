@@ -3,11 +3,13 @@ phonebook task): read a list of names with their phone numbers, then give the nu
 
 Tokens: digits 0 .. 9, then SEP (10, between a name and its number), EOL (11, end of an entry), QUERY (12),
 ANSWER (13), then the name tokens 14 .. vocab_size - 1. One row:
-    name_1 SEP d d .. d EOL  ...  name_N SEP d .. d EOL  QUERY name_q ANSWER d_1 .. d_m
+    name_1 SEP d d .. d EOL  ...  name_N SEP d .. d EOL  QUERY name_q ANSWER d_1 .. d_m  [QUERY ...]
 Names are `name_len` name tokens and distinct within a row; numbers are `number_len` random digits. The
 number is scored digit by digit with teacher forcing: the answer at ANSWER is d_1, at d_1 it is d_2, ...
+`num_queries` queries (of distinct entries) follow the book; the paper asks one, and more give a model
+trained from scratch more answers to learn from per row (the CPU setting asks 4).
 The paper states the task in natural language over a pretrained tokenizer; this is its token-level form.
-Defaults (ours): 256 entries of 2-token names and 7-digit numbers (~2.8k tokens).
+Defaults (ours): 256 entries of 2-token names and 7-digit numbers (~2.8k tokens), one query.
 """
 
 from __future__ import annotations
@@ -28,12 +30,19 @@ class Phonebook:
     name_len: int = 2
     number_len: int = 7
     vocab_size: int = 64
+    num_queries: int = 1
 
     def __post_init__(self) -> None:
         check_int("num_entries", self.num_entries)
         check_int("name_len", self.name_len)
         check_int("number_len", self.number_len)
         check_int("vocab_size", self.vocab_size, FIRST_NAME_TOKEN + 1)
+        check_int("num_queries", self.num_queries)
+        if self.num_queries > self.num_entries:
+            raise ValueError(
+                f"num_queries={self.num_queries} must be at most num_entries={self.num_entries} "
+                "(each query asks a different entry)"
+            )
         if self.num_names < self.num_entries:
             raise ValueError(
                 f"vocab_size={self.vocab_size} and name_len={self.name_len} give {self.num_names} names, "
@@ -46,7 +55,7 @@ class Phonebook:
 
     @classmethod
     def cpu(cls) -> Phonebook:
-        return cls(num_entries=16, name_len=2, number_len=3, vocab_size=32)
+        return cls(num_entries=16, name_len=2, number_len=3, vocab_size=32, num_queries=4)
 
     @property
     def num_names(self) -> int:
@@ -57,8 +66,12 @@ class Phonebook:
         return self.name_len + self.number_len + 2
 
     @property
+    def query_len(self) -> int:
+        return self.name_len + 2 + self.number_len
+
+    @property
     def seqlen(self) -> int:
-        return self.num_entries * self.entry_len + self.name_len + 2 + self.number_len
+        return self.num_entries * self.entry_len + self.num_queries * self.query_len
 
     def _spell(self, ids: torch.Tensor) -> torch.Tensor:
         """Name ids (...,) -> name tokens (..., name_len), most significant first."""
@@ -81,28 +94,39 @@ class Phonebook:
             ],
             dim=2,
         ).reshape(b, n * self.entry_len)
-        q = torch.randint(0, n, (b,), generator=generator)
-        rows = torch.arange(b)
-        answer = numbers[rows, q]  # (b, number_len)
-        query = torch.cat(
-            [torch.full((b, 1), QUERY), self._spell(name_ids[rows, q]), torch.full((b, 1), ANSWER), answer],
-            dim=1,
+        q = random_distinct(b, self.num_queries, 0, n, generator)  # (b, num_queries) entries asked
+        rows = torch.arange(b)[:, None]
+        answers = numbers[rows, q]  # (b, num_queries, number_len)
+        queries = torch.cat(
+            [
+                torch.full((b, self.num_queries, 1), QUERY),
+                self._spell(name_ids[rows, q]),
+                torch.full((b, self.num_queries, 1), ANSWER),
+                answers,
+            ],
+            dim=2,
         )
-        input_ids = torch.cat([entries, query], dim=1)
+        input_ids = torch.cat([entries, queries.reshape(b, -1)], dim=1)
         targets = torch.full_like(input_ids, IGNORE)
-        targets[:, -self.number_len - 1 : -1] = answer
+        # the answer to digit j of a query sits one position before it (at ANSWER or at digit j - 1)
+        answer_pos = self.num_entries * self.entry_len + self.name_len + 1 + torch.arange(self.number_len)
+        answer_pos = answer_pos + self.query_len * torch.arange(self.num_queries)[:, None]
+        targets[:, answer_pos.flatten()] = answers.reshape(b, -1)
         return TaskBatch(input_ids, targets)
 
     def oracle(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(batch, seqlen) predictions from input_ids alone: parse the book, look up the queried name."""
+        """(batch, seqlen) predictions from input_ids alone: parse the book, look up each queried name."""
         predictions = torch.zeros_like(input_ids)
-        m, width = self.number_len, self.entry_len
+        m, width, book_len = self.number_len, self.entry_len, self.num_entries * self.entry_len
         for row in range(input_ids.shape[0]):
             ids = input_ids[row].tolist()
             book = {}
             for e in range(self.num_entries):
                 entry = ids[e * width : (e + 1) * width]
                 book[tuple(entry[: self.name_len])] = entry[self.name_len + 1 : self.name_len + 1 + m]
-            name = tuple(ids[-m - 1 - self.name_len : -m - 1])
-            predictions[row, -m - 1 : -1] = torch.tensor(book[name])
+            for k in range(self.num_queries):
+                start = book_len + k * self.query_len  # QUERY name ANSWER digits
+                name = tuple(ids[start + 1 : start + 1 + self.name_len])
+                first = start + 1 + self.name_len  # the ANSWER position
+                predictions[row, first : first + m] = torch.tensor(book[name])
         return predictions

@@ -110,6 +110,21 @@ def test_phonebook_layout():
     assert bool((batch.answer_mask.sum(dim=1) == 3).all())
 
 
+def test_phonebook_queries_ask_distinct_entries_and_answer_each_digit():
+    task = Phonebook(num_entries=6, name_len=2, number_len=3, vocab_size=18, num_queries=4)
+    batch = task.sample(32, make_generator(1))
+    ids, targets = batch.input_ids, batch.targets
+    book_len = task.num_entries * task.entry_len
+    queries = ids[:, book_len:].reshape(32, 4, task.query_len)  # QUERY n n ANSWER d d d
+    assert bool((queries[:, :, 0] == QUERY).all() and (queries[:, :, 3] == ANSWER).all())
+    assert all(len({tuple(q[1:3].tolist()) for q in row}) == 4 for row in queries)  # distinct names
+    answered = targets[:, book_len:].reshape(32, 4, task.query_len)
+    # teacher forcing: the target at ANSWER and at digits 1..m-1 is the next digit
+    assert torch.equal(answered[:, :, 3:6], queries[:, :, 4:7])
+    assert bool((answered[:, :, :3] == -100).all() and (answered[:, :, 6] == -100).all())
+    assert bool((targets[:, :book_len] == -100).all())
+
+
 @pytest.mark.parametrize(
     "make, name",
     [
@@ -123,6 +138,7 @@ def test_phonebook_layout():
         (lambda: MQAR(power_a=0.0), "power_a"),
         (lambda: Phonebook(num_entries=100, name_len=1, vocab_size=20), "num_entries"),
         (lambda: Phonebook(number_len=0), "number_len"),
+        (lambda: Phonebook(num_entries=4, num_queries=5), "num_queries"),
         (lambda: SelectiveCopying().sample(0, make_generator(0)), "batch_size"),
         (lambda: InductionHeads().sample(2, make_generator(0), seqlen=2), "seqlen"),
         (lambda: make_generator(1.5), "seed"),
