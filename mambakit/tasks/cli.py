@@ -78,6 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
+    parser.add_argument(
+        "--min-lr-ratio", type=float, help="final / peak lr of the cosine (default 0.1; 1 = constant)"
+    )
     parser.add_argument("--eval-examples", type=int)
     parser.add_argument("--eval-tokens", type=int, default=2**16, help="tokens in one evaluation batch")
     parser.add_argument("--seed", type=int, default=0)
@@ -129,7 +133,17 @@ def run(args: argparse.Namespace) -> int:
     settings = replace(
         settings,
         seed=args.seed,
-        **{k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v},
+        **{
+            k: v
+            for k, v in (
+                ("steps", args.steps),
+                ("batch_size", args.batch_size),
+                ("lr", args.lr),
+                ("weight_decay", args.weight_decay),
+                ("min_lr_ratio", args.min_lr_ratio),
+            )
+            if v is not None
+        },
     )
     n_eval = args.eval_examples or spec.eval_examples
     out = Path(args.out)

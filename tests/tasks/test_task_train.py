@@ -42,14 +42,20 @@ def test_bad_train_settings_are_named():
         TrainSettings(steps=0)
     with pytest.raises(ValueError, match="lr"):
         TrainSettings(lr=0.0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        TrainSettings(weight_decay=-0.1)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        TrainSettings(min_lr_ratio=1.5)
 
 
 def test_cli_writes_results(tmp_path, capsys):
     out = tmp_path / "ih"
     argv = ["task", "induction-heads", "--cpu", "--models", "mamba2,attention", "--steps", "2"]
     argv += ["--batch-size", "4", "--d-model", "16", "--eval-lengths", "16,48", "--eval-examples", "8"]
+    argv += ["--weight-decay", "0", "--min-lr-ratio", "1"]
     assert main(argv + ["--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
+    assert results["training"]["weight_decay"] == 0 and results["training"]["min_lr_ratio"] == 1
     assert set(results["models"]) == {"mamba2", "attention"}
     assert set(results["models"]["mamba2"]["accuracy_by_length"]) == {"16", "48"}
     assert (out / "induction_heads.png").exists()
