@@ -54,7 +54,7 @@ TASKS: dict[str, TaskSpec] = {
         MQAR, TrainSettings(steps=20000, batch_size=64, lr=1e-3), TrainSettings(steps=3000, lr=1e-3), 256
     ),
     "phonebook": TaskSpec(
-        Phonebook, TrainSettings(steps=20000, batch_size=32, lr=1e-3), TrainSettings(steps=1000), 256
+        Phonebook, TrainSettings(steps=20000, batch_size=32, lr=1e-3), TrainSettings(steps=4000, lr=1e-3), 256
     ),
 }
 
