@@ -348,6 +348,33 @@ def test_strided_views_like_in_proj_outputs():
     assert torch.equal(y, y_ref) and torch.equal(final, final_ref)
 
 
+def test_time_invariant_B_C_broadcast_with_zero_strides():
+    """The LTI ablation of the tasks (tasks/models.py) passes B and C (dim, dstate) expanded over batch
+    and time (stride 0) as ngroups = dim groups of one channel: forward and gradients (summed through
+    the expand) equal the contiguous copies' through the reference."""
+    batch, seqlen, dim, dstate = 2, 13, 6, 4
+    inputs = make_inputs(batch, seqlen, dim, dstate, dim, seed=21)
+    g = torch.Generator().manual_seed(22)
+    B_param = torch.randn(dim, dstate, generator=g).to(DEVICE).requires_grad_()
+    C_param = torch.randn(dim, dstate, generator=g).to(DEVICE).requires_grad_()
+    outs = {}
+    for backend, contiguous in (("triton", False), ("reference", True)):
+        B = B_param.expand(batch, seqlen, dim, dstate)
+        C = C_param.expand(batch, seqlen, dim, dstate)
+        if contiguous:
+            B, C = B.contiguous(), C.contiguous()
+        else:
+            assert B.stride()[:2] == (0, 0)
+        kw = dict(inputs, B=B, C=C)
+        kw["x"] = inputs["x"].detach().clone().requires_grad_()
+        y, final = selective_scan(**kw, return_final_state=True, backend=backend)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(23)).to(DEVICE)
+        gB, gC, gx = torch.autograd.grad((y * gy).sum() + final.sum(), (B_param, C_param, kw["x"]))
+        outs[backend] = (y, final, gB, gC, gx)
+    for name, got, want in zip(("y", "final", "dB", "dC", "dx"), outs["triton"], outs["reference"]):
+        assert_close_rel(got, want, 1e-5, name)
+
+
 def test_state_update_matches_scan_steps():
     """Token-by-token decoding with selective_state_update equals one scan over the same tokens."""
     batch, seqlen, dim, dstate, ngroups = 2, 3, 12, 5, 2
