@@ -97,7 +97,8 @@ class LoopConfig:
 
 @dataclass
 class DistConfig:
-    """Used under torchrun: strategy ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard)."""
+    """Used under torchrun: strategy ddp (DistributedDataParallel), fsdp (FSDP2 fully_shard), tp (tensor
+    parallel over all processes) or cp (context parallel: the sequence split over all processes)."""
 
     strategy: str = "ddp"
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
@@ -125,7 +126,7 @@ CHOICES = {
     ("data", "format"): ("auto", "text", "jsonl", "hf"),
     ("optim", "fused"): ("auto", "true", "false"),
     ("train", "precision"): ("auto", "bf16", "fp32"),
-    ("distributed", "strategy"): ("ddp", "fsdp"),
+    ("distributed", "strategy"): ("ddp", "fsdp", "tp", "cp"),
     ("distributed", "backend"): ("auto", "nccl", "gloo"),
 }
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}

@@ -32,11 +32,14 @@ from mambakit.models.checkpoint import from_pretrained
 from mambakit.models.config import ModelConfig
 from mambakit.models.lm import LanguageModel
 from mambakit.models.presets import preset
+from mambakit.parallel.tensor_parallel import clip_grad_norm_ as tp_clip_grad_norm_
 from mambakit.training import distributed as D
+from mambakit.training import layout as L
 from mambakit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from mambakit.training.checkpoint import rng_state as current_rng_state
 from mambakit.training.config import TrainConfig, dump_toml
 from mambakit.training.data import PackedRows, StepSampler, shard_rows
+from mambakit.training.layout import Layout, layout, split_sequence
 from mambakit.training.loss import lm_loss
 from mambakit.training.metrics import MetricsLogger
 from mambakit.training.optim import build_optimizer, build_scheduler
@@ -120,32 +123,34 @@ class _Interrupt:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, rows: PackedRows, cfg: TrainConfig, info: D.DistInfo, autocast
+    model: nn.Module, rows: PackedRows, cfg: TrainConfig, info: D.DistInfo, autocast, lay: Layout
 ) -> float | None:
     """Mean cross-entropy over the first rows of the validation split (same rows every time)."""
-    mb = micro_batch_size(cfg, info)
-    n = min(len(rows), cfg.train.eval_batches * cfg.train.batch_size) // (mb * info.world_size)
+    mb = micro_batch_size(cfg, lay.data_world)
+    n = min(len(rows), cfg.train.eval_batches * cfg.train.batch_size) // (mb * lay.data_world)
     if n == 0:
         return None
-    all_rows = torch.arange(n * mb * info.world_size).numpy()
+    all_rows = torch.arange(n * mb * lay.data_world).numpy()
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
     model.eval()
-    for part in shard_rows(all_rows, mb, info.rank, info.world_size):
-        batch = rows.batch(part).to(info.device)
+    for part in shard_rows(all_rows, mb, lay.data_rank, lay.data_world):
+        batch = split_sequence(rows.batch(part), lay).to(info.device)
         with autocast:
             loss = lm_loss(model, batch.input_ids, batch.targets, batch.seq_idx)
         total += torch.stack([loss.double(), torch.tensor(float(batch.num_targets), device=info.device)])
     model.train()
-    total = D.all_reduce(total, info)
+    if not lay.loss_is_replicated:
+        total = D.all_reduce(total, info)
     return float(total[0] / total[1].clamp(min=1))
 
 
-def micro_batch_size(cfg: TrainConfig, info: D.DistInfo) -> int:
-    mb = cfg.train.micro_batch_size or cfg.train.batch_size // info.world_size
-    if mb <= 0 or cfg.train.batch_size % (mb * info.world_size):
+def micro_batch_size(cfg: TrainConfig, data_world: int) -> int:
+    """Rows a micro-batch holds; `data_world` processes share the micro-batches of a step."""
+    mb = cfg.train.micro_batch_size or cfg.train.batch_size // data_world
+    if mb <= 0 or cfg.train.batch_size % (mb * data_world):
         raise ValueError(
             f"train.batch_size={cfg.train.batch_size} must be a multiple of train.micro_batch_size * "
-            f"world_size = {mb} * {info.world_size}"
+            f"data-parallel processes = {mb} * {data_world}"
         )
     return mb
 
@@ -225,9 +230,14 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
         for layer in model.backbone.layers:
             layer.compile()
     n_params = sum(p.numel() for p in model.parameters())  # before sharding: the whole model
-    model = D.parallelize(model, cfg.distributed.strategy, info)
+    lay = layout(cfg.distributed.strategy, info, cfg.data.seq_len)
+    if info.enabled and lay.strategy in ("tp", "cp"):
+        model = L.parallelize_model(model, lay.strategy, info)
+    else:
+        model = D.parallelize(model, cfg.distributed.strategy, info)
     optimizer = build_optimizer(model, cfg.optim)
-    mb = micro_batch_size(cfg, info)
+    mb = micro_batch_size(cfg, lay.data_world)
+    tensor_parallel = getattr(model, "tp_plan", None) is not None
     sampler = StepSampler(len(train_rows), t.batch_size, t.seed)
     data_state = {
         "num_rows": len(train_rows),
@@ -244,7 +254,10 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
             raise ValueError(
                 f"checkpoint {ckpt_path} was trained with data {saved}, this run has {data_state}"
             )
-        D.load_full_states(model, optimizer, model_state, state["optimizer"])
+        if tensor_parallel:
+            L.tp_load_full_states(model, optimizer, model_state, state["optimizer"])
+        else:
+            D.load_full_states(model, optimizer, model_state, state["optimizer"])
         set_rng_state(state["rng"])
         step, elapsed = int(state["step"]), float(state.get("elapsed_s", 0.0))
         say(f"resumed from {ckpt_path} at step {step}")
@@ -266,8 +279,11 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
         )
 
     def save(at: int) -> Path | None:
-        model_state = D.full_model_state(model)  # collective under FSDP: every rank takes part
-        optim_state = D.full_optimizer_state(model, optimizer)
+        if tensor_parallel:  # collective: every rank takes part
+            model_state, optim_state = L.tp_full_states(model, optimizer)
+        else:
+            model_state = D.full_model_state(model)  # collective under FSDP: every rank takes part
+            optim_state = D.full_optimizer_state(model, optimizer)
         path = None
         if info.is_main:
             state = {
@@ -320,18 +336,23 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
             t0 = time.perf_counter()
             rows = sampler.rows_for_step(step)
             n_targets = max(1, train_rows.num_targets(rows))
-            micro = shard_rows(rows, mb, info.rank, info.world_size)
+            micro = shard_rows(rows, mb, lay.data_rank, lay.data_world)
             loss_sum = torch.zeros((), device=info.device)
             for i, part in enumerate(micro):
-                batch = train_rows.batch(part).to(info.device)
+                batch = split_sequence(train_rows.batch(part), lay).to(info.device)
                 with D.grad_sync(model, i == len(micro) - 1):
                     with autocast:  # summed cross-entropy, chunked: the logits never exist whole
                         loss = lm_loss(model, batch.input_ids, batch.targets, batch.seq_idx)
-                    # the wrappers average gradients over processes: scale by world_size to get the sum
-                    (loss * (info.world_size / n_targets)).backward()
+                    # the data-parallel wrappers average gradients over processes: grad_scale undoes it
+                    (loss * (lay.grad_scale / n_targets)).backward()
                 loss_sum += loss.detach()
+            if info.enabled and lay.strategy == "cp":
+                L.sum_gradients_cp(model)
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            if tensor_parallel:
+                grad_norm = tp_clip_grad_norm_(model, max_norm)
+            else:
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
                 grad_norm = grad_norm.full_tensor()
             lr = scheduler.get_last_lr()[0]
@@ -339,7 +360,9 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            pending.append((step, D.all_reduce(loss_sum, info) / n_targets, grad_norm.detach(), lr))
+            if not lay.loss_is_replicated:
+                loss_sum = D.all_reduce(loss_sum, info)
+            pending.append((step, loss_sum / n_targets, grad_norm.detach(), lr))
             window_steps += 1
             window_time += time.perf_counter() - t0
             elapsed += time.perf_counter() - t0
@@ -352,7 +375,7 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
             if step % t.log_every == 0 or step == t.steps or stop_now:
                 flush()
             if val_rows is not None and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
-                val = evaluate(model, val_rows, cfg, info, autocast)
+                val = evaluate(model, val_rows, cfg, info, autocast, lay)
                 if val is not None:
                     result.val_losses[step] = val
                     logger.log([{"step": step, "split": "val", "loss": val, "elapsed_s": round(elapsed, 3)}])
