@@ -98,10 +98,12 @@ class LoopConfig:
 @dataclass
 class DistConfig:
     """Used under torchrun: strategy ddp (DistributedDataParallel), fsdp (FSDP2 fully_shard), tp (tensor
-    parallel over all processes) or cp (context parallel: the sequence split over all processes)."""
+    parallel over all processes), cp (context parallel: the sequence split over all processes) or
+    fsdp_tp (tensor parallel in groups of tp_size processes, FSDP2 across the groups)."""
 
     strategy: str = "ddp"
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    tp_size: int = 2  # fsdp_tp: processes of one tensor-parallel group
 
 
 @dataclass
@@ -126,7 +128,7 @@ CHOICES = {
     ("data", "format"): ("auto", "text", "jsonl", "hf"),
     ("optim", "fused"): ("auto", "true", "false"),
     ("train", "precision"): ("auto", "bf16", "fp32"),
-    ("distributed", "strategy"): ("ddp", "fsdp", "tp", "cp"),
+    ("distributed", "strategy"): ("ddp", "fsdp", "tp", "cp", "fsdp_tp"),
     ("distributed", "backend"): ("auto", "nccl", "gloo"),
 }
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}

@@ -8,6 +8,9 @@
 - cp: context parallel over all processes (`mambakit.parallel.parallelize_context`). Every process
   takes every micro-batch's rows but only its slice of the sequence (seq_len / world_size tokens);
   the loss and the gradients are sums over the slices.
+- fsdp_tp: a ("dp", "tp") mesh of world_size / tp_size x tp_size processes
+  (`mambakit.parallel.parallelize_fsdp_tp`): tp inside each group of `distributed.tp_size`
+  consecutive ranks, FSDP2 across the groups, which share the micro-batches as under fsdp.
 
 `Layout` carries what the trainer's loop needs to know about that; `split_sequence` cuts a batch for
 cp. The tp checkpoint helpers gather sharded parameters (and their optimizer state) into the one-
@@ -21,11 +24,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from mambakit.training.data import Batch
 from mambakit.training.distributed import DistInfo
 
-STRATEGIES = ("ddp", "fsdp", "tp", "cp")
+STRATEGIES = ("ddp", "fsdp", "tp", "cp", "fsdp_tp")
 
 
 @dataclass(frozen=True)
@@ -35,24 +44,35 @@ class Layout:
     data_world: int  # how many shares there are
     seq_rank: int  # which slice of the sequence (cp), else 0
     seq_world: int  # how many slices (cp), else 1
+    tp_size: int = 1  # processes of one tensor-parallel group (tp: all of them; fsdp_tp: tp_size)
 
     @property
     def grad_scale(self) -> float:
         """Factor on the summed loss before backward so that gradients come out as the sum over the
-        global batch: the data-parallel wrappers average over processes, tp and cp do not."""
-        return float(self.data_world) if self.strategy in ("ddp", "fsdp") else 1.0
+        global batch: the FSDP/DDP wrappers average over the data-parallel processes, TP and CP do not."""
+        return float(self.data_world) if self.strategy in ("ddp", "fsdp", "fsdp_tp") else 1.0
 
     @property
-    def loss_is_replicated(self) -> bool:
-        """Every process holds the same whole loss (tp): logged sums must not be summed over processes."""
-        return self.strategy == "tp" and self.seq_world == 1 and self.data_world == 1
+    def loss_replicas(self) -> int:
+        """How many processes hold each share of the loss (the members of a TP group hold the same):
+        a logged sum over all processes is divided by it."""
+        return self.tp_size
 
 
-def layout(strategy: str, info: DistInfo, seq_len: int) -> Layout:
+def layout(strategy: str, info: DistInfo, seq_len: int, tp_size: int = 2) -> Layout:
+    """The layout of `strategy` for this process; `tp_size` is read by fsdp_tp only."""
     if strategy not in STRATEGIES:
         raise ValueError(f"distributed.strategy must be one of {STRATEGIES}, got {strategy!r}")
     if not info.enabled or strategy in ("ddp", "fsdp"):
         return Layout(strategy, info.rank, info.world_size, 0, 1)
+    if strategy == "fsdp_tp":
+        if tp_size < 2 or info.world_size % tp_size or info.world_size == tp_size:
+            raise ValueError(
+                f"distributed.tp_size={tp_size} must be at least 2 and divide the number of processes "
+                f"({info.world_size}) into at least two groups for distributed.strategy='fsdp_tp'"
+            )
+        # init_device_mesh lays ranks out row-major: rank = dp_index * tp_size + tp_index
+        return Layout(strategy, info.rank // tp_size, info.world_size // tp_size, 0, 1, tp_size)
     if strategy == "cp" and seq_len % info.world_size:
         raise ValueError(
             f"data.seq_len={seq_len} must be a multiple of the number of processes ({info.world_size}) "
@@ -60,7 +80,7 @@ def layout(strategy: str, info: DistInfo, seq_len: int) -> Layout:
         )
     if strategy == "cp":
         return Layout(strategy, 0, 1, info.rank, info.world_size)
-    return Layout(strategy, 0, 1, 0, 1)
+    return Layout(strategy, 0, 1, 0, 1, info.world_size)
 
 
 def split_sequence(batch: Batch, lay: Layout) -> Batch:
@@ -73,12 +93,21 @@ def split_sequence(batch: Batch, lay: Layout) -> Batch:
     return Batch(batch.input_ids[:, cut], batch.targets[:, cut], seq_idx)
 
 
-def parallelize_model(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
-    """Apply tp or cp to a built model over all processes (every process built the same weights)."""
-    from mambakit.parallel import parallelize_context, parallelize_tensor
+def parallelize_model(model: nn.Module, lay: Layout, info: DistInfo) -> nn.Module:
+    """Apply tp, cp or fsdp_tp to a built model (every process built the same weights)."""
+    from mambakit.parallel import parallelize_context, parallelize_fsdp_tp, parallelize_tensor
 
-    group = dist.group.WORLD
-    return parallelize_tensor(model, group) if strategy == "tp" else parallelize_context(model, group)
+    if lay.strategy == "tp":
+        return parallelize_tensor(model, dist.group.WORLD)
+    if lay.strategy == "cp":
+        return parallelize_context(model, dist.group.WORLD)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = (lay.data_world, lay.tp_size)
+    mesh = init_device_mesh(info.device.type, shape, mesh_dim_names=("dp", "tp"))
+    if mesh.get_local_rank("dp") != lay.data_rank:  # the row-major layout `layout` assumed
+        raise RuntimeError(f"rank {info.rank}: mesh puts it in dp group {mesh.get_local_rank('dp')}")
+    return parallelize_fsdp_tp(model, mesh)
 
 
 def sum_gradients_cp(model: nn.Module) -> None:
@@ -97,49 +126,47 @@ def _is_moment(v: object) -> bool:
     return torch.is_tensor(v) and v.dim() > 0
 
 
+_FULL = StateDictOptions(full_state_dict=True)
+
+
 def tp_full_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(model state, optimizer state) of a tp model in the one-process layout, on the CPU, on every
-    process (collective). The optimizer state is keyed by parameter name, as `full_optimizer_state`."""
-    from mambakit.parallel import gather_full
+    """(model state, optimizer state) of a tp or fsdp_tp model in the one-process layout, on the CPU,
+    on every process (collective). FSDP shards are gathered by `torch.distributed.checkpoint`'s full
+    state dicts, then TP shards (weights and AdamW moments) by `gather_full`; the optimizer state is
+    keyed by parameter name, as `full_optimizer_state`."""
+    from mambakit.parallel import full_state_dict, gather_full
 
     plan, group = _plan(model), model.tp_group
-    model_state = gather_full({k: v.detach() for k, v in model.state_dict().items()}, plan, group)
-    names = {id(p): n for n, p in model.named_parameters()}
+    model_state = full_state_dict(model)
+    osd = get_optimizer_state_dict(model, optimizer, options=_FULL)
     state = {}
-    for name, p in model.named_parameters():  # the same order on every process: the gathers pair up
-        s = optimizer.state.get(p)
-        if not s:
-            continue
+    for name in (n for n, _ in model.named_parameters() if n in osd["state"]):  # same order everywhere
+        s = osd["state"][name]
         moments = {f"{name}/{k}": v for k, v in s.items() if _is_moment(v)}
         full = gather_full(moments, {k: plan[name] for k in moments} if name in plan else {}, group)
         state[name] = {k: _cpu(full.get(f"{name}/{k}", v)) for k, v in s.items()}
-    groups = [{**g, "params": [names[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
-    return {k: v.cpu() for k, v in model_state.items()}, {"state": state, "param_groups": groups}
+    return {k: v.cpu() for k, v in model_state.items()}, {"state": state, "param_groups": osd["param_groups"]}
 
 
 def tp_load_full_states(
     model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict
 ) -> None:
-    """Load one-process-layout states (from any strategy's checkpoint) into a tp model: each process
-    keeps its shard of the sharded parameters and of their optimizer state."""
+    """Load one-process-layout states (from any strategy's checkpoint) into a tp or fsdp_tp model: each
+    process keeps its TP shard of the sharded parameters and of their moments (FSDP then takes its own
+    shard through `torch.distributed.checkpoint`)."""
     plan = _plan(model)
     rank, world = dist.get_rank(model.tp_group), dist.get_world_size(model.tp_group)
 
     def shard(name: str, v: torch.Tensor) -> torch.Tensor:
         return plan[name].local(v, rank, world) if name in plan else v
 
-    model.load_state_dict({k: shard(k, v) for k, v in model_state.items()})
-    params = dict(model.named_parameters())
-    index = {}  # parameter name -> its position in the optimizer, as `Optimizer.load_state_dict` wants
-    for g in optimizer.param_groups:
-        for p in g["params"]:
-            index[next(n for n, q in params.items() if q is p)] = len(index)
+    set_model_state_dict(model, {k: shard(k, v) for k, v in model_state.items()}, options=_FULL)
     state = {
-        index[name]: {k: shard(name, v).to(params[name].device) if _is_moment(v) else v for k, v in s.items()}
+        name: {k: shard(name, v) if _is_moment(v) else v for k, v in s.items()}
         for name, s in optim_state["state"].items()
     }
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in optim_state["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    osd = {"state": state, "param_groups": optim_state["param_groups"]}
+    set_optimizer_state_dict(model, optimizer, osd, options=_FULL)
 
 
 def _cpu(v: object) -> object:

@@ -139,8 +139,7 @@ def evaluate(
             loss = lm_loss(model, batch.input_ids, batch.targets, batch.seq_idx)
         total += torch.stack([loss.double(), torch.tensor(float(batch.num_targets), device=info.device)])
     model.train()
-    if not lay.loss_is_replicated:
-        total = D.all_reduce(total, info)
+    total = D.all_reduce(total, info) / lay.loss_replicas
     return float(total[0] / total[1].clamp(min=1))
 
 
@@ -230,9 +229,9 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
         for layer in model.backbone.layers:
             layer.compile()
     n_params = sum(p.numel() for p in model.parameters())  # before sharding: the whole model
-    lay = layout(cfg.distributed.strategy, info, cfg.data.seq_len)
-    if info.enabled and lay.strategy in ("tp", "cp"):
-        model = L.parallelize_model(model, lay.strategy, info)
+    lay = layout(cfg.distributed.strategy, info, cfg.data.seq_len, cfg.distributed.tp_size)
+    if info.enabled and lay.strategy in ("tp", "cp", "fsdp_tp"):
+        model = L.parallelize_model(model, lay, info)
     else:
         model = D.parallelize(model, cfg.distributed.strategy, info)
     optimizer = build_optimizer(model, cfg.optim)
@@ -360,8 +359,7 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if not lay.loss_is_replicated:
-                loss_sum = D.all_reduce(loss_sum, info)
+            loss_sum = D.all_reduce(loss_sum, info) / lay.loss_replicas
             pending.append((step, loss_sum / n_targets, grad_norm.detach(), lr))
             window_steps += 1
             window_time += time.perf_counter() - t0

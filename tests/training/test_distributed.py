@@ -29,16 +29,16 @@ def _toml(v: object) -> str:
     return ("true" if v else "false") if isinstance(v, bool) else str(v)
 
 
-def _torchrun_cmd(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+def _torchrun_cmd(args: list[str], nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
            "127.0.0.1", "--master-port", str(_free_port()), "-m", "mambakit", "train", *args]  # fmt: skip
 
 
 ENV = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
 
 
-def _torchrun(args: list[str]) -> str:
-    proc = subprocess.run(_torchrun_cmd(args), env=ENV, capture_output=True, text=True, timeout=240)
+def _torchrun(args: list[str], nproc: int = 2) -> str:
+    proc = subprocess.run(_torchrun_cmd(args, nproc), env=ENV, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout + proc.stderr
 
@@ -128,3 +128,26 @@ def test_tp_and_cp_match_one_process_and_checkpoints_move(corpus, tmp_path):
     _torchrun(["--resume", str(ckpt), "--set", "distributed.strategy=tp"])
     tp = _losses(tmp_path / "one_copy" / "run")
     _close({k: v for k, v in tp.items() if k > 3}, {k: v for k, v in ref.losses.items() if k > 3}, rel=1e-4)
+
+
+def test_fsdp_x_tp_on_4_processes_matches_one_process_and_checkpoints_move(corpus, tmp_path):
+    """distributed.strategy fsdp_tp on 4 processes (2 TP groups of 2, FSDP2 across them) trains the
+    1-process losses, and checkpoints move to and from 1 process."""
+    extra = {"train.device": "cpu", "model.attn.num_kv_heads": 2}
+    ref = train(tiny_config(corpus, tmp_path / "one", **extra))
+    shutil.copytree(ref.run_dir, tmp_path / "one_copy" / "run")
+    over = tiny_overrides(corpus, tmp_path / "2d", **extra, **{"distributed.strategy": "fsdp_tp"})
+    out = _torchrun([f"--set={k}={_toml(v)}" for k, v in over.items()], nproc=4)
+    assert "4 process(es)" in out
+    _close(_losses(tmp_path / "2d" / "run"), ref.losses, rel=1e-4)
+    _close(_losses(tmp_path / "2d" / "run", "val"), ref.val_losses, rel=1e-4)
+
+    later = {k: v for k, v in ref.losses.items() if k > 3}
+    resumed = train(
+        tiny_config(corpus, tmp_path / "2d", **extra),
+        resume=tmp_path / "2d" / "run" / "checkpoints" / "step_00000003",
+    )
+    _close(resumed.losses, later, rel=1e-4)
+    ckpt = tmp_path / "one_copy" / "run" / "checkpoints" / "step_00000003"
+    _torchrun(["--resume", str(ckpt), "--set", "distributed.strategy=fsdp_tp"], nproc=4)
+    _close({k: v for k, v in _losses(tmp_path / "one_copy" / "run").items() if k > 3}, later, rel=1e-4)
