@@ -124,12 +124,7 @@ def prefill(
     (batch, vocab_size). Same as `model(input_ids, seq_idx=seq_idx, cache=cache)[:, -1]` but projects
     only the last position onto the vocabulary (a 64K-token prompt would otherwise make a
     (64K, vocab) logits tensor)."""
-    model._check_input_ids(input_ids, cache, step=False)
-    hidden, residual = model.backbone.embedding(input_ids), None
-    for layer, state in zip(model.backbone.layers, cache.states):
-        hidden, residual = layer(hidden, residual, seq_idx=seq_idx, cache=state)
-    cache.seqlen_offset += input_ids.shape[1]
-    return model._logits(hidden[:, -1:], None if residual is None else residual[:, -1:])[:, 0]
+    return model(input_ids, seq_idx=seq_idx, cache=cache, logits_to_keep=1)[:, 0]
 
 
 def _eos_tensor(eos_token_id: int | Sequence[int] | None, vocab_size: int, device) -> torch.Tensor | None:

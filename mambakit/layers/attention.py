@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambakit.inference.cache import KVCache
 from mambakit.layers.packing import check_hidden, check_state_batch, resolve_seq_idx
 from mambakit.layers.rotary import apply_rotary, rotary_cos_sin
+from mambakit.layers.state import KVCache
 
 
 class Attention(nn.Module):

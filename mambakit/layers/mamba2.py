@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from mambakit import ops
-from mambakit.inference.cache import MambaState
 from mambakit.layers.norm import GatedRMSNorm
 from mambakit.layers.packing import check_hidden, check_state_batch, cu_seqlens_as_seq_idx
 from mambakit.layers.ssm_init import decay_rates, dt_bias_init, no_weight_decay, state_dtype
+from mambakit.layers.state import MambaState
 from mambakit.layers.step_ops import step_ops
 
 

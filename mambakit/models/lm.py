@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from mambakit import ops
-from mambakit.inference.cache import InferenceCache
 from mambakit.layers import MLP, Attention, Block, Mamba1, Mamba2
 from mambakit.layers.norm import RMSNorm
+from mambakit.layers.state import InferenceCache
 from mambakit.models.config import ModelConfig
 
 
@@ -168,6 +168,7 @@ class LanguageModel(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         cache: InferenceCache | None = None,
         return_hidden_states: bool = False,
+        logits_to_keep: int | None = None,
     ) -> torch.Tensor:
         """input_ids (batch, seqlen) integer -> logits (batch, seqlen, vocab_size).
 
@@ -176,14 +177,28 @@ class LanguageModel(nn.Module):
         prefill continues where the first stopped. With `return_hidden_states=True` the result is the
         final-normed hidden states (batch, seqlen, d_model) instead, the LM head's input, for a loss that
         applies the head itself (`ops.linear_cross_entropy(h, lm_head.weight, ..., vocab_size=...)`).
+        `logits_to_keep=k` returns only the last k positions (batch, k, ...): the others never reach the
+        final norm and the LM head (a prefill needs the last position's logits only).
         """
         self._check_input_ids(input_ids, cache, step=False)
+        if logits_to_keep is not None and (
+            isinstance(logits_to_keep, bool)
+            or not isinstance(logits_to_keep, int)
+            or not 1 <= logits_to_keep <= input_ids.shape[1]
+        ):
+            raise ValueError(
+                f"logits_to_keep must be None or an int in [1, seqlen={input_ids.shape[1]}], "
+                f"got {logits_to_keep!r}"
+            )
         hidden, residual = self.backbone.embedding(input_ids), None
         for i, layer in enumerate(self.backbone.layers):
             state = cache.states[i] if cache is not None else None
             hidden, residual = layer(hidden, residual, seq_idx=seq_idx, cu_seqlens=cu_seqlens, cache=state)
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
+        if logits_to_keep is not None:
+            hidden = hidden[:, -logits_to_keep:]
+            residual = None if residual is None else residual[:, -logits_to_keep:]
         if return_hidden_states:
             return self._final_norm(hidden, residual)
         return self._logits(hidden, residual)

@@ -138,6 +138,21 @@ def test_initialization():
     assert m1.dt_proj.bias.abs().min() > 0  # not zeroed
 
 
+@pytest.mark.parametrize("kind", ["mamba1", "hybrid"])
+def test_logits_to_keep_is_the_last_positions_of_the_full_forward(kind):
+    model = make(kind).eval()
+    tokens = ids(2, 9)
+    with torch.no_grad():
+        full = model(tokens)
+        for k in (1, 4, 9):
+            assert_close(model(tokens, logits_to_keep=k), full[:, -k:], tol=1e-5)
+        hidden = model(tokens, return_hidden_states=True)
+        assert_close(model(tokens, return_hidden_states=True, logits_to_keep=3), hidden[:, -3:], tol=1e-5)
+    for bad in (0, 10, 2.0, True):
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            model(tokens, logits_to_keep=bad)
+
+
 def test_input_checks():
     model = make("hybrid")
     with pytest.raises(TypeError, match="input_ids"):

@@ -187,16 +187,24 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _seq_chunk_override_or_sms(x: torch.Tensor) -> tuple[int | None, int]:
+    """(chunks fixed by MAMBAKIT_SCAN_SEQ_CHUNKS or 1 off the GPU, else None; the device's SM count)."""
+    env = os.environ.get("MAMBAKIT_SCAN_SEQ_CHUNKS")
+    if env:
+        return max(1, int(env)), 0
+    if x.device.type != "cuda":
+        return 1, 0
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return None, _sm_count(index)
+
+
 def default_seq_chunks(x: torch.Tensor, programs: int, seqlen: int, block_l: int) -> int:
     """Split the sequence into chunks scanned in parallel only when batch x channel blocks leave the GPU
     idle (small batch, long sequence): the split costs a second scan of the sequence."""
-    env = os.environ.get("MAMBAKIT_SCAN_SEQ_CHUNKS")
-    if env:
-        return max(1, int(env))
-    if x.device.type != "cuda":
-        return 1
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    target = 4 * _sm_count(index)
+    fixed, sms = _seq_chunk_override_or_sms(x)
+    if fixed is not None:
+        return fixed
+    target = 4 * sms
     if programs >= target // 2:
         return 1
     return max(1, min(target // programs, seqlen // (64 * block_l)))
@@ -207,14 +215,10 @@ def default_seq_chunks_seq(x: torch.Tensor, warps: int, seqlen: int) -> int:
     batch 4 x dim 4096 (4 warps per multiprocessor; each warp's steps wait on their loads), so the
     sequence is split until about 32 warps per multiprocessor are resident, keeping chunks of at least
     128 steps. Measured at the anchor, L = 8192: 1 chunk 4.8 ms, 2 chunks 4.3, 8 chunks 2.6, 16 chunks 2.6."""
-    env = os.environ.get("MAMBAKIT_SCAN_SEQ_CHUNKS")
-    if env:
-        return max(1, int(env))
-    if x.device.type != "cuda":
-        return 1
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    target = 32 * _sm_count(index)
-    return max(1, min(round(target / max(warps, 1)), seqlen // 128))
+    fixed, sms = _seq_chunk_override_or_sms(x)
+    if fixed is not None:
+        return fixed
+    return max(1, min(round(32 * sms / max(warps, 1)), seqlen // 128))
 
 
 def selective_scan_fwd(
