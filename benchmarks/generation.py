@@ -69,9 +69,9 @@ def build(spec: str | ModelConfig, device, dtype) -> LanguageModel:
     return LanguageModel(config, device=device, dtype=dtype).eval()
 
 
-def state_bytes_per_sequence(model: LanguageModel, seqlen: int, dtype) -> int:
+def state_bytes_per_sequence(model: LanguageModel, seqlen: int, dtype, ssm_dtype=None) -> int:
     """Bytes of decoding state (conv + SSM states, KV caches) one sequence of `seqlen` tokens needs."""
-    cache = model.allocate_inference_cache(1, seqlen, dtype=dtype, device="meta")
+    cache = model.allocate_inference_cache(1, seqlen, dtype=dtype, device="meta", ssm_dtype=ssm_dtype)
     total = 0
     for s in cache.states:
         if s is None:
@@ -87,12 +87,16 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def run_generate(model, batch, prompt_len, new_tokens, device, cuda_graph, repeats=2, compile=False) -> dict:
+def run_generate(
+    model, batch, prompt_len, new_tokens, device, cuda_graph, repeats=2, compile=False, ssm_dtype=None
+) -> dict:
     """Greedy generation from random prompts; the best of `repeats` timed runs after one warm-up
     (the warm-up captures the CUDA graph). Decode ms/token counts the steps after the first token."""
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
-    kw = dict(max_new_tokens=new_tokens, temperature=0, cuda_graph=cuda_graph, compile=compile)
+    kw = dict(
+        max_new_tokens=new_tokens, temperature=0, cuda_graph=cuda_graph, compile=compile, ssm_dtype=ssm_dtype
+    )
     generate(model, ids, **kw)  # warm-up: compile, autotune, capture
     best = None
     if device.type == "cuda":
@@ -149,6 +153,10 @@ def main() -> int:
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--no-cuda-graph", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step before capture")
+    ap.add_argument(
+        "--ssm-dtype", choices=["float32", "bfloat16"], default="float32",
+        help="SSM state dtype of the decode section (the official decoder keeps it in the model dtype)",
+    )  # fmt: skip
     ap.add_argument("--sections", default="decode,prefill,longctx", help="GPU sections to run")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (CPU runs)")
     args = ap.parse_args()
@@ -161,7 +169,9 @@ def main() -> int:
         "device": str(device),
         "cuda_graph": graph and device.type == "cuda",
         "compile": args.compile,
+        "ssm_dtype": args.ssm_dtype,
     }
+    ssm_dtype = torch.bfloat16 if args.ssm_dtype == "bfloat16" else None
     sections = set(args.sections.split(","))
 
     if device.type != "cuda":
@@ -204,9 +214,11 @@ def main() -> int:
             model = build(name, device, dtype)
             for batch in (1, 64):
                 free(device)
-                r = run_generate(model, batch, 128, new, device, graph, compile=args.compile)
+                r = run_generate(
+                    model, batch, 128, new, device, graph, compile=args.compile, ssm_dtype=ssm_dtype
+                )
                 r["model"] = name
-                r["state_bytes_per_seq"] = state_bytes_per_sequence(model, 128 + new, dtype)
+                r["state_bytes_per_seq"] = state_bytes_per_sequence(model, 128 + new, dtype, ssm_dtype)
                 r["official"] = OFFICIAL.get((name, batch))
                 rows.append(r)
                 print(

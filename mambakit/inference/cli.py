@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on CUDA")
     parser.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
+    parser.add_argument(
+        "--ssm-dtype", choices=sorted(_DTYPES), default=None, help="SSM state dtype (default float32)"
+    )
 
 
 def load_tokenizer_for(model_dir: Path, spec: str | None, eos_token: str | None):
@@ -107,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
             repetition_penalty=args.repetition_penalty, eos_token_id=eos, seed=args.seed,
             cuda_graph=not args.no_cuda_graph, callback=on_tokens,
+            ssm_dtype=_DTYPES[args.ssm_dtype] if args.ssm_dtype else None,
         )  # fmt: skip
     except ValueError as e:
         raise SystemExit(f"mambakit generate: {e}") from None

@@ -34,7 +34,7 @@ class CUDAGraphDecoder:
 
     def __init__(
         self, model: nn.Module, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
-        warmup_steps: int = 2, compile: bool = False,
+        warmup_steps: int = 2, compile: bool = False, ssm_dtype: torch.dtype | None = None,
     ) -> None:  # fmt: skip
         device = model.backbone.embedding.weight.device
         if device.type != "cuda":
@@ -48,8 +48,9 @@ class CUDAGraphDecoder:
         step_fn = torch.compile(model.step, dynamic=False) if compile else model.step
         self.cache_dtype = dtype or model.backbone.embedding.weight.dtype
         self.cache: InferenceCache = model.allocate_inference_cache(
-            batch_size, max_seqlen, dtype=self.cache_dtype
+            batch_size, max_seqlen, dtype=self.cache_dtype, ssm_dtype=ssm_dtype
         )
+        self.ssm_dtype = ssm_dtype
         from mambakit.layers.attention import enable_static_position
 
         self._positions = [enable_static_position(s) for s in self.cache.states if isinstance(s, KVCache)]
@@ -94,17 +95,20 @@ def cuda_graph_decoder(
     max_seqlen: int,
     dtype: torch.dtype | None = None,
     compile: bool = False,
+    ssm_dtype: torch.dtype | None = None,
 ) -> CUDAGraphDecoder:
     """The model's decoder for `batch_size`, captured now or reused (when it holds >= max_seqlen tokens
-    and has the same cache dtype); its cache is reset."""
+    and has the same cache and SSM-state dtypes); its cache is reset."""
     graphs: dict[int, CUDAGraphDecoder] = model.__dict__.setdefault(_ATTR, {})
     dec = graphs.get(batch_size)
     want_dtype = dtype or model.backbone.embedding.weight.dtype
     stale = dec is None or dec.max_seqlen < max_seqlen or dec.cache_dtype != want_dtype
-    if stale or dec.compiled != compile:
+    if stale or dec.compiled != compile or dec.ssm_dtype != ssm_dtype:
         graphs.pop(batch_size, None)  # free the old graph and cache before capturing a new one
         del dec
-        dec = CUDAGraphDecoder(model, batch_size, max_seqlen, dtype=want_dtype, compile=compile)
+        dec = CUDAGraphDecoder(
+            model, batch_size, max_seqlen, dtype=want_dtype, compile=compile, ssm_dtype=ssm_dtype
+        )
         graphs[batch_size] = dec
     else:
         dec.reset()

@@ -156,6 +156,7 @@ def stream_generate(
     max_seqlen: int | None = None,
     cuda_graph: bool = True,
     compile: bool = False,
+    ssm_dtype: torch.dtype | None = None,
     stats: dict | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the new tokens (batch,) int64 (on the model's device) one step at a time.
@@ -200,10 +201,10 @@ def stream_generate(
     if use_graph:
         from mambakit.inference.cuda_graph import cuda_graph_decoder
 
-        decoder = cuda_graph_decoder(model, batch, max_seqlen, compile=compile)
+        decoder = cuda_graph_decoder(model, batch, max_seqlen, compile=compile, ssm_dtype=ssm_dtype)
         cache, step = decoder.cache, decoder.step
     else:
-        cache = model.allocate_inference_cache(batch, max_seqlen)
+        cache = model.allocate_inference_cache(batch, max_seqlen, ssm_dtype=ssm_dtype)
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
             return model.step(tokens[:, None], cache)[:, -1]
@@ -257,6 +258,7 @@ def generate(
     max_seqlen: int | None = None,
     cuda_graph: bool = True,
     compile: bool = False,
+    ssm_dtype: torch.dtype | None = None,
     callback: Callable[[torch.Tensor], object] | None = None,
 ) -> GenerationOutput:
     """Generate up to `max_new_tokens` tokens after each prompt.
@@ -269,6 +271,8 @@ def generate(
     seed or generator: the randomness of sampling; the same seed gives the same tokens.
     max_seqlen: the capacity of the attention caches (default: just enough); a prompt that does not
         fit raises. cuda_graph: replay a captured decode step on CUDA (ignored on the CPU).
+    ssm_dtype: the SSM states' dtype, default float32; torch.bfloat16 halves the decoding state (what
+        bounds Mamba-2 decoding at large batch), with steps still computed in float32.
     callback: called with the new tokens (batch,) int64 on the CPU after every step (streaming).
     """
     stats: dict = {}
@@ -277,7 +281,7 @@ def generate(
         model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id, seed=seed, generator=generator, attention_mask=attention_mask,
-        max_seqlen=max_seqlen, cuda_graph=cuda_graph, compile=compile, stats=stats,
+        max_seqlen=max_seqlen, cuda_graph=cuda_graph, compile=compile, ssm_dtype=ssm_dtype, stats=stats,
     ):  # fmt: skip
         steps.append(tokens)
         if callback is not None:

@@ -191,9 +191,10 @@ class Attention(nn.Module):
         return self._attend(q, cache.k.to(q.dtype), cache.v.to(q.dtype), mask[:, None, None, :], False)
 
     def allocate_inference_cache(
-        self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, device=None
+        self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, device=None, ssm_dtype=None
     ) -> KVCache:
-        """Empty cache: k, v (batch, max_seqlen, num_kv_heads, head_dim) in `dtype`."""
+        """Empty cache: k, v (batch, max_seqlen, num_kv_heads, head_dim) in `dtype` (`ssm_dtype` is for
+        SSM layers and unused here)."""
         device = device or self.out_proj.weight.device
         dtype = dtype or self.out_proj.weight.dtype
         shape = (batch_size, max_seqlen, self.num_kv_heads, self.head_dim)

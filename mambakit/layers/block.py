@@ -49,5 +49,10 @@ class Block(nn.Module):
         )
         return self.mixer.step(normed, cache), residual
 
-    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, device=None):
-        return self.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, device=device)
+    def allocate_inference_cache(
+        self, batch_size: int, max_seqlen: int, dtype=None, device=None, ssm_dtype=None
+    ):
+        """The mixer's decoding state (`ssm_dtype`: the SSM state's dtype, for SSM mixers)."""
+        return self.mixer.allocate_inference_cache(
+            batch_size, max_seqlen, dtype=dtype, device=device, ssm_dtype=ssm_dtype
+        )

@@ -19,7 +19,14 @@ from torch import nn
 
 from mambakit import ops
 from mambakit.layers.packing import check_hidden, check_state_batch, resolve_seq_idx
-from mambakit.layers.ssm_init import decay_rates, dt_bias_init, no_reinit, no_weight_decay, state_dtype
+from mambakit.layers.ssm_init import (
+    cache_ssm_dtype,
+    decay_rates,
+    dt_bias_init,
+    no_reinit,
+    no_weight_decay,
+    state_dtype,
+)
 from mambakit.layers.state import MambaState
 from mambakit.layers.step_ops import step_ops
 
@@ -100,7 +107,8 @@ class Mamba1(nn.Module):
             check_state_batch("cache", cache.ssm_state.shape[0], batch)
             if cache.seqlen_offset > 0:
                 # clones: the buffers are overwritten below and may be saved for backward
-                conv_init, ssm_init = cache.conv_state.clone(), cache.ssm_state.clone()
+                conv_init = cache.conv_state.clone()
+                ssm_init = cache.ssm_state.to(state_dtype(self.A_log.dtype), copy=True)  # scans take fp32
         want_state = cache is not None
 
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
@@ -135,14 +143,24 @@ class Mamba1(nn.Module):
         return self.out_proj(y).unsqueeze(1)
 
     def allocate_inference_cache(
-        self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, device=None
+        self,
+        batch_size: int,
+        max_seqlen: int,
+        dtype: torch.dtype | None = None,
+        device=None,
+        ssm_dtype: torch.dtype | None = None,
     ) -> MambaState:
-        """Zero state: conv (batch, d_inner, d_conv - 1) in `dtype`, SSM (batch, d_inner, d_state) float32."""
+        """Zero state: conv (batch, d_inner, d_conv - 1) in `dtype`, SSM (batch, d_inner, d_state) in
+        `ssm_dtype`, default float32 (bfloat16 halves it; see `ops.selective_state_update`)."""
         device = device or self.out_proj.weight.device
         dtype = dtype or self.out_proj.weight.dtype
         return MambaState(
             conv_state=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
             ssm_state=torch.zeros(
-                batch_size, self.d_inner, self.d_state, device=device, dtype=state_dtype(self.A_log.dtype)
-            ),
+                batch_size,
+                self.d_inner,
+                self.d_state,
+                device=device,
+                dtype=cache_ssm_dtype(self.A_log.dtype, ssm_dtype),
+            ),  # fmt: skip
         )

@@ -19,7 +19,7 @@ from torch import nn
 from mambakit import ops
 from mambakit.layers.norm import GatedRMSNorm
 from mambakit.layers.packing import check_hidden, check_state_batch, cu_seqlens_as_seq_idx
-from mambakit.layers.ssm_init import decay_rates, dt_bias_init, no_weight_decay, state_dtype
+from mambakit.layers.ssm_init import cache_ssm_dtype, decay_rates, dt_bias_init, no_weight_decay, state_dtype
 from mambakit.layers.state import MambaState
 from mambakit.layers.step_ops import step_ops
 
@@ -125,7 +125,8 @@ class Mamba2(nn.Module):
             check_state_batch("cache", cache.ssm_state.shape[0], batch)
             if cache.seqlen_offset > 0:
                 # clones: the buffers are overwritten below and may be saved for backward
-                conv_init, ssm_init = cache.conv_state.clone(), cache.ssm_state.clone()
+                conv_init = cache.conv_state.clone()
+                ssm_init = cache.ssm_state.to(state_dtype(self.A_log.dtype), copy=True)  # scans take fp32
         want_state = cache is not None
         # the conv takes document ids only; the scan takes cu_seqlens itself
         conv_seq_idx = seq_idx
@@ -175,10 +176,15 @@ class Mamba2(nn.Module):
         return self.out_proj(y).unsqueeze(1)
 
     def allocate_inference_cache(
-        self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, device=None
+        self,
+        batch_size: int,
+        max_seqlen: int,
+        dtype: torch.dtype | None = None,
+        device=None,
+        ssm_dtype: torch.dtype | None = None,
     ) -> MambaState:
-        """Zero state: conv (batch, conv_dim, d_conv - 1) in `dtype`;
-        SSM (batch, nheads, headdim, d_state) float32."""
+        """Zero state: conv (batch, conv_dim, d_conv - 1) in `dtype`; SSM (batch, nheads, headdim,
+        d_state) in `ssm_dtype`, default float32 (bfloat16 halves it; see `ops.ssd_state_update`)."""
         device = device or self.out_proj.weight.device
         dtype = dtype or self.out_proj.weight.dtype
         return MambaState(
@@ -189,6 +195,6 @@ class Mamba2(nn.Module):
                 self.headdim,
                 self.d_state,
                 device=device,
-                dtype=state_dtype(self.A_log.dtype),
+                dtype=cache_ssm_dtype(self.A_log.dtype, ssm_dtype),
             ),
         )

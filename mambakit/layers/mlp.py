@@ -60,5 +60,7 @@ class MLP(nn.Module):
         check_hidden(hidden_states, self.d_model, step=True)
         return self.forward(hidden_states)
 
-    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, device=None) -> None:
-        return None
+    def allocate_inference_cache(
+        self, batch_size: int, max_seqlen: int, dtype=None, device=None, ssm_dtype=None
+    ) -> None:
+        return None  # an MLP keeps no state

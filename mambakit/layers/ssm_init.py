@@ -40,6 +40,16 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def cache_ssm_dtype(layer_dtype: torch.dtype, ssm_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of a decoding cache's SSM state: `ssm_dtype` when given (bfloat16 / float16 halve the
+    state's memory; steps still run in float32), else `state_dtype(layer_dtype)`."""
+    if ssm_dtype is None:
+        return state_dtype(layer_dtype)
+    if ssm_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"ssm_dtype must be float16, bfloat16, float32, float64 or None, got {ssm_dtype!r}")
+    return ssm_dtype
+
+
 def decay_rates(module: nn.Module) -> torch.Tensor:
     """A = -exp(A_log) in the state dtype, for `module.A_log` (any shape).
 

@@ -221,10 +221,16 @@ class LanguageModel(nn.Module):
         return generate(self, input_ids, **kwargs)
 
     def allocate_inference_cache(
-        self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, device=None
+        self,
+        batch_size: int,
+        max_seqlen: int,
+        dtype: torch.dtype | None = None,
+        device=None,
+        ssm_dtype: torch.dtype | None = None,
     ) -> InferenceCache:
         """Zeroed per-layer states for `batch_size` rows and up to `max_seqlen` tokens; conv and KV
-        states in `dtype` (default: the parameters' dtype), SSM states in float32."""
+        states in `dtype` (default: the parameters' dtype), SSM states in `ssm_dtype` (default float32;
+        bfloat16 halves the decoding state, whose steps still run in float32, at bfloat16 precision)."""
         for name, v in (("batch_size", batch_size), ("max_seqlen", max_seqlen)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -232,7 +238,9 @@ class LanguageModel(nn.Module):
         dtype = dtype or weight.dtype
         device = device or weight.device
         states = [
-            layer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, device=device)
+            layer.allocate_inference_cache(
+                batch_size, max_seqlen, dtype=dtype, device=device, ssm_dtype=ssm_dtype
+            )
             for layer in self.backbone.layers
         ]
         return InferenceCache(states=states, batch_size=batch_size, max_seqlen=max_seqlen)

@@ -199,9 +199,32 @@ def test_cuda_graph_equals_eager(name):
     assert generate(model, PROMPTS[:1], max_new_tokens=8, temperature=0).row(0) == eager.row(0)[:8]
 
 
+def test_bfloat16_ssm_states_reach_the_cache_and_keep_greedy_tokens():
+    """generate(ssm_dtype=torch.bfloat16) decodes from bfloat16 SSM states: on these models (float32,
+    logits far apart) the greedy tokens equal the float32-state run's, and the streaming path honours
+    the argument too (the bfloat16 cache is what `allocate_inference_cache` hands out)."""
+    model = make_model("hybrid-tiny", dtype=torch.float32)
+    kw = dict(max_new_tokens=8, temperature=0)
+    want = generate(model, PROMPTS, **kw)
+    assert torch.equal(generate(model, PROMPTS, ssm_dtype=torch.bfloat16, **kw).tokens, want.tokens)
+    streamed = torch.stack(list(stream_generate(model, PROMPTS, ssm_dtype=torch.bfloat16, **kw)), dim=1)
+    assert torch.equal(streamed, want.tokens)
+    with pytest.raises(ValueError, match="ssm_dtype"):
+        generate(model, PROMPTS, ssm_dtype=torch.int32, **kw)
+
+
 @pytest.mark.gpu
 def test_compiled_cuda_graph_equals_eager():
     model = make_model("tiny-mamba2", dtype=torch.float32, device="cuda")
     kw = dict(max_new_tokens=12, temperature=0)
     eager = generate(model, PROMPTS, cuda_graph=False, **kw)
     assert torch.equal(generate(model, PROMPTS, compile=True, **kw).tokens, eager.tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["tiny-mamba1", "tiny-mamba2"])
+def test_cuda_graph_with_bfloat16_ssm_states_equals_eager(name):
+    model = make_model(name, dtype=torch.float32, device="cuda")
+    kw = dict(max_new_tokens=16, temperature=0, ssm_dtype=torch.bfloat16)
+    eager = generate(model, PROMPTS, cuda_graph=False, **kw)
+    assert torch.equal(generate(model, PROMPTS, cuda_graph=True, **kw).tokens, eager.tokens)

@@ -50,8 +50,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-4
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * expected.abs().max().item())
 
 
-def decode(model: LanguageModel, tokens: torch.Tensor, prefills: list[int]) -> torch.Tensor:
-    cache = model.allocate_inference_cache(tokens.shape[0], tokens.shape[1] + 4)
+def decode(model: LanguageModel, tokens: torch.Tensor, prefills: list[int], ssm_dtype=None) -> torch.Tensor:
+    cache = model.allocate_inference_cache(tokens.shape[0], tokens.shape[1] + 4, ssm_dtype=ssm_dtype)
     outs, pos = [], 0
     for n in prefills:
         outs.append(model(tokens[:, pos : pos + n], cache=cache))
@@ -70,6 +70,22 @@ def test_decoding_equals_forward(kind, prefills):
     full = model(tokens)
     assert full.shape == (2, 20, 100)
     assert_close(decode(model, tokens, prefills), full)
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+@torch.no_grad()
+def test_bfloat16_ssm_states_decode_at_bfloat16_precision(kind):
+    """A cache with bfloat16 SSM states (half the decoding memory) gives the full forward's logits to
+    bfloat16 precision, through a chunked prefill (which reads the rounded state back) and steps."""
+    model, tokens = make(kind), ids(2, 20)
+    cache = model.allocate_inference_cache(2, 8, ssm_dtype=torch.bfloat16)
+    ssm = [s.ssm_state for s in cache.states if s is not None and hasattr(s, "ssm_state")]
+    assert ssm and all(t.dtype == torch.bfloat16 for t in ssm)
+    assert all(s.k.dtype == torch.float32 for s in cache.states if s is not None and hasattr(s, "k"))
+    full = model(tokens)
+    assert_close(decode(model, tokens, [3, 11], ssm_dtype=torch.bfloat16), full, tol=2e-2)
+    with pytest.raises(ValueError, match="ssm_dtype"):
+        model.allocate_inference_cache(2, 8, ssm_dtype=torch.int8)
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))

@@ -425,7 +425,7 @@ def test_bad_arguments_name_the_argument():
         selective_scan(**dict(inputs, seq_idx=torch.zeros(1, 4)), backend="triton")
     with pytest.raises(TypeError, match="state"):
         step = [inputs[k][:, 0] for k in ("x", "dt")] + [inputs["A"]] + [inputs[k][:, 0] for k in ("B", "C")]
-        selective_state_update(torch.zeros(1, 4, 2, dtype=torch.float16), *step, backend="triton")
+        selective_state_update(torch.zeros(1, 4, 2, dtype=torch.int32), *step, backend="triton")
 
 
 def test_custom_op_registration():

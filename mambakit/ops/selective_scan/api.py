@@ -12,7 +12,7 @@ import importlib
 import torch
 
 from mambakit.ops._backend import resolve_backend
-from mambakit.ops._checks import check_divides, check_optional, check_seq_idx, check_tensor
+from mambakit.ops._checks import FLOAT_DTYPES, check_divides, check_optional, check_seq_idx, check_tensor
 
 _IMPLEMENTED = ("reference", "torch", "triton")
 _MODULES = {"reference": ".reference", "torch": ".torch", "triton": ".triton"}
@@ -100,11 +100,13 @@ def selective_state_update(
 ) -> torch.Tensor:
     """One decoding step of the Mamba-1 scan; updates `state` in place.
 
-    Shapes: state (batch, dim, dstate) float32; x, dt, z (batch, dim); A (dim, dstate);
+    Shapes: state (batch, dim, dstate) float32 (or float64; bfloat16 / float16 halve a decoding
+    state's memory: the step runs in float32 and the new state is rounded when stored);
+    x, dt, z (batch, dim); A (dim, dstate);
     B, C (batch, ngroups, dstate); D, dt_bias (dim,). Same math as one step of `selective_scan`.
     Returns y (batch, dim) in x's dtype.
     """
-    check_tensor("state", state, (None, None, None), dtypes=(torch.float32, torch.float64))
+    check_tensor("state", state, (None, None, None), dtypes=FLOAT_DTYPES)
     batch, dim, dstate = state.shape
     dev = state.device
     check_tensor("x", x, (batch, dim), device=dev)

@@ -14,6 +14,7 @@ import torch
 
 from mambakit.ops._backend import resolve_backend
 from mambakit.ops._checks import (
+    FLOAT_DTYPES,
     check_divides,
     check_optional,
     check_positive_int,
@@ -150,11 +151,13 @@ def ssd_state_update(
 ) -> torch.Tensor:
     """One decoding step of the multi-head (Mamba-2) scan; updates `state` in place.
 
-    Shapes: state (batch, nheads, headdim, dstate) float32; x, z (batch, nheads, headdim);
+    Shapes: state (batch, nheads, headdim, dstate) float32 (or float64; bfloat16 / float16 halve a
+    decoding state's memory: the step runs in float32 and the new state is rounded when stored);
+    x, z (batch, nheads, headdim);
     dt (batch, nheads); A (nheads,); B, C (batch, ngroups, dstate); D (nheads,) or (nheads, headdim);
     dt_bias (nheads,). Same math as one step of `ssd`. Returns y (batch, nheads, headdim) in x's dtype.
     """
-    check_tensor("state", state, (None, None, None, None), dtypes=(torch.float32, torch.float64))
+    check_tensor("state", state, (None, None, None, None), dtypes=FLOAT_DTYPES)
     batch, nheads, headdim, dstate = state.shape
     dev = state.device
     check_tensor("x", x, (batch, nheads, headdim), device=dev)

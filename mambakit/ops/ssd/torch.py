@@ -233,7 +233,7 @@ def ssd_state_update_impl(
     """
     dtype = compute_dtype(x)
     if (
-        state.dtype != dtype
+        state.dtype not in (dtype, torch.float16, torch.bfloat16)
         or not state.is_contiguous()
         or (
             torch.is_grad_enabled()
@@ -245,10 +245,13 @@ def ssd_state_update_impl(
     ngroups = B.shape[1]
     delta = process_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)  # (batch, nheads)
     xs = x.to(dtype)
-    state.mul_(torch.exp(delta * A.to(dtype))[:, :, None, None])
-    hg = state.view(batch, ngroups, -1, dstate)  # (batch, ngroups, heads_per_group * headdim, dstate)
+    h = state if state.dtype == dtype else state.to(dtype)  # half-precision states step in float32
+    h.mul_(torch.exp(delta * A.to(dtype))[:, :, None, None])
+    hg = h.view(batch, ngroups, -1, dstate)  # (batch, ngroups, heads_per_group * headdim, dstate)
     hg.addcmul_((xs * delta[..., None]).view(batch, ngroups, -1, 1), B.to(dtype)[:, :, None, :])
     y = torch.matmul(hg, C.to(dtype)[:, :, :, None]).view(batch, nheads, headdim)
+    if h is not state:
+        state.copy_(h)
     if D is not None:
         D = D.to(dtype)
         y = y.addcmul_(xs, D[:, None] if D.ndim == 1 else D)

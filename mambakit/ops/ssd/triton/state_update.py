@@ -30,13 +30,12 @@ def ssd_state_update_kernel(
     sz_b, sz_h, sz_p,
     sy_b, sy_h, sy_p,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_LIMIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pb = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
     g = h // heads_per_group
-    ACC = state_ptr.dtype.element_ty  # float32 or float64, checked by the public entry
     offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     pmask = offs_p < headdim
@@ -98,6 +97,8 @@ def ssd_state_update_op(
         *((0, 0, 0) if z is None else z.stride()), *y.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         HAS_LIMIT=(dt_min, dt_max) != (0.0, math.inf), BLOCK_P=block_p, BLOCK_N=block_n,
+        # float64 states run in float64; float32 and half-precision states in float32 (rounded on store)
+        ACC=tl.float64 if state.dtype == torch.float64 else tl.float32,
         num_warps=4,
     )  # fmt: skip
     return y
