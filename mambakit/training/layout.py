@@ -94,9 +94,14 @@ def split_sequence(batch: Batch, lay: Layout) -> Batch:
 
 
 def parallelize_model(model: nn.Module, lay: Layout, info: DistInfo) -> nn.Module:
-    """Apply tp, cp or fsdp_tp to a built model (every process built the same weights)."""
+    """Apply tp, cp or fsdp_tp to a built model. Rank 0's weights are broadcast first: the shards and
+    replicas must come from one model, and equal seeds alone do not promise equal initial weights
+    on every device."""
     from mambakit.parallel import parallelize_context, parallelize_fsdp_tp, parallelize_tensor
 
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            dist.broadcast(t, src=0)
     if lay.strategy == "tp":
         return parallelize_tensor(model, dist.group.WORLD)
     if lay.strategy == "cp":
