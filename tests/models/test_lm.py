@@ -113,6 +113,33 @@ def test_backward_reaches_every_parameter(kind):
         assert p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("loss_path", ["logits", "linear_cross_entropy"])
+def test_tied_embedding_gradient_is_dense_and_equals_the_dense_lookup(monkeypatch, loss_path):
+    """On the CPU a tied embedding's lookup has a sparse gradient (models/lm.py `_embed`); what reaches
+    .grad must be the dense sum, equal to the plain dense lookup's, through either loss path."""
+    from mambakit.training.loss import lm_loss
+
+    tokens = ids(2, 12)
+    targets = tokens.roll(-1, dims=1)
+
+    def grads(model):
+        model.zero_grad(set_to_none=True)
+        if loss_path == "logits":
+            F.cross_entropy(model(tokens).reshape(-1, 100), targets.reshape(-1)).backward()
+        else:
+            lm_loss(model, tokens, targets).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model = make("mamba2").train()
+    assert model.lm_head.weight is model.backbone.embedding.weight
+    got = grads(model)
+    assert all(g.layout == torch.strided for g in got.values())
+    monkeypatch.setattr(type(model), "_embed", lambda self, x: F.embedding(x, self.backbone.embedding.weight))
+    want = grads(model)
+    for name in want:
+        assert_close(got[name], want[name], tol=1e-6)
+
+
 def test_padded_vocab_and_tied_head():
     model = make("hybrid")
     assert model.backbone.embedding.weight.shape == (112, 32)  # 100 padded to a multiple of 16
