@@ -21,7 +21,6 @@ from mambakit import ops
 from mambakit.layers.packing import check_hidden, check_state_batch, resolve_seq_idx
 from mambakit.layers.ssm_init import (
     cache_ssm_dtype,
-    decay_rates,
     dt_bias_init,
     no_reinit,
     no_weight_decay,
@@ -137,8 +136,10 @@ class Mamba1(nn.Module):
         x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)
         x = step.causal_conv1d_update(x, cache.conv_state, self._conv_weight(), self.conv1d.bias, "silu")
         dt, B, C = self._ssm_inputs(x)
-        A = decay_rates(self)
-        y = step.selective_state_update(cache.ssm_state, x, dt, A, B, C, self.D, z, self.dt_proj.bias, True)
+        # A = -exp(A_log) is formed inside the step (see Mamba2.step)
+        y = step.selective_state_update(
+            cache.ssm_state, x, dt, self.A_log, B, C, self.D, z, self.dt_proj.bias, True, A_is_log=True
+        )
         cache.seqlen_offset += 1
         return self.out_proj(y).unsqueeze(1)
 

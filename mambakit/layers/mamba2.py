@@ -19,7 +19,7 @@ from torch import nn
 from mambakit import ops
 from mambakit.layers.norm import GatedRMSNorm
 from mambakit.layers.packing import check_hidden, check_state_batch, cu_seqlens_as_seq_idx
-from mambakit.layers.ssm_init import cache_ssm_dtype, decay_rates, dt_bias_init, no_weight_decay, state_dtype
+from mambakit.layers.ssm_init import cache_ssm_dtype, dt_bias_init, no_weight_decay, state_dtype
 from mambakit.layers.state import MambaState
 from mambakit.layers.step_ops import step_ops
 
@@ -164,10 +164,12 @@ class Mamba2(nn.Module):
         )
         xBC = step.causal_conv1d_update(xBC, cache.conv_state, self._conv_weight(), self.conv1d.bias, "silu")
         x, B, C = self._split_xbc(xBC)
-        A = decay_rates(self)
+        # A = -exp(A_log) is formed inside the step: on a GPU that saves a cast, an exp and a negation
+        # kernel a layer and token; never cached, so in-place writes to A_log are always seen
         y = step.ssd_state_update(
-            cache.ssm_state, x, dt, A, B, C, self.D, None, self.dt_bias, True, self.dt_limit
-        )
+            cache.ssm_state, x, dt, self.A_log, B, C, self.D, None, self.dt_bias, True, self.dt_limit,
+            A_is_log=True,
+        )  # fmt: skip
         cache.seqlen_offset += 1
         n = self.norm
         y = step.gated_rms_norm(

@@ -48,14 +48,3 @@ def cache_ssm_dtype(layer_dtype: torch.dtype, ssm_dtype: torch.dtype | None) -> 
     if ssm_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise ValueError(f"ssm_dtype must be float16, bfloat16, float32, float64 or None, got {ssm_dtype!r}")
     return ssm_dtype
-
-
-def decay_rates(module: nn.Module) -> torch.Tensor:
-    """A = -exp(A_log) in the state dtype, for `module.A_log` (any shape).
-
-    Computed on every call. Caching it between decoding steps (keyed on A_log's version counter)
-    was tried and dropped: it saved ~5 us per layer and token (~0.1 ms of a ~28 ms CPU step) but
-    would go stale silently after an in-place write through `A_log.data`, which bumps no version.
-    """
-    A_log = module.A_log
-    return -torch.exp(A_log.to(state_dtype(A_log.dtype)))

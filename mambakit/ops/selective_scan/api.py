@@ -97,6 +97,8 @@ def selective_state_update(
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
     backend: str = "auto",
+    *,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """One decoding step of the Mamba-1 scan; updates `state` in place.
 
@@ -104,7 +106,9 @@ def selective_state_update(
     state's memory: the step runs in float32 and the new state is rounded when stored);
     x, dt, z (batch, dim); A (dim, dstate);
     B, C (batch, ngroups, dstate); D, dt_bias (dim,). Same math as one step of `selective_scan`.
-    Returns y (batch, dim) in x's dtype.
+    Returns y (batch, dim) in x's dtype. `A_is_log=True`: A holds the layer's A_log (any float dtype)
+    and the step uses -exp(A_log) in float32, computed inside the step (no separate kernels per
+    token for the exp, the negation and the cast of a bfloat16 A_log).
     """
     check_tensor("state", state, (None, None, None), dtypes=FLOAT_DTYPES)
     batch, dim, dstate = state.shape
@@ -119,7 +123,9 @@ def selective_state_update(
     check_optional("z", z, (batch, dim), device=dev)
     check_optional("dt_bias", dt_bias, (dim,), device=dev)
     name = resolve_backend(backend, dev, _IMPLEMENTED)
-    return _impl(name).selective_state_update_impl(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return _impl(name).selective_state_update_impl(
+        state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, bool(A_is_log)
+    )
 
 
 __all__ = ["selective_scan", "selective_state_update"]

@@ -125,12 +125,16 @@ def selective_state_update_impl(
     z: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
     dt_softplus: bool,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """One decoding step: advances `state` (batch, dim, dstate) in place and returns y (batch, dim).
 
-    x, dt, z (batch, dim); A (dim, dstate); B, C (batch, ngroups, dstate); D, dt_bias (dim,).
+    x, dt, z (batch, dim); A (dim, dstate), or A_log when `A_is_log` (A = -exp(A_log));
+    B, C (batch, ngroups, dstate); D, dt_bias (dim,).
     """
     acc = accumulation_dtype(state, x, dt, A, B, C, D, z, dt_bias)
+    if A_is_log:
+        A = -torch.exp(A.to(acc))
     delta = discretize_dt(dt, dt_bias, dt_softplus, acc)
     h, y = _step(
         state.to(acc),

@@ -238,6 +238,7 @@ def selective_state_update_impl(
     z: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
     dt_softplus: bool,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """One decoding step: advances `state` (batch, dim, dstate) in place and returns y (batch, dim).
 
@@ -251,8 +252,12 @@ def selective_state_update_impl(
         torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in (state, x, dt, A, B, C, D, z, dt_bias))
     ):  # the in-place updates below would overwrite what autograd saves; views need a dense state
-        return reference.selective_state_update_impl(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        return reference.selective_state_update_impl(
+            state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log
+        )
     acc = accumulation_dtype(state, x, dt, A, B, C, D, z, dt_bias)
+    if A_is_log:
+        A = -torch.exp(A.to(acc))
     batch, dim, dstate = state.shape
     ngroups = B.shape[1]
     delta = discretize_dt(dt, dt_bias, dt_softplus, acc)  # (batch, dim)

@@ -148,6 +148,8 @@ def ssd_state_update(
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = (0.0, math.inf),
     backend: str = "auto",
+    *,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """One decoding step of the multi-head (Mamba-2) scan; updates `state` in place.
 
@@ -156,6 +158,8 @@ def ssd_state_update(
     x, z (batch, nheads, headdim);
     dt (batch, nheads); A (nheads,); B, C (batch, ngroups, dstate); D (nheads,) or (nheads, headdim);
     dt_bias (nheads,). Same math as one step of `ssd`. Returns y (batch, nheads, headdim) in x's dtype.
+    `A_is_log=True`: A holds the layer's A_log (any float dtype) and the step uses -exp(A_log) in
+    float32, computed inside the step.
     """
     check_tensor("state", state, (None, None, None, None), dtypes=FLOAT_DTYPES)
     batch, nheads, headdim, dstate = state.shape
@@ -172,7 +176,9 @@ def ssd_state_update(
     check_optional("dt_bias", dt_bias, (nheads,), device=dev)
     dt_limit = _check_dt_limit(dt_limit)
     name = resolve_backend(backend, dev, _IMPLEMENTED)
-    return _impl(name).ssd_state_update_impl(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
+    return _impl(name).ssd_state_update_impl(
+        state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, bool(A_is_log)
+    )
 
 
 __all__ = ["ssd", "ssd_state_update", "cu_seqlens_to_seq_idx"]

@@ -196,13 +196,16 @@ def ssd_state_update_impl(
     dt_bias: torch.Tensor | None,
     dt_softplus: bool,
     dt_limit: tuple[float, float],
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """One step of the recurrence; writes the new state into `state` (batch, nheads, headdim, dstate).
 
-    x, z (batch, nheads, headdim); dt (batch, nheads); B, C (batch, ngroups, dstate).
-    Returns y (batch, nheads, headdim) in x's dtype.
+    x, z (batch, nheads, headdim); dt (batch, nheads); A (nheads,), or A_log when `A_is_log`
+    (A = -exp(A_log)); B, C (batch, ngroups, dstate). Returns y (batch, nheads, headdim) in x's dtype.
     """
     dtype = compute_dtype(x)
+    if A_is_log:
+        A = -torch.exp(A.to(dtype))
     nheads = x.shape[1]
     delta = process_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)  # (batch, nheads)
     Bh, Ch = group_to_heads(B.to(dtype), nheads), group_to_heads(C.to(dtype), nheads)

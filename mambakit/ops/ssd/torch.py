@@ -222,6 +222,7 @@ def ssd_state_update_impl(
     dt_bias: torch.Tensor | None,
     dt_softplus: bool,
     dt_limit: tuple[float, float],
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """One step of the recurrence; writes the new state into `state` (batch, nheads, headdim, dstate).
 
@@ -240,9 +241,13 @@ def ssd_state_update_impl(
             and any(t is not None and t.requires_grad for t in (state, x, dt, A, B, C, D, z, dt_bias))
         )
     ):  # in-place updates would overwrite what autograd saves; mixed state dtypes are rare
-        return reference.ssd_state_update_impl(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
+        return reference.ssd_state_update_impl(
+            state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, A_is_log
+        )
     batch, nheads, headdim, dstate = state.shape
     ngroups = B.shape[1]
+    if A_is_log:
+        A = -torch.exp(A.to(dtype))
     delta = process_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)  # (batch, nheads)
     xs = x.to(dtype)
     h = state if state.dtype == dtype else state.to(dtype)  # half-precision states step in float32

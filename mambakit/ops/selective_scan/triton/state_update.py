@@ -20,7 +20,7 @@ def _state_update_kernel(
     s_h_b, s_h_d, s_h_n, s_x_b, s_x_d, s_dt_b, s_dt_d, s_A_d, s_A_n, s_B_b, s_B_g, s_B_n, s_C_b, s_C_g, s_C_n,
     s_z_b, s_z_d, s_y_b,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    A_IS_LOG: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_bg = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -43,6 +43,8 @@ def _state_update_kernel(
     if DT_SOFTPLUS:
         delta = _softplus(delta)
     A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(ACC)
+    if A_IS_LOG:
+        A = -tl.exp(A)
     Bv = tl.load(B_ptr + b * s_B_b + g * s_B_g + offs_n * s_B_n, mask=mask_n, other=0.0).to(ACC)
     Cv = tl.load(C_ptr + b * s_C_b + g * s_C_g + offs_n * s_C_n, mask=mask_n, other=0.0).to(ACC)
 
@@ -68,6 +70,7 @@ def _state_update(
     z: Optional[torch.Tensor],  # noqa: UP045
     dt_bias: Optional[torch.Tensor],  # noqa: UP045
     dt_softplus: bool,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     batch, dim, dstate = state.shape
     ngroups = B.shape[1]
@@ -85,7 +88,7 @@ def _state_update(
         dt.stride(0), dt.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1), B.stride(2),
         C.stride(0), C.stride(1), C.stride(2), zz.stride(0), zz.stride(1), y.stride(0),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
-        DT_SOFTPLUS=bool(dt_softplus),
+        DT_SOFTPLUS=bool(dt_softplus), A_IS_LOG=bool(A_is_log),
         ACC=acc, BLOCK_D=block_d, BLOCK_N=block_n,
         num_warps=4,
     )  # fmt: skip
@@ -100,7 +103,7 @@ _state_update_op = torch.library.custom_op("mambakit::selective_state_update", m
 
 
 @_state_update_op.register_fake
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log=False):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -115,9 +118,10 @@ def selective_state_update_impl(
     z: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
     dt_softplus: bool,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """Triton backend of `mambakit.ops.selective_state_update` (arguments already checked).
 
     state (batch, dim, dstate) is updated in place (any strides); returns y (batch, dim) in x's dtype.
     """
-    return _state_update_op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+    return _state_update_op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), bool(A_is_log))

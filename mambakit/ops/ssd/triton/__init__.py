@@ -50,11 +50,12 @@ def ssd_state_update_impl(
     dt_bias: torch.Tensor | None,
     dt_softplus: bool,
     dt_limit: tuple[float, float],
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """Backend entry; see `mambakit.ops.ssd.ssd_state_update`. Updates `state` in place."""
     from mambakit.ops.ssd.triton.state_update import ssd_state_update_triton
 
-    return ssd_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
+    return ssd_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, A_is_log)
 
 
 __all__ = ["ssd_impl", "ssd_state_update_impl"]

@@ -30,7 +30,8 @@ def ssd_state_update_kernel(
     sz_b, sz_h, sz_p,
     sy_b, sy_h, sy_p,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_LIMIT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pb = tl.program_id(0)
     b = tl.program_id(1)
@@ -48,7 +49,10 @@ def ssd_state_update_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + h).to(ACC)
     delta = process_dt(dt, bias, SOFTPLUS, HAS_LIMIT, dt_min, dt_max)
-    decay = tl.exp(delta * tl.load(A_ptr + h).to(ACC))
+    A = tl.load(A_ptr + h).to(ACC)
+    if A_IS_LOG:
+        A = -tl.exp(A)
+    decay = tl.exp(delta * A)
 
     x = tl.load(x_ptr + b * sx_b + h * sx_h + offs_p * sx_p, mask=pmask, other=0.0).to(ACC)
     Bv = tl.load(B_ptr + b * sB_b + g * sB_g + offs_n * sB_n, mask=nmask, other=0.0).to(ACC)
@@ -79,6 +83,7 @@ def ssd_state_update_op(
     dt_softplus: bool,
     dt_min: float,
     dt_max: float,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """The kernel launch as a custom op that mutates `state`, so torch.compile (and CUDA graphs of a
     compiled decoding step) see one opaque, correctly ordered in-place op."""
@@ -96,7 +101,7 @@ def ssd_state_update_op(
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *sD,
         *((0, 0, 0) if z is None else z.stride()), *y.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-        HAS_LIMIT=(dt_min, dt_max) != (0.0, math.inf), BLOCK_P=block_p, BLOCK_N=block_n,
+        HAS_LIMIT=(dt_min, dt_max) != (0.0, math.inf), A_IS_LOG=A_is_log, BLOCK_P=block_p, BLOCK_N=block_n,
         # float64 states run in float64; float32 and half-precision states in float32 (rounded on store)
         ACC=tl.float64 if state.dtype == torch.float64 else tl.float32,
         num_warps=4,
@@ -105,7 +110,7 @@ def ssd_state_update_op(
 
 
 @ssd_state_update_op.register_fake
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max):
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, A_is_log=False):
     return torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous, as the real op's
 
 
@@ -121,9 +126,22 @@ def ssd_state_update_triton(
     dt_bias: torch.Tensor | None,
     dt_softplus: bool,
     dt_limit: tuple[float, float],
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """state (batch, nheads, headdim, dstate), updated in place; x, z (batch, nheads, headdim);
     dt (batch, nheads); B, C (batch, ngroups, dstate). Returns y (batch, nheads, headdim), x's dtype."""
     return ssd_state_update_op(
-        state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, float(dt_limit[0]), float(dt_limit[1])
+        state,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D,
+        z,
+        dt_bias,
+        dt_softplus,
+        float(dt_limit[0]),
+        float(dt_limit[1]),
+        bool(A_is_log),
     )
