@@ -163,5 +163,5 @@ class Mamba1(nn.Module):
                 self.d_state,
                 device=device,
                 dtype=cache_ssm_dtype(self.A_log.dtype, ssm_dtype),
-            ),  # fmt: skip
+            ),
         )

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from mambakit.ops._checks import FLOAT_DTYPES
+
 
 def dt_bias_init(
     size: int, dt_min: float, dt_max: float, dt_init_floor: float, device=None, dtype=None
@@ -45,6 +47,6 @@ def cache_ssm_dtype(layer_dtype: torch.dtype, ssm_dtype: torch.dtype | None) -> 
     state's memory; steps still run in float32), else `state_dtype(layer_dtype)`."""
     if ssm_dtype is None:
         return state_dtype(layer_dtype)
-    if ssm_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if ssm_dtype not in FLOAT_DTYPES:
         raise ValueError(f"ssm_dtype must be float16, bfloat16, float32, float64 or None, got {ssm_dtype!r}")
     return ssm_dtype

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from mambakit.training.data import Batch
-from mambakit.training.distributed import DistInfo
+from mambakit.training.distributed import DistInfo, parallelize
 
 STRATEGIES = ("ddp", "fsdp", "tp", "cp", "fsdp_tp")
 
@@ -89,16 +89,18 @@ def split_sequence(batch: Batch, lay: Layout) -> Batch:
         return batch
     per = batch.input_ids.shape[1] // lay.seq_world
     cut = slice(lay.seq_rank * per, (lay.seq_rank + 1) * per)
-    seq_idx = None if batch.seq_idx is None else batch.seq_idx[:, cut]
-    return Batch(batch.input_ids[:, cut], batch.targets[:, cut], seq_idx)
+    return Batch(batch.input_ids[:, cut], batch.targets[:, cut], batch.seq_idx[:, cut])
 
 
 def parallelize_model(model: nn.Module, lay: Layout, info: DistInfo) -> nn.Module:
-    """Apply tp, cp or fsdp_tp to a built model. Rank 0's weights are broadcast first: the shards and
-    replicas must come from one model, and equal seeds alone do not promise equal initial weights
-    on every device."""
+    """Apply the layout's strategy to a built model: ddp and fsdp through `distributed.parallelize`
+    (which also leaves a one-process model as it is); tp, cp and fsdp_tp after broadcasting rank 0's
+    weights, since the shards and replicas must come from one model and equal seeds alone do not
+    promise equal initial weights on every device."""
     from mambakit.parallel import parallelize_context, parallelize_fsdp_tp, parallelize_tensor
 
+    if not info.enabled or lay.strategy in ("ddp", "fsdp"):
+        return parallelize(model, lay.strategy, info)
     with torch.no_grad():
         for t in model.state_dict().values():
             dist.broadcast(t, src=0)

@@ -230,10 +230,7 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
             layer.compile()
     n_params = sum(p.numel() for p in model.parameters())  # before sharding: the whole model
     lay = layout(cfg.distributed.strategy, info, cfg.data.seq_len, cfg.distributed.tp_size)
-    if info.enabled and lay.strategy in ("tp", "cp", "fsdp_tp"):
-        model = L.parallelize_model(model, lay, info)
-    else:
-        model = D.parallelize(model, cfg.distributed.strategy, info)
+    model = L.parallelize_model(model, lay, info)
     optimizer = build_optimizer(model, cfg.optim)
     mb = micro_batch_size(cfg, lay.data_world)
     tensor_parallel = getattr(model, "tp_plan", None) is not None

@@ -240,7 +240,7 @@ def ssd_state_update_impl(
             torch.is_grad_enabled()
             and any(t is not None and t.requires_grad for t in (state, x, dt, A, B, C, D, z, dt_bias))
         )
-    ):  # in-place updates would overwrite what autograd saves; mixed state dtypes are rare
+    ):  # in-place updates would overwrite what autograd saves; float64 mixed with float32 is rare
         return reference.ssd_state_update_impl(
             state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, A_is_log
         )

@@ -131,17 +131,6 @@ def ssd_state_update_triton(
     """state (batch, nheads, headdim, dstate), updated in place; x, z (batch, nheads, headdim);
     dt (batch, nheads); B, C (batch, ngroups, dstate). Returns y (batch, nheads, headdim), x's dtype."""
     return ssd_state_update_op(
-        state,
-        x,
-        dt,
-        A,
-        B,
-        C,
-        D,
-        z,
-        dt_bias,
-        dt_softplus,
-        float(dt_limit[0]),
-        float(dt_limit[1]),
+        state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, float(dt_limit[0]), float(dt_limit[1]),
         bool(A_is_log),
-    )
+    )  # fmt: skip
