@@ -146,8 +146,8 @@ def test_triton_with_autograd_gives_reference_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_half_precision_is_one_rounding_from_the_unfused_layers():
-    """bf16: within one rounding of norm (rounded to bf16), then F.linear, as the layers compute."""
+def test_norm_is_rounded_before_the_product():
+    """bf16: the normed activations are rounded to bf16 first, exactly as norm then F.linear."""
     t = _inputs(1, 64, 32, torch.bfloat16, 9)
     normed, _ = norm_reference.add_rms_norm_impl(t["x"], None, t["norm_weight"], 1e-5, False)
     want = F.linear(normed.float(), t["weight"].float()).bfloat16()

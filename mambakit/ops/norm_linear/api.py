@@ -56,8 +56,8 @@ def add_rms_norm_linear(
     x, residual: (..., in_features) (residual None in the first block); norm_weight (in_features,);
     weight (out_features, in_features) in x's dtype; bias (out_features,).
     residual = x + residual (x alone if None), in float32 if residual_in_fp32 else x's dtype;
-    returns (linear(rms_norm(residual) * norm_weight) (..., out_features), residual). In half
-    precision the result is within one rounding of the unfused norm then `F.linear`.
+    returns (linear(rms_norm(residual) * norm_weight) (..., out_features), residual). The normed
+    activations are rounded to x's dtype before the product, as the unfused layers do.
     """
     check_any_rank("x", x)
     check_optional("residual", residual, tuple(x.shape), device=x.device)

@@ -1,8 +1,7 @@
 """Reference norm + linear: the norm's reference, its output rounded to x's dtype, then `F.linear`.
 
-This is what the unfused layers compute (the norm returns x's dtype, the linear layer reads it). A fused
-kernel may round at another point of the same product (the Triton one rounds h * norm_weight and
-scales by 1/rms after the product): in half precision the results then differ by about one rounding.
+The rounding is part of the contract: it is what the unfused layers compute (the norm returns x's
+dtype, the linear layer reads it), so a fused kernel and the layers' full forward agree.
 """
 
 from __future__ import annotations

@@ -1,20 +1,16 @@
 """Triton kernel of norm + linear for a few rows (a decoding step's batch): one GEMV with the norm inside.
 
 Program p owns BLOCK_N output features for all M (<= BLOCK_M) rows. The input rows are small (M x K,
-a few KiB), so every program recomputes their norm instead of a separate norm kernel writing it out.
-With h = x (+ residual), or x * silu(z) when gating before the norm:
+a few KiB), so every program recomputes their norm instead of a separate norm kernel writing it out:
 
-    one group (the blocks' norms, Mamba-2 with ngroups 1): a single pass over K
-        acc += (h * norm_weight (* silu(z) when gating after)) @ W[n, k]^T ;  ss += sum h^2
-        out = acc * rsqrt(ss / K + eps) (+ bias)
-    the row's 1/rms is one scalar, so it scales the product at the end and W streams while the
-    statistics accumulate (a first pass for them measured 1.4-2.6x slower at batch 1 on the H200).
-    grouped: pass 1 sums h^2 per group (a K tile lies inside one group), pass 2 normalizes each tile.
+    pass 1 over K:  h = x (+ residual), or x * silu(z) when gating before the norm
+                    ss[m, g] += sum of h^2 over the tile (a tile lies inside one norm group g)
+    pass 2 over K:  y = h * rsqrt(ss[m, g] / G + eps) * norm_weight (* silu(z) when gating after)
+                    acc += y (rounded to the weight's dtype, as the unfused layers do) @ W[n, k]^T
+    out = acc (+ bias)
 
-The tile that meets W is rounded to the input's dtype first, as the unfused norm's output is; in the
-one-group form that is h * norm_weight instead of the normed value: one rounding either way. W streams
-from memory once; program 0 also writes the residual sum. `tl.dot` wants 16 rows: the rows beyond M
-are masked zeros.
+The weight tile streams from memory once; pass 1 only touches the input rows (L2 resident). Program 0
+also writes the residual sum. `tl.dot` wants at least 16 rows: the rows beyond M are masked zeros.
 """
 
 import triton
@@ -60,17 +56,14 @@ def norm_linear_kernel(
     groups = tl.arange(0, NG)
 
     ss = tl.zeros((BLOCK_M, NG), dtype=tl.float32)
-    if NG > 1:  # grouped: the statistics first, so that each tile can be normalized by its group
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_mk = mask_m[:, None] & (offs_k < K)[None, :]
-            _, h, _ = _input_tile(
-                x_ptr, z_ptr, res_ptr, offs_m, offs_k, mask_mk, s_xm, s_zm, s_rm, HAS_Z, NORM_BEFORE_GATE,
-                HAS_RES,
-            )  # fmt: skip
-            ss += tl.where(groups[None, :] == k0 // G, tl.sum(h * h, axis=1)[:, None], 0.0)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_mk = mask_m[:, None] & (offs_k < K)[None, :]
+        _, h, _ = _input_tile(
+            x_ptr, z_ptr, res_ptr, offs_m, offs_k, mask_mk, s_xm, s_zm, s_rm, HAS_Z, NORM_BEFORE_GATE, HAS_RES
+        )
+        ss += tl.where(groups[None, :] == k0 // G, tl.sum(h * h, axis=1)[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(ss / G + eps)
-    ss_row = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * s_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -88,23 +81,19 @@ def norm_linear_kernel(
                     total.to(res_out_ptr.dtype.element_ty),
                     mask=mask_mk,
                 )
+        r = tl.sum(tl.where(groups[None, :] == k0 // G, rstd, 0.0), axis=1)
         nw = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        if NG > 1:
-            y = h * tl.sum(tl.where(groups[None, :] == k0 // G, rstd, 0.0), axis=1)[:, None] * nw[None, :]
-        else:  # one group: the row's 1/rms scales the product at the end, so one pass streams W
-            ss_row += tl.sum(h * h, axis=1)
-            y = h * nw[None, :]
+        y = h * r[:, None] * nw[None, :]
         if HAS_Z:
             if NORM_BEFORE_GATE:
                 y = y * gate
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        y = y.to(x_ptr.dtype.element_ty).to(w.dtype)  # the unfused layers round here too
+        # rounded to the input's dtype first: the unfused norm returns it and the linear layer reads it
+        y = y.to(x_ptr.dtype.element_ty).to(w.dtype)
         if DOT_FP32:  # bf16 tiles under the interpreter: see ssd/triton/_common.dot_in_fp32
             y = y.to(tl.float32)
             w = w.to(tl.float32)
         acc += tl.dot(y, tl.trans(w), input_precision=PRECISION)
-    if NG == 1:
-        acc = acc * (1.0 / tl.sqrt(ss_row / G + eps))[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(

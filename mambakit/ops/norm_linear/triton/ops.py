@@ -28,23 +28,14 @@ def _interpreting() -> bool:
 def _config(n: int, k: int, group: int) -> tuple[int, int, int, int] | None:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages), or None when no K tile fits inside a norm group.
 
-    By out_features, from a sweep at batch 1 on the H200 (benchmarks/gpu_norm_linear.py --sweep): wide
-    weights want wide tiles (an LM head 64 x 128, a 1.4B in_proj 64 x 256), narrow ones enough programs
-    to cover the SMs. MAMBAKIT_NORM_LINEAR_CONFIG="BN,BK,warps,stages" pins one for probing.
+    BLOCK_N 16 gives N / 16 programs (192 for a 130M in_proj), enough to keep every SM streaming its
+    weight tiles; MAMBAKIT_NORM_LINEAR_CONFIG="BN,BK,warps,stages" pins one for probing.
     """
     pinned = os.environ.get("MAMBAKIT_NORM_LINEAR_CONFIG")
     if pinned:
         block_n, block_k, warps, stages = (int(v) for v in pinned.split(","))
-    elif _interpreting():
-        block_n, block_k, warps, stages = 16, 64, 4, 1
-    elif n >= 32768:
-        block_n, block_k, warps, stages = 64, 128, 4, 3
-    elif n >= 8192:
-        block_n, block_k, warps, stages = 64, 256, 4, 3
-    elif n >= 2048:
-        block_n, block_k, warps, stages = 32, 256, 4, 3
     else:
-        block_n, block_k, warps, stages = 16, 512, 4, 3
+        block_n, block_k, warps, stages = 16, (64 if _interpreting() else 256), 4, 3
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     if group != k:  # grouped norm: a K tile must not straddle two groups
         while block_k > 16 and group % block_k:
