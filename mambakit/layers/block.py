@@ -42,20 +42,10 @@ class Block(nn.Module):
     def step(
         self, hidden_states: torch.Tensor, residual: torch.Tensor | None, cache
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token: (batch, 1, d_model) in and out; advances the mixer's `cache`.
-
-        A mixer with `step_projected` (its step after the in-projection) gets the norm and its
-        in-projection as one op: at batch 1 on a GPU the norm costs a kernel of its own otherwise."""
-        step = step_ops(hidden_states)  # direct backend calls on CPU
-        norm = self.norm
-        if hasattr(self.mixer, "step_projected"):
-            proj = self.mixer.in_proj
-            projected, residual = step.add_rms_norm_linear(
-                hidden_states, residual, norm.weight, proj.weight, proj.bias, norm.eps, self.residual_in_fp32
-            )
-            return self.mixer.step_projected(projected, cache), residual
-        normed, residual = step.add_rms_norm(
-            hidden_states, residual, norm.weight, norm.eps, self.residual_in_fp32
+        """One token: (batch, 1, d_model) in and out; advances the mixer's `cache`."""
+        add_rms_norm = step_ops(hidden_states).add_rms_norm  # direct backend call on CPU
+        normed, residual = add_rms_norm(
+            hidden_states, residual, self.norm.weight, self.norm.eps, self.residual_in_fp32
         )
         return self.mixer.step(normed, cache), residual
 

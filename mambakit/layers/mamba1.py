@@ -131,18 +131,12 @@ class Mamba1(nn.Module):
     def step(self, hidden_states: torch.Tensor, cache: MambaState) -> torch.Tensor:
         """One token: hidden_states (batch, 1, d_model) -> (batch, 1, d_model); advances `cache` in place."""
         check_hidden(hidden_states, self.d_model, step=True)
-        return self.step_projected(self.in_proj(hidden_states), cache)
-
-    def step_projected(self, projected: torch.Tensor, cache: MambaState) -> torch.Tensor:
-        """`step` after its in-projection: projected = in_proj(hidden_states) (batch, 1, 2 * d_inner) ->
-        (batch, 1, d_model). `Block.step` computes `projected` fused with the block's norm."""
-        check_hidden(projected, 2 * self.d_inner, step=True, name="projected")
-        check_state_batch("cache", cache.ssm_state.shape[0], projected.shape[0])
-        step = step_ops(projected)  # direct backend calls on CPU: see layers/step_ops.py
-        x, z = projected[:, 0].chunk(2, dim=-1)
+        check_state_batch("cache", cache.ssm_state.shape[0], hidden_states.shape[0])
+        step = step_ops(hidden_states)  # direct backend calls on CPU: see layers/step_ops.py
+        x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)
         x = step.causal_conv1d_update(x, cache.conv_state, self._conv_weight(), self.conv1d.bias, "silu")
         dt, B, C = self._ssm_inputs(x)
-        # A = -exp(A_log) is formed inside the step (see Mamba2.step_projected)
+        # A = -exp(A_log) is formed inside the step (see Mamba2.step)
         y = step.selective_state_update(
             cache.ssm_state, x, dt, self.A_log, B, C, self.D, z, self.dt_proj.bias, True, A_is_log=True
         )

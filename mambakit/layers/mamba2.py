@@ -156,17 +156,12 @@ class Mamba2(nn.Module):
     def step(self, hidden_states: torch.Tensor, cache: MambaState) -> torch.Tensor:
         """One token: hidden_states (batch, 1, d_model) -> (batch, 1, d_model); advances `cache` in place."""
         check_hidden(hidden_states, self.d_model, step=True)
-        return self.step_projected(self.in_proj(hidden_states), cache)
-
-    def step_projected(self, projected: torch.Tensor, cache: MambaState) -> torch.Tensor:
-        """`step` after its in-projection: projected = in_proj(hidden_states) (batch, 1,
-        in_proj.out_features) -> (batch, 1, d_model). `Block.step` computes `projected` fused with the
-        block's norm; the gated norm and the out-projection run as one op too."""
-        check_hidden(projected, self.in_proj.out_features, step=True, name="projected")
-        batch = projected.shape[0]
+        batch = hidden_states.shape[0]
         check_state_batch("cache", cache.ssm_state.shape[0], batch)
-        step = step_ops(projected)  # direct backend calls on CPU: see layers/step_ops.py
-        z, xBC, dt = projected[:, 0].split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        step = step_ops(hidden_states)  # direct backend calls on CPU: see layers/step_ops.py
+        z, xBC, dt = self.in_proj(hidden_states[:, 0]).split(
+            [self.d_inner, self.conv_dim, self.nheads], dim=-1
+        )
         xBC = step.causal_conv1d_update(xBC, cache.conv_state, self._conv_weight(), self.conv1d.bias, "silu")
         x, B, C = self._split_xbc(xBC)
         # A = -exp(A_log) is formed inside the step: on a GPU that saves a cast, an exp and a negation
@@ -176,12 +171,11 @@ class Mamba2(nn.Module):
             A_is_log=True,
         )  # fmt: skip
         cache.seqlen_offset += 1
-        n, out = self.norm, self.out_proj
-        y = step.gated_rms_norm_linear(
-            y.reshape(batch, self.d_inner), z, n.weight, out.weight, out.bias, n.eps, n.group_size,
-            n.norm_before_gate,
-        )  # fmt: skip
-        return y.unsqueeze(1)
+        n = self.norm
+        y = step.gated_rms_norm(
+            y.reshape(batch, self.d_inner), z, n.weight, n.eps, n.group_size, n.norm_before_gate
+        )
+        return self.out_proj(y).unsqueeze(1)
 
     def allocate_inference_cache(
         self,

@@ -39,21 +39,19 @@ def resolve_seq_idx(
     return cu_seqlens_as_seq_idx(cu_seqlens, batch, seqlen)
 
 
-def check_hidden(
-    hidden_states: object, d_model: int, *, step: bool = False, name: str = "hidden_states"
-) -> torch.Tensor:
-    """`name` (batch, seqlen, d_model) floating; a decoding step needs seqlen 1."""
+def check_hidden(hidden_states: object, d_model: int, *, step: bool = False) -> torch.Tensor:
+    """hidden_states (batch, seqlen, d_model) floating; a decoding step needs seqlen 1."""
     if not isinstance(hidden_states, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(hidden_states).__name__}")
+        raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
     if not hidden_states.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {hidden_states.dtype}")
+        raise TypeError(f"hidden_states must be floating point, got {hidden_states.dtype}")
     if hidden_states.ndim != 3 or hidden_states.shape[-1] != d_model:
         raise ValueError(
-            f"{name} must have shape (batch, seqlen, {d_model}), got {tuple(hidden_states.shape)}"
+            f"hidden_states must have shape (batch, seqlen, {d_model}), got {tuple(hidden_states.shape)}"
         )
     if step and hidden_states.shape[1] != 1:
         raise ValueError(
-            f"step takes {name} of shape (batch, 1, {d_model}), got {tuple(hidden_states.shape)}"
+            f"step takes hidden_states of shape (batch, 1, d_model), got {tuple(hidden_states.shape)}"
         )
     return hidden_states
 

@@ -19,7 +19,6 @@ import torch
 from mambakit import ops
 from mambakit.ops.conv1d import torch as _conv_torch
 from mambakit.ops.norm import torch as _norm_torch
-from mambakit.ops.norm_linear import torch as _norm_linear_torch
 from mambakit.ops.selective_scan import torch as _scan_torch
 from mambakit.ops.ssd import torch as _ssd_torch
 
@@ -29,8 +28,6 @@ _PUBLIC = SimpleNamespace(
     ssd_state_update=ops.ssd_state_update,
     add_rms_norm=ops.add_rms_norm,
     gated_rms_norm=ops.gated_rms_norm,
-    add_rms_norm_linear=ops.add_rms_norm_linear,
-    gated_rms_norm_linear=ops.gated_rms_norm_linear,
 )
 _TORCH_BACKEND = SimpleNamespace(
     causal_conv1d_update=_conv_torch.causal_conv1d_update_impl,
@@ -38,8 +35,6 @@ _TORCH_BACKEND = SimpleNamespace(
     ssd_state_update=_ssd_torch.ssd_state_update_impl,
     add_rms_norm=_norm_torch.add_rms_norm_impl,
     gated_rms_norm=_norm_torch.gated_rms_norm_impl,
-    add_rms_norm_linear=_norm_linear_torch.add_rms_norm_linear_impl,
-    gated_rms_norm_linear=_norm_linear_torch.gated_rms_norm_linear_impl,
 )
 
 

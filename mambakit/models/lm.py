@@ -17,7 +17,6 @@ from mambakit import ops
 from mambakit.layers import MLP, Attention, Block, Mamba1, Mamba2
 from mambakit.layers.norm import RMSNorm
 from mambakit.layers.state import InferenceCache
-from mambakit.layers.step_ops import step_ops
 from mambakit.models.config import ModelConfig
 
 
@@ -230,12 +229,7 @@ class LanguageModel(nn.Module):
         for layer, state in zip(self.backbone.layers, cache.states):
             hidden, residual = layer.step(hidden, residual, state)
         cache.seqlen_offset += 1
-        # the final norm and the LM head as one op (a GEMV at small batch: see ops.add_rms_norm_linear)
-        norm_f, head = self.backbone.norm_f, self.lm_head
-        logits, _ = step_ops(hidden).add_rms_norm_linear(
-            hidden, residual, norm_f.weight, head.weight, head.bias, norm_f.eps, self.config.residual_in_fp32
-        )
-        return logits[..., : self.config.vocab_size]
+        return self._logits(hidden, residual)
 
     def generate(self, input_ids, **kwargs):
         """Generate text after `input_ids`: see `mambakit.inference.generate.generate` for the arguments."""

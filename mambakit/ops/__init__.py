@@ -4,7 +4,6 @@ from mambakit.ops._backend import BACKENDS, resolve_backend, triton_available
 from mambakit.ops.conv1d import causal_conv1d, causal_conv1d_update
 from mambakit.ops.cross_entropy import linear_cross_entropy
 from mambakit.ops.norm import add_rms_norm, gated_rms_norm, rms_norm
-from mambakit.ops.norm_linear import add_rms_norm_linear, gated_rms_norm_linear
 from mambakit.ops.selective_scan import selective_scan, selective_state_update
 from mambakit.ops.ssd import cu_seqlens_to_seq_idx, ssd, ssd_state_update
 
@@ -22,7 +21,5 @@ __all__ = [
     "rms_norm",
     "gated_rms_norm",
     "add_rms_norm",
-    "add_rms_norm_linear",
-    "gated_rms_norm_linear",
     "linear_cross_entropy",
 ]

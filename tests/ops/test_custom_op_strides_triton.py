@@ -17,7 +17,6 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 import mambakit.ops.conv1d.triton.functions  # noqa: F401 (registers the custom ops)
 import mambakit.ops.norm.triton.functions  # noqa: F401
-import mambakit.ops.norm_linear.triton.ops  # noqa: F401
 import mambakit.ops.selective_scan.triton.autograd  # noqa: F401
 import mambakit.ops.selective_scan.triton.state_update  # noqa: F401
 import mambakit.ops.ssd.triton.autograd  # noqa: F401
@@ -125,20 +124,6 @@ def _norm_bwd_args(dtype, kind):
     return (torch.randn_like(y), dres, x, z, res, w, eps, group, before)
 
 
-def _norm_linear_args(dtype, kind):
-    """A decoding step's (batch, features) rows: the block's add + norm + in_proj, or Mamba-2's gated
-    norm + out_proj with y and z slices of wider buffers."""
-    w = torch.randn(48, D_INNER).to(dtype)
-    nw = torch.randn(D_INNER).to(dtype)
-    if kind == "gated":
-        z = torch.randn(BATCH, 3 * D_INNER).to(dtype)[:, D_INNER : 2 * D_INNER]
-        y = torch.randn(BATCH, 2 * D_INNER).to(dtype)[:, :D_INNER]
-        return (y, z, None, nw, w, None, 1e-5, D_INNER // 2, False, False, False)
-    x = torch.randn(BATCH, D_INNER).to(dtype)
-    res, bias = torch.randn(BATCH, D_INNER), torch.randn(48).to(dtype)
-    return (x, None, res, nw, w, bias, 1e-5, D_INNER, False, True, True)
-
-
 def _scan_fwd_args(dtype, with_init):
     """Mamba-1's shapes: x, z halves of in_proj, B, C (batch, seqlen, 1, dstate) slices of x_proj."""
     xz = torch.randn(BATCH, SEQLEN, 2 * D_INNER).to(dtype)
@@ -182,8 +167,6 @@ CASES = {
     "norm_fwd_residual": (lambda dt: _norm_fwd_args(dt, "residual"), mk.rms_norm_fwd),
     "norm_bwd_gated": (lambda dt: _norm_bwd_args(dt, "gated"), mk.rms_norm_bwd),
     "norm_bwd_residual": (lambda dt: _norm_bwd_args(dt, "residual"), mk.rms_norm_bwd),
-    "norm_linear_gated": (lambda dt: _norm_linear_args(dt, "gated"), mk.norm_linear),
-    "norm_linear_residual": (lambda dt: _norm_linear_args(dt, "residual"), mk.norm_linear),
     "scan_fwd": (lambda dt: _scan_fwd_args(dt, False), mk.selective_scan_fwd),
     "scan_fwd_init": (lambda dt: _scan_fwd_args(dt, True), mk.selective_scan_fwd),
     "scan_bwd": (lambda dt: _scan_bwd_args(dt, False), mk.selective_scan_bwd),
@@ -214,8 +197,7 @@ def test_real_results_have_the_fake_strides(case, dtype):
 
 
 @pytest.mark.parametrize(
-    "case",
-    ["ssd_fwd_z_init", "ssd_bwd", "ssd_bwd_z_init", "conv_bwd", "norm_bwd_gated", "norm_linear_residual"],
+    "case", ["ssd_fwd_z_init", "ssd_bwd", "ssd_bwd_z_init", "conv_bwd", "norm_bwd_gated"]
 )
 def test_opcheck_at_layer_shapes(case):
     make, op = CASES[case]
