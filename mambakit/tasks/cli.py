@@ -80,9 +80,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
-    parser.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
     parser.add_argument(
-        "--min-lr-ratio", type=float, help="final / peak lr of the cosine (default 0.1; 1 = constant)"
+        "--weight-decay", type=float, help="AdamW weight decay (default 0.1; 0 for induction heads)"
+    )
+    parser.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        help="final / peak lr of the cosine (default 0.1; 1 = constant, the induction-heads default)",
     )
     parser.add_argument("--eval-examples", type=int)
     parser.add_argument("--eval-tokens", type=int, default=2**16, help="tokens in one evaluation batch")
