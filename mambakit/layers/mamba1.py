@@ -85,6 +85,12 @@ class Mamba1(nn.Module):
         dt = F.linear(dt_low, self.dt_proj.weight)  # the bias goes to the scan as dt_bias
         return dt, B.unsqueeze(-2), C.unsqueeze(-2)
 
+    def _step_ssm_inputs(self, x: torch.Tensor):
+        """A decoding step's x (batch, d_inner) -> (dt_low (batch, dt_rank), B, C (batch, 1, d_state),
+        dt_proj's weight): the step op applies dt_proj itself."""
+        dt_low, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return dt_low, B.unsqueeze(-2), C.unsqueeze(-2), self.dt_proj.weight
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -135,11 +141,13 @@ class Mamba1(nn.Module):
         step = step_ops(hidden_states)  # direct backend calls on CPU: see layers/step_ops.py
         x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)
         x = step.causal_conv1d_update(x, cache.conv_state, self._conv_weight(), self.conv1d.bias, "silu")
-        dt, B, C = self._ssm_inputs(x)
-        # A = -exp(A_log) is formed inside the step (see Mamba2.step)
+        dt, B, C, dt_proj_weight = self._step_ssm_inputs(x)
+        # A = -exp(A_log) (see Mamba2.step) and dt = dt_proj(dt_low) are formed inside the step: on a GPU
+        # that is one kernel where there were five
         y = step.selective_state_update(
-            cache.ssm_state, x, dt, self.A_log, B, C, self.D, z, self.dt_proj.bias, True, A_is_log=True
-        )
+            cache.ssm_state, x, dt, self.A_log, B, C, self.D, z, self.dt_proj.bias, True, A_is_log=True,
+            dt_proj_weight=dt_proj_weight,
+        )  # fmt: skip
         cache.seqlen_offset += 1
         return self.out_proj(y).unsqueeze(1)
 

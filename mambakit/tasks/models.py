@@ -54,6 +54,10 @@ class LTIMamba1(Mamba1):
         dt = torch.zeros_like(x)
         return dt, self.B.to(x.dtype).expand(shape), self.C.to(x.dtype).expand(shape)
 
+    def _step_ssm_inputs(self, x: torch.Tensor):
+        """The time-invariant inputs for a decoding step: dt itself (zeros), no dt projection."""
+        return *self._ssm_inputs(x), None
+
 
 def task_model_config(
     name: str, vocab_size: int, d_model: int = 64, n_layers: int = 2, d_state: int | None = None

@@ -152,6 +152,13 @@ def _scan_update_args(dtype):
     return (state, x, dt, A, B, C, D, z, bias, True)
 
 
+def _scan_update_dt_proj_args(dtype):
+    """Mamba-1's decode step: the low-rank dt a slice of x_proj's output, dt_proj's weight with it."""
+    state, x, _, A, B, C, D, z, bias, softplus = _scan_update_args(dtype)
+    dt_low = torch.randn(BATCH, 6 + 2 * DSTATE).to(dtype)[:, :6]
+    return (state, x, dt_low, A, B, C, D, z, bias, softplus, True, torch.randn(D_INNER, 6).to(dtype))
+
+
 CASES = {
     "ssd_fwd": (lambda dt: _ssd_fwd_args(dt, False, False), mk.ssd_fwd),
     "ssd_fwd_z_init": (lambda dt: _ssd_fwd_args(dt, True, True), mk.ssd_fwd),
@@ -172,6 +179,7 @@ CASES = {
     "scan_bwd": (lambda dt: _scan_bwd_args(dt, False), mk.selective_scan_bwd),
     "scan_bwd_init": (lambda dt: _scan_bwd_args(dt, True), mk.selective_scan_bwd),
     "scan_update": (_scan_update_args, mk.selective_state_update),
+    "scan_update_dt_proj": (_scan_update_dt_proj_args, mk.selective_state_update),
 }
 
 

@@ -99,6 +99,7 @@ def selective_state_update(
     backend: str = "auto",
     *,
     A_is_log: bool = False,
+    dt_proj_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decoding step of the Mamba-1 scan; updates `state` in place.
 
@@ -109,12 +110,19 @@ def selective_state_update(
     Returns y (batch, dim) in x's dtype. `A_is_log=True`: A holds the layer's A_log (any float dtype)
     and the step uses -exp(A_log) in float32, computed inside the step (no separate kernels per
     token for the exp, the negation and the cast of a bfloat16 A_log).
+    `dt_proj_weight` (dim, dt_rank): dt is then the layer's low-rank dt (batch, dt_rank), and the step
+    uses dt @ dt_proj_weight^T in float32 (Mamba-1's dt_proj inside the step: one GEMV kernel less a
+    layer and token on a GPU).
     """
     check_tensor("state", state, (None, None, None), dtypes=FLOAT_DTYPES)
     batch, dim, dstate = state.shape
     dev = state.device
     check_tensor("x", x, (batch, dim), device=dev)
-    check_tensor("dt", dt, (batch, dim), device=dev)
+    if dt_proj_weight is None:
+        check_tensor("dt", dt, (batch, dim), device=dev)
+    else:
+        check_tensor("dt_proj_weight", dt_proj_weight, (dim, None), device=dev)
+        check_tensor("dt", dt, (batch, dt_proj_weight.shape[1]), device=dev)
     check_tensor("A", A, (dim, dstate), device=dev)
     check_tensor("B", B, (batch, None, dstate), device=dev)
     check_divides("ngroups (B.shape[1])", B.shape[1], "dim", dim)
@@ -124,7 +132,7 @@ def selective_state_update(
     check_optional("dt_bias", dt_bias, (dim,), device=dev)
     name = resolve_backend(backend, dev, _IMPLEMENTED)
     return _impl(name).selective_state_update_impl(
-        state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, bool(A_is_log)
+        state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, bool(A_is_log), dt_proj_weight
     )
 
 

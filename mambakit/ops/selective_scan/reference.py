@@ -126,15 +126,19 @@ def selective_state_update_impl(
     dt_bias: torch.Tensor | None,
     dt_softplus: bool,
     A_is_log: bool = False,
+    dt_proj_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decoding step: advances `state` (batch, dim, dstate) in place and returns y (batch, dim).
 
     x, dt, z (batch, dim); A (dim, dstate), or A_log when `A_is_log` (A = -exp(A_log));
-    B, C (batch, ngroups, dstate); D, dt_bias (dim,).
+    B, C (batch, ngroups, dstate); D, dt_bias (dim,). With dt_proj_weight (dim, dt_rank), dt is
+    (batch, dt_rank) and the step's dt is dt @ dt_proj_weight^T.
     """
-    acc = accumulation_dtype(state, x, dt, A, B, C, D, z, dt_bias)
+    acc = accumulation_dtype(state, x, dt, A, B, C, D, z, dt_bias, dt_proj_weight)
     if A_is_log:
         A = -torch.exp(A.to(acc))
+    if dt_proj_weight is not None:
+        dt = dt.to(acc) @ dt_proj_weight.to(acc).T
     delta = discretize_dt(dt, dt_bias, dt_softplus, acc)
     h, y = _step(
         state.to(acc),

@@ -239,10 +239,12 @@ def selective_state_update_impl(
     dt_bias: torch.Tensor | None,
     dt_softplus: bool,
     A_is_log: bool = False,
+    dt_proj_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decoding step: advances `state` (batch, dim, dstate) in place and returns y (batch, dim).
 
-    x, dt, z (batch, dim); A (dim, dstate); B, C (batch, ngroups, dstate); D, dt_bias (dim,).
+    x, dt, z (batch, dim) (dt (batch, dt_rank) with dt_proj_weight (dim, dt_rank)); A (dim, dstate);
+    B, C (batch, ngroups, dstate); D, dt_bias (dim,).
     The reference's step with fewer, in-place ops: the groups' B and C are broadcast over their
     channels by views instead of `repeat_interleave` copies, the state is decayed and fed in place,
     and y = C . h is one batched matmul. At batch 1 every op here is a few microseconds of launch
@@ -250,14 +252,18 @@ def selective_state_update_impl(
     """
     if not state.is_contiguous() or (
         torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (state, x, dt, A, B, C, D, z, dt_bias))
+        and any(
+            t is not None and t.requires_grad for t in (state, x, dt, A, B, C, D, z, dt_bias, dt_proj_weight)
+        )
     ):  # the in-place updates below would overwrite what autograd saves; views need a dense state
         return reference.selective_state_update_impl(
-            state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log
+            state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log, dt_proj_weight
         )
-    acc = accumulation_dtype(state, x, dt, A, B, C, D, z, dt_bias)
+    acc = accumulation_dtype(state, x, dt, A, B, C, D, z, dt_bias, dt_proj_weight)
     if A_is_log:
         A = -torch.exp(A.to(acc))
+    if dt_proj_weight is not None:
+        dt = F.linear(dt.to(acc), dt_proj_weight.to(acc))
     batch, dim, dstate = state.shape
     ngroups = B.shape[1]
     delta = discretize_dt(dt, dt_bias, dt_softplus, acc)  # (batch, dim)
