@@ -85,7 +85,9 @@ class Mamba1(nn.Module):
         dt = F.linear(dt_low, self.dt_proj.weight)  # the bias goes to the scan as dt_bias
         return dt, B.unsqueeze(-2), C.unsqueeze(-2)
 
-    def _step_ssm_inputs(self, x: torch.Tensor):
+    def _step_ssm_inputs(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """A decoding step's x (batch, d_inner) -> (dt_low (batch, dt_rank), B, C (batch, 1, d_state),
         dt_proj's weight): the step op applies dt_proj itself."""
         dt_low, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)

@@ -54,7 +54,9 @@ class LTIMamba1(Mamba1):
         dt = torch.zeros_like(x)
         return dt, self.B.to(x.dtype).expand(shape), self.C.to(x.dtype).expand(shape)
 
-    def _step_ssm_inputs(self, x: torch.Tensor):
+    def _step_ssm_inputs(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The time-invariant inputs for a decoding step: dt itself (zeros), no dt projection."""
         return *self._ssm_inputs(x), None
 
