@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from mambakit.training import distributed
 from mambakit.training.data import Batch
 from mambakit.training.distributed import DistInfo, parallelize
 
@@ -126,6 +127,39 @@ def sum_gradients_cp(model: nn.Module) -> None:
 
 def _plan(model: nn.Module) -> dict:
     return getattr(model, "tp_plan", None) or {}
+
+
+def _tensor_parallel(model: nn.Module) -> bool:
+    """tp and fsdp_tp models carry their plan (`parallelize_tensor` / `parallelize_fsdp_tp` set it)."""
+    return getattr(model, "tp_plan", None) is not None
+
+
+def full_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model state, optimizer state) in the one-process layout, for a checkpoint, under any strategy.
+    Collective under fsdp, tp and fsdp_tp: every process calls it."""
+    if _tensor_parallel(model):
+        return tp_full_states(model, optimizer)
+    return distributed.full_model_state(model), distributed.full_optimizer_state(model, optimizer)
+
+
+def load_full_states(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict
+) -> None:
+    """Load one-process-layout states (any strategy's checkpoint) into the model as this run lays it out."""
+    if _tensor_parallel(model):
+        tp_load_full_states(model, optimizer, model_state, optim_state)
+    else:
+        distributed.load_full_states(model, optimizer, model_state, optim_state)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip to the global gradient norm and return it: over the shards for tp models (a DTensor under
+    FSDP2; the caller takes its full value)."""
+    if _tensor_parallel(model):
+        from mambakit.parallel.tensor_parallel import clip_grad_norm_
+
+        return clip_grad_norm_(model, max_norm)
+    return nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 def _is_moment(v: object) -> bool:

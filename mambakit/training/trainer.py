@@ -32,7 +32,6 @@ from mambakit.models.checkpoint import from_pretrained
 from mambakit.models.config import ModelConfig
 from mambakit.models.lm import LanguageModel
 from mambakit.models.presets import preset
-from mambakit.parallel.tensor_parallel import clip_grad_norm_ as tp_clip_grad_norm_
 from mambakit.training import distributed as D
 from mambakit.training import layout as L
 from mambakit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
@@ -233,7 +232,6 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
     model = L.parallelize_model(model, lay, info)
     optimizer = build_optimizer(model, cfg.optim)
     mb = micro_batch_size(cfg, lay.data_world)
-    tensor_parallel = getattr(model, "tp_plan", None) is not None
     sampler = StepSampler(len(train_rows), t.batch_size, t.seed)
     data_state = {
         "num_rows": len(train_rows),
@@ -250,10 +248,7 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
             raise ValueError(
                 f"checkpoint {ckpt_path} was trained with data {saved}, this run has {data_state}"
             )
-        if tensor_parallel:
-            L.tp_load_full_states(model, optimizer, model_state, state["optimizer"])
-        else:
-            D.load_full_states(model, optimizer, model_state, state["optimizer"])
+        L.load_full_states(model, optimizer, model_state, state["optimizer"])
         set_rng_state(state["rng"])
         step, elapsed = int(state["step"]), float(state.get("elapsed_s", 0.0))
         say(f"resumed from {ckpt_path} at step {step}")
@@ -275,11 +270,7 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
         )
 
     def save(at: int) -> Path | None:
-        if tensor_parallel:  # collective: every rank takes part
-            model_state, optim_state = L.tp_full_states(model, optimizer)
-        else:
-            model_state = D.full_model_state(model)  # collective under FSDP: every rank takes part
-            optim_state = D.full_optimizer_state(model, optimizer)
+        model_state, optim_state = L.full_states(model, optimizer)  # collective: every rank takes part
         path = None
         if info.is_main:
             state = {
@@ -345,10 +336,7 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
             if info.enabled and lay.strategy == "cp":
                 L.sum_gradients_cp(model)
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-            if tensor_parallel:
-                grad_norm = tp_clip_grad_norm_(model, max_norm)
-            else:
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            grad_norm = L.clip_grad_norm(model, max_norm)
             if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
                 grad_norm = grad_norm.full_tensor()
             lr = scheduler.get_last_lr()[0]
