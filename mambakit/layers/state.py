@@ -23,7 +23,8 @@ class MambaState:
 
     conv_state: (batch, conv_dim, d_conv - 1), activation dtype: the last inputs of the causal conv,
         oldest first (conv_dim = d_inner for Mamba-1, d_inner + 2 * ngroups * d_state for Mamba-2).
-    ssm_state: float32; Mamba-1 (batch, d_inner, d_state), Mamba-2 (batch, nheads, headdim, d_state).
+    ssm_state: float32 unless allocated with another `ssm_dtype` (bfloat16 / float16 halve it); Mamba-1
+        (batch, d_inner, d_state), Mamba-2 (batch, nheads, headdim, d_state).
     seqlen_offset: tokens this layer has consumed; a prefill with seqlen_offset > 0 continues from
         the state (chunked prefill).
     """
