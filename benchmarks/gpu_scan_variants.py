@@ -52,11 +52,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def variants(kind: str) -> list[tuple[str, dict]]:
-    out = [("tile default", {"MAMBAKIT_SCAN_KERNEL": "tile"})]
-    seq = [(64, 2, 1), (32, 1, 1)]
     if kind == "bwd":
-        seq = [(32, 4, 2), (32, 4, 1), (16, 2, 2), (64, 4, 2), (16, 4, 2), (64, 8, 2)]
-    for cfg in seq:
+        return _bwd_variants()
+    out = [("tile default", {"MAMBAKIT_SCAN_KERNEL": "tile"})]
+    for cfg in [(64, 2, 1), (32, 1, 1)]:
         env = {"MAMBAKIT_SCAN_KERNEL": "seq", "MAMBAKIT_SCAN_SEQ_CONFIG": ",".join(map(str, cfg))}
         out.append((f"seq {cfg}", env))
     out.append(("seq default", {"MAMBAKIT_SCAN_KERNEL": "seq"}))
@@ -69,6 +68,22 @@ def variants(kind: str) -> list[tuple[str, dict]]:
                 "MAMBAKIT_SCAN_SEQ_CHUNKS": str(chunks),
             }
             out.append((f"seq {cfg}, {chunks} seq chunks", env))
+    return out
+
+
+def _bwd_variants() -> list[tuple[str, dict]]:
+    """The tile-scan backward (the reference of the comparison), then the step-loop backward over its
+    (BLOCK_D, num_warps) and sequence chunks."""
+    out = [("tile bwd default", {"MAMBAKIT_SCAN_BWD_KERNEL": "tile"})]
+    out.append(("seq bwd default", {"MAMBAKIT_SCAN_BWD_KERNEL": "seq"}))
+    for cfg in ((32, 1), (64, 2)):
+        for chunks in (1, 2, 3, 4, 6, 8):
+            env = {
+                "MAMBAKIT_SCAN_BWD_KERNEL": "seq",
+                "MAMBAKIT_SCAN_BWD_SEQ_CONFIG": ",".join(map(str, cfg)),
+                "MAMBAKIT_SCAN_BWD_SEQ_CHUNKS": str(chunks),
+            }
+            out.append((f"seq bwd {cfg}, {chunks} seq chunks", env))
     return out
 
 
@@ -88,6 +103,7 @@ def main() -> None:
         for kind in args.kinds:
             ref = None
             for name, env in variants(kind):
+
                 def fn(kind=kind, call=call, dy=dy):
                     if kind == "fwd":
                         return selective_scan_fwd(*call)

@@ -262,6 +262,29 @@ def test_tile_configurations(config, seq_chunks):
         assert_close_rel(a, b, 2e-4, f"d{name}")
 
 
+@pytest.mark.parametrize("config,seq_chunks", [((32, 1), 1), ((64, 2), 1), ((32, 1), 4), ((16, 1), 5)])
+@pytest.mark.parametrize("case", [(1, 37, 40, 5, 1, 2), (2, 18, 24, 16, 2, 0), (1, 3, 8, 3, 1, 1)])
+def test_step_loop_backward_configurations(config, seq_chunks, case):
+    """The step-loop backward (the default) with channel blocks of several warps, blocks wider than the
+    group, more chunks than segments fill, and lengths that are not whole 4-step segments."""
+    from mambakit.ops.selective_scan.triton.seq_bwd import selective_scan_bwd_seq
+
+    batch, seqlen, dim, dstate, ngroups, ndocs = case
+    inputs = make_inputs(batch, seqlen, dim, dstate, ngroups, ndocs=ndocs, seed=seqlen + seq_chunks)
+    names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus", "initial_state", "seq_idx")
+    y_ref, final_ref, kw = run(inputs, "reference", upcast=True, grad=True)
+    g = torch.Generator().manual_seed(seq_chunks)
+    dy = torch.randn(y_ref.shape, generator=g).to(DEVICE)
+    dfinal = torch.randn(final_ref.shape, generator=g).to(DEVICE)
+    want = torch.autograd.grad((y_ref * dy).sum() + (final_ref * dfinal).sum(), [kw[k] for k in TENSOR_ARGS])
+    got = selective_scan_bwd_seq(
+        dy, dfinal, *[inputs[k] for k in names], seq_chunks=seq_chunks, config=config
+    )
+    for name, a, b in zip(TENSOR_ARGS, got, want):
+        assert a.dtype == inputs[name].dtype, name
+        assert_close_rel(a, b, 2e-4, f"d{name}")
+
+
 @pytest.mark.parametrize(
     "kernel,seq_config,seq_chunks",
     [("tile", None, 1), ("tile", None, 3), ("seq", "16,1,1", 1), ("seq", "32,1,2", 4), ("seq", "64,2,1", 3)],

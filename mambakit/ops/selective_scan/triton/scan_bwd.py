@@ -29,6 +29,8 @@ backward (<= 8 ms forward+backward at L = 8192).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -309,10 +311,14 @@ def _adjoint_chunk_kernel(
     tl.store(Q_ptr + offs, prod, mask=mask_dn)
 
 
+def bwd_kernel_choice() -> str:
+    """The backward kernel: "seq" (step loop, `seq_bwd.py`) or "tile" (this file);
+    MAMBAKIT_SCAN_BWD_KERNEL overrides."""
+    return os.environ.get("MAMBAKIT_SCAN_BWD_KERNEL", "seq")
+
+
 def default_bwd_config(dim_per_group: int, dstate: int) -> tuple[int, int, int]:
     """(BLOCK_L, BLOCK_D, num_warps) for the backward kernel, which holds about twice the forward's tiles."""
-    import os
-
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 16, 16, 1
     env = os.environ.get("MAMBAKIT_SCAN_BWD_CONFIG")
@@ -348,6 +354,12 @@ def selective_scan_bwd(
     its input's dtype (None where the input is None). `dy` is dL/dy (batch, seqlen, dim); `dfinal` is
     dL/d(final state) (batch, dim, dstate) or None."""
     x, dt, B, C, z, dy = (_last_dim_contiguous(t) for t in (x, dt, B, C, z, dy))
+    if config is None and bwd_kernel_choice() == "seq":
+        from mambakit.ops.selective_scan.triton.seq_bwd import selective_scan_bwd_seq
+
+        return selective_scan_bwd_seq(
+            dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx, seq_chunks
+        )
     batch, seqlen, dim = x.shape
     dstate = A.shape[1]
     ngroups = B.shape[2]

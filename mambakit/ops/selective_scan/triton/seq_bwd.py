@@ -1,0 +1,490 @@
+"""Triton backward kernel of the Mamba-1 selective scan that walks the sequence one step at a time, each
+thread owning whole channels, as the forward in `seq_fwd.py` does: the (dstate, BLOCK_D) state and adjoint
+of a program lie in fp32 registers with every channel's dstate values in one thread.
+
+Math (per channel d and state n; a_t = exp(delta_t A), b_t = delta_t B_t x_t, h_t = a_t h_{t-1} + b_t; see
+`scan_bwd.py`): the adjoint g_t = dL/dh_t obeys g_t = dyp_t C_t + a_{t+1} g_{t+1}; then
+    dx_t = delta_t sum_n g_t B_t + D dyp_t,    ddelta_t = x_t sum_n g_t B_t + sum_n A g_t (h_t - b_t),
+    dA = sum_t delta_t g_t (h_t - b_t),        dB_t = sum_d g_t delta_t x_t,    dC_t = sum_d dyp_t h_t.
+The sums over n stay inside a thread; dB_t and dC_t sum over channels, i.e. across the warp's lanes, and
+are written as one partial per program (batch, seqlen, ngroups, nblocks, dstate), reduced by the launcher.
+
+Why not the tile scan of `scan_bwd.py`: like the forward, its log-depth scans over (BLOCK_L, BLOCK_D,
+dstate) tiles cost several times the work of solving the two recurrences in order (31 ms at the anchor,
+batch 4, L 8192, dim 4096, dstate 16, on an H200).
+
+States in reverse order without storing them all: pass 1 walks the chunk forward and writes the state at
+the start of every segment of SEG = 4 steps to a scratch buffer (batch, nchunks * nseg, dstate, dim),
+channels last so that a warp's stores are contiguous. Pass 2 walks the segments backward: it reloads the
+segment's start state, rebuilds the segment's 4 states forward into registers (h1..h4), then takes the 4
+steps in reverse. Cost per state element and step: 3 exp2 (pass 1, the rebuild, a_t in reverse) and
+about 20 other instructions, plus the two cross-lane sums (5 shuffles and adds each per dstate value).
+
+Sequence chunks: when batch x channel blocks underfill the GPU, each chunk runs in its own program. Its
+start state comes from the forward's chunk pass (`chunk_start_states`) and the adjoint entering it from
+`_adjoint_chunk_kernel` below (each chunk's outgoing adjoint from a zero carry, and its decay product),
+combined over chunks by the launcher.
+
+Prediction (anchor, L = 8192, H200): the SASS count of the forward's rescan loop is ~325 instructions a
+channel-step at 75% of peak issue (2.55 ms for its two passes). This backward is about 750 instructions a
+channel-step plus ~300 in the chunk passes: ~5.5-6.5 ms, against 31 ms for the tile-scan backward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from mambakit.ops.selective_scan.triton.scan_fwd import _acc_dtype, chunk_start_states, default_config
+from mambakit.ops.selective_scan.triton.seq_fwd import _softplus
+
+_LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _delta_at(dt_row, offs_d, dt_bias, ok_d, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+              ACC: tl.constexpr):  # fmt: skip
+    """(delta, v) at the row pointer dt_row: delta after bias and softplus, 0 where not ok_d; v the
+    softplus argument. Row pointers are scalars, offset at the load: a pointer tensor kept live would hold
+    two registers per element."""
+    v = tl.load(dt_row + offs_d, mask=ok_d, other=0.0).to(ACC)
+    if HAS_DT_BIAS:
+        v = v + dt_bias
+    delta = v
+    if DT_SOFTPLUS:
+        delta = _softplus(v)
+    return tl.where(ok_d, delta, 0.0), v
+
+
+@triton.jit
+def _reset_at(si_row, s_si_l, t, l_end, HAS_SEQ_IDX: tl.constexpr):
+    """Whether step t (< l_end) starts a new document (its decay is then zero)."""
+    reset = t < 0
+    if HAS_SEQ_IDX:
+        if (t > 0) & (t < l_end):
+            reset = tl.load(si_row) != tl.load(si_row - s_si_l)
+    return reset
+
+
+@triton.jit
+def _forward_step(h, A2, x_row, dt_row, B_row, si_row, s_si_l, t, l_end, dt_bias, mask_d, mask_n, offs_dg,
+                  offs_d, offs_n, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+                  HAS_SEQ_IDX: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """One step of the recurrence; steps at or past l_end leave h unchanged (delta 0, no reset)."""
+    ok_d = mask_d & (offs_dg * 0 + t < l_end)
+    ok_n = mask_n & (offs_n * 0 + t < l_end)
+    x = tl.load(x_row + offs_d, mask=ok_d, other=0.0).to(ACC)
+    delta, v = _delta_at(dt_row, offs_d, dt_bias, ok_d, HAS_DT_BIAS, DT_SOFTPLUS, ACC)
+    Bt = tl.load(B_row + offs_n, mask=ok_n, other=0.0).to(ACC)
+    dA = tl.exp2(A2 * delta[None, :])
+    reset = _reset_at(si_row, s_si_l, t, l_end, HAS_SEQ_IDX)
+    if HAS_SEQ_IDX:
+        dA = tl.where(reset, 0.0, dA)
+    h = dA * h + Bt[:, None] * (delta * x)[None, :]
+    return h, x, delta, v, reset
+
+
+@triton.jit
+def _reverse_step(
+    h, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, x, delta, v, reset,
+    B_row, C_row, z_row, dy_row, dx_row, ddt_row, dz_row, dBp_row, dCp_row,
+    t, l_end, mask_d, mask_n, offs_dg, offs_d, offs_n,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    ACC: tl.constexpr,
+):  # fmt: skip
+    """Step t in reverse, h the state after it; returns the adjoint carried into step t - 1 and the sums."""
+    ok_d = mask_d & (offs_dg * 0 + t < l_end)
+    ok_n = mask_n & (offs_n * 0 + t < l_end)
+    Bt = tl.load(B_row + offs_n, mask=ok_n, other=0.0).to(ACC)
+    Ct = tl.load(C_row + offs_n, mask=ok_n, other=0.0).to(ACC)
+    dy = tl.load(dy_row + offs_d, mask=ok_d, other=0.0).to(ACC)
+    if HAS_Z:
+        z = tl.load(z_row + offs_d, mask=ok_d, other=0.0).to(ACC)
+        y = tl.sum(h * Ct[:, None], axis=0)
+        if HAS_D:
+            y += Dv * x
+        sz = 1.0 / (1.0 + tl.exp(-z))
+        dz = dy * y * sz * (1.0 + z * (1.0 - sz))
+        tl.store(dz_row + offs_d, dz.to(dz_row.dtype.element_ty), mask=ok_d)
+        dyp = dy * z * sz
+    else:
+        dyp = dy
+    g = carry + Ct[:, None] * dyp[None, :]
+    dx_b = delta * x
+    ah = h - Bt[:, None] * dx_b[None, :]  # a_t h_{t-1}
+    gB = tl.sum(g * Bt[:, None], axis=0)
+    gah = g * ah
+    dA_acc += gah * delta[None, :]
+    ddelta = x * gB + _LN2 * tl.sum(gah * A2, axis=0)  # A = A2 ln 2
+    dx = delta * gB
+    if HAS_D:
+        dx += Dv * dyp
+        dD_acc += dyp * x
+    if DT_SOFTPLUS:
+        ddelta = tl.where(v <= 20.0, ddelta / (1.0 + tl.exp(-v)), ddelta)
+    ddelta = tl.where(ok_d, ddelta, 0.0)
+    dbias_acc += ddelta
+    tl.store(dx_row + offs_d, dx.to(dx_row.dtype.element_ty), mask=ok_d)
+    tl.store(ddt_row + offs_d, ddelta.to(ddt_row.dtype.element_ty), mask=ok_d)
+    # Sums over this program's channels (lanes of the warp); masked channels contribute zeros.
+    tl.store(dBp_row + offs_n, tl.sum(g * dx_b[None, :], axis=1), mask=ok_n)
+    tl.store(dCp_row + offs_n, tl.sum(h * dyp[None, :], axis=1), mask=ok_n)
+    dA = tl.exp2(A2 * delta[None, :])
+    if HAS_SEQ_IDX:
+        dA = tl.where(reset, 0.0, dA)
+    return dA * g, dA_acc, dD_acc, dbias_acc
+
+
+@triton.jit
+def selective_scan_bwd_seq_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h0_ptr, seq_idx_ptr,
+    dy_ptr, carry_ptr, hbuf_ptr,
+    dx_ptr, ddt_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbiasp_ptr, dh0_ptr,
+    seqlen, dim, dstate, dim_per_group, ngroups, nblocks, nchunks, chunk_len, nseg,
+    s_x_b, s_x_l, s_dt_b, s_dt_l, s_B_b, s_B_l, s_B_g, s_C_b, s_C_l, s_C_g,
+    s_z_b, s_z_l, s_si_b, s_si_l, s_dy_b, s_dy_l, s_dx_b, s_dx_l, s_ddt_b, s_ddt_l, s_dz_b, s_dz_l,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_CARRY: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, DT_SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
+    WRITE_DH0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One program per (batch x group, block of BLOCK_D channels, sequence chunk). h0 / carry are the
+    chunk's start state and incoming adjoint, (batch, nchunks, dim, dstate), or absent (zeros)."""
+    SEG: tl.constexpr = 4
+    pid_bg = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    b = (pid_bg // ngroups).to(tl.int64)
+    g = pid_bg % ngroups
+    offs_dg = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_dg < dim_per_group
+    offs_d = g * dim_per_group + offs_dg
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < dstate
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+
+    A2 = tl.load(A_ptr + offs_d[None, :] * dstate + offs_n[:, None], mask=mask_nd, other=0.0).to(ACC)
+    A2 = A2 * _LOG2E
+    dt_bias = tl.zeros((BLOCK_D,), dtype=ACC)
+    if HAS_DT_BIAS:
+        dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    Dv = tl.zeros((BLOCK_D,), dtype=ACC)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    state_offs = ((b * nchunks + pid_c) * dim + offs_d[None, :]) * dstate + offs_n[:, None]
+    if HAS_H0:
+        h = tl.load(h0_ptr + state_offs, mask=mask_nd, other=0.0).to(ACC)
+    else:
+        h = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+    # Checkpoints: (batch, nchunks * nseg, dstate, dim), channels last.
+    hbuf = hbuf_ptr + ((b * nchunks + pid_c) * nseg * dstate + offs_n[:, None]) * dim + offs_d[None, :]
+    seg_stride = dstate * dim
+
+    l_begin = pid_c * chunk_len
+    l_end = tl.minimum(l_begin + chunk_len, seqlen)
+    l0 = l_begin.to(tl.int64)
+    x_row = x_ptr + b * s_x_b + l0 * s_x_l
+    dt_row = dt_ptr + b * s_dt_b + l0 * s_dt_l
+    B_row = B_ptr + b * s_B_b + l0 * s_B_l + g * s_B_g
+    si_row = seq_idx_ptr + b * s_si_b + l0 * s_si_l
+
+    # Pass 1: the state at the start of every segment.
+    for s in range(0, nseg):
+        tl.store(hbuf + s * seg_stride, h, mask=mask_nd)
+        t = l_begin + s * SEG
+        for j in tl.static_range(SEG):
+            h, _, _, _, _ = _forward_step(
+                h, A2, x_row + j * s_x_l, dt_row + j * s_dt_l, B_row + j * s_B_l, si_row + j * s_si_l,
+                s_si_l, t + j, l_end, dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n,
+                HAS_DT_BIAS, DT_SOFTPLUS, HAS_SEQ_IDX, ACC,
+            )  # fmt: skip
+        x_row += SEG * s_x_l
+        dt_row += SEG * s_dt_l
+        B_row += SEG * s_B_l
+        si_row += SEG * s_si_l
+
+    # Pass 2: segments in reverse; `carry` is the adjoint flowing into the last state seen so far.
+    if HAS_CARRY:
+        carry = tl.load(carry_ptr + state_offs, mask=mask_nd, other=0.0).to(ACC)
+    else:
+        carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+    dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    for i in range(0, nseg):
+        s = nseg - 1 - i
+        t = l_begin + s * SEG
+        tt = t.to(tl.int64)
+        h = tl.load(hbuf + s * seg_stride, mask=mask_nd, other=0.0)
+        xr = x_ptr + b * s_x_b + tt * s_x_l
+        dtr = dt_ptr + b * s_dt_b + tt * s_dt_l
+        Br = B_ptr + b * s_B_b + tt * s_B_l + g * s_B_g
+        Cr = C_ptr + b * s_C_b + tt * s_C_l + g * s_C_g
+        zr = z_ptr + b * s_z_b + tt * s_z_l
+        dyr = dy_ptr + b * s_dy_b + tt * s_dy_l
+        dxr = dx_ptr + b * s_dx_b + tt * s_dx_l
+        ddtr = ddt_ptr + b * s_ddt_b + tt * s_ddt_l
+        dzr = dz_ptr + b * s_dz_b + tt * s_dz_l
+        sir = seq_idx_ptr + b * s_si_b + tt * s_si_l
+        # Partials (batch, seqlen, ngroups, nblocks, dstate).
+        part = ((b * seqlen + tt) * ngroups + g) * nblocks * dstate + pid_d * dstate
+        part_l = ngroups * nblocks * dstate
+        h1, x0, d0, v0, r0 = _forward_step(
+            h, A2, xr, dtr, Br, sir, s_si_l, t, l_end, dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n,
+            HAS_DT_BIAS, DT_SOFTPLUS, HAS_SEQ_IDX, ACC,
+        )  # fmt: skip
+        h2, x1, d1, v1, r1 = _forward_step(
+            h1, A2, xr + s_x_l, dtr + s_dt_l, Br + s_B_l, sir + s_si_l, s_si_l, t + 1, l_end, dt_bias,
+            mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_DT_BIAS, DT_SOFTPLUS, HAS_SEQ_IDX, ACC,
+        )  # fmt: skip
+        h3, x2, d2, v2, r2 = _forward_step(
+            h2, A2, xr + 2 * s_x_l, dtr + 2 * s_dt_l, Br + 2 * s_B_l, sir + 2 * s_si_l, s_si_l, t + 2, l_end,
+            dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_DT_BIAS, DT_SOFTPLUS, HAS_SEQ_IDX, ACC,
+        )  # fmt: skip
+        h4, x3, d3, v3, r3 = _forward_step(
+            h3, A2, xr + 3 * s_x_l, dtr + 3 * s_dt_l, Br + 3 * s_B_l, sir + 3 * s_si_l, s_si_l, t + 3, l_end,
+            dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_DT_BIAS, DT_SOFTPLUS, HAS_SEQ_IDX, ACC,
+        )  # fmt: skip
+        carry, dA_acc, dD_acc, dbias_acc = _reverse_step(
+            h4, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, x3, d3, v3, r3,
+            Br + 3 * s_B_l, Cr + 3 * s_C_l, zr + 3 * s_z_l, dyr + 3 * s_dy_l, dxr + 3 * s_dx_l,
+            ddtr + 3 * s_ddt_l, dzr + 3 * s_dz_l, dBp_ptr + part + 3 * part_l, dCp_ptr + part + 3 * part_l,
+            t + 3, l_end, mask_d, mask_n, offs_dg, offs_d, offs_n,
+            HAS_D, HAS_Z, HAS_SEQ_IDX, DT_SOFTPLUS, ACC,
+        )  # fmt: skip
+        carry, dA_acc, dD_acc, dbias_acc = _reverse_step(
+            h3, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, x2, d2, v2, r2,
+            Br + 2 * s_B_l, Cr + 2 * s_C_l, zr + 2 * s_z_l, dyr + 2 * s_dy_l, dxr + 2 * s_dx_l,
+            ddtr + 2 * s_ddt_l, dzr + 2 * s_dz_l, dBp_ptr + part + 2 * part_l, dCp_ptr + part + 2 * part_l,
+            t + 2, l_end, mask_d, mask_n, offs_dg, offs_d, offs_n,
+            HAS_D, HAS_Z, HAS_SEQ_IDX, DT_SOFTPLUS, ACC,
+        )  # fmt: skip
+        carry, dA_acc, dD_acc, dbias_acc = _reverse_step(
+            h2, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, x1, d1, v1, r1,
+            Br + s_B_l, Cr + s_C_l, zr + s_z_l, dyr + s_dy_l, dxr + s_dx_l,
+            ddtr + s_ddt_l, dzr + s_dz_l, dBp_ptr + part + part_l, dCp_ptr + part + part_l,
+            t + 1, l_end, mask_d, mask_n, offs_dg, offs_d, offs_n,
+            HAS_D, HAS_Z, HAS_SEQ_IDX, DT_SOFTPLUS, ACC,
+        )  # fmt: skip
+        carry, dA_acc, dD_acc, dbias_acc = _reverse_step(
+            h1, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, x0, d0, v0, r0,
+            Br, Cr, zr, dyr, dxr, ddtr, dzr, dBp_ptr + part, dCp_ptr + part,
+            t, l_end, mask_d, mask_n, offs_dg, offs_d, offs_n,
+            HAS_D, HAS_Z, HAS_SEQ_IDX, DT_SOFTPLUS, ACC,
+        )  # fmt: skip
+
+    tl.store(dAp_ptr + state_offs, dA_acc, mask=mask_nd)
+    tl.store(dDp_ptr + (b * nchunks + pid_c) * dim + offs_d, dD_acc, mask=mask_d)
+    tl.store(dbiasp_ptr + (b * nchunks + pid_c) * dim + offs_d, dbias_acc, mask=mask_d)
+    if WRITE_DH0:  # the adjoint left after the first step of the first chunk is dL/d(initial state)
+        dh0_offs = (b * dim + offs_d[None, :]) * dstate + offs_n[:, None]
+        tl.store(dh0_ptr + dh0_offs, carry, mask=mask_nd & (offs_n * 0 + pid_c == 0)[:, None])
+
+
+@triton.jit
+def _adjoint_chunk_kernel(
+    dt_ptr, A_ptr, C_ptr, z_ptr, dt_bias_ptr, seq_idx_ptr, dy_ptr, G_ptr, Q_ptr,
+    seqlen, dim, dstate, dim_per_group, ngroups, nchunks, chunk_len,
+    s_dt_b, s_dt_l, s_C_b, s_C_l, s_C_g, s_z_b, s_z_l, s_si_b, s_si_l, s_dy_b, s_dy_l,
+    HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Per chunk, the adjoint it passes to the step before it when nothing flows in from after it (G), and
+    the product of its decays (Q): the adjoint entering chunk c - 1 is G(c) + Q(c) * (adjoint entering c).
+    Needs no states: the adjoint's input dyp_t C_t depends on dy, z and C only. Outputs are (batch,
+    nchunks, dim, dstate)."""
+    pid_bg = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    b = (pid_bg // ngroups).to(tl.int64)
+    g = pid_bg % ngroups
+    offs_dg = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_dg < dim_per_group
+    offs_d = g * dim_per_group + offs_dg
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < dstate
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    A2 = tl.load(A_ptr + offs_d[None, :] * dstate + offs_n[:, None], mask=mask_nd, other=0.0).to(ACC)
+    A2 = A2 * _LOG2E
+    dt_bias = tl.zeros((BLOCK_D,), dtype=ACC)
+    if HAS_DT_BIAS:
+        dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+    delta_sum = tl.zeros((BLOCK_D,), dtype=ACC)
+    alive = mask_d
+    l_begin = pid_c * chunk_len
+    l_end = tl.minimum(l_begin + chunk_len, seqlen)
+    last = (l_end - 1).to(tl.int64)
+    dt_row = dt_ptr + b * s_dt_b + last * s_dt_l
+    C_row = C_ptr + b * s_C_b + last * s_C_l + g * s_C_g
+    z_row = z_ptr + b * s_z_b + last * s_z_l
+    dy_row = dy_ptr + b * s_dy_b + last * s_dy_l
+    si_row = seq_idx_ptr + b * s_si_b + last * s_si_l
+    for i in range(0, l_end - l_begin):
+        t = l_end - 1 - i
+        Ct = tl.load(C_row + offs_n, mask=mask_n, other=0.0).to(ACC)
+        dyp = tl.load(dy_row + offs_d, mask=mask_d, other=0.0).to(ACC)
+        if HAS_Z:
+            z = tl.load(z_row + offs_d, mask=mask_d, other=0.0).to(ACC)
+            dyp = dyp * z / (1.0 + tl.exp(-z))
+        delta, _ = _delta_at(dt_row, offs_d, dt_bias, mask_d, HAS_DT_BIAS, DT_SOFTPLUS, ACC)
+        dA = tl.exp2(A2 * delta[None, :])
+        delta_sum += delta
+        if HAS_SEQ_IDX:
+            reset = _reset_at(si_row, s_si_l, t, l_end, HAS_SEQ_IDX)
+            dA = tl.where(reset, 0.0, dA)
+            alive = alive & (reset == 0)
+        carry = dA * (carry + Ct[:, None] * dyp[None, :])
+        dt_row -= s_dt_l
+        C_row -= s_C_l
+        z_row -= s_z_l
+        dy_row -= s_dy_l
+        si_row -= s_si_l
+    offs = ((b * nchunks + pid_c) * dim + offs_d[None, :]) * dstate + offs_n[:, None]
+    tl.store(G_ptr + offs, carry, mask=mask_nd)
+    decay = tl.where(alive[None, :], tl.exp2(A2 * delta_sum[None, :]), 0.0)
+    tl.store(Q_ptr + offs, decay, mask=mask_nd)
+
+
+def seq_bwd_config(dim_per_group: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps) of the step-loop backward; MAMBAKIT_SCAN_BWD_SEQ_CONFIG="bd,nw" overrides."""
+    env = os.environ.get("MAMBAKIT_SCAN_BWD_SEQ_CONFIG")
+    if env:
+        bd, nw = (int(v) for v in env.split(","))
+        return bd, nw
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return 16, 1
+    return 32, 1
+
+
+def default_bwd_seq_chunks(x: torch.Tensor, warps: int, seqlen: int) -> int:
+    """Sequence chunks of the step-loop backward: split until about WARPS_PER_SM warps per multiprocessor
+    run (the kernel's registers allow few more), chunks of at least 256 steps; each split costs a chunk
+    pass of the states and one of the adjoint. MAMBAKIT_SCAN_BWD_SEQ_CHUNKS overrides."""
+    env = os.environ.get("MAMBAKIT_SCAN_BWD_SEQ_CHUNKS")
+    if env:
+        return max(1, int(env))
+    if x.device.type != "cuda":
+        return 1
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    sms = torch.cuda.get_device_properties(index).multi_processor_count
+    return max(1, min(round(_WARPS_PER_SM * sms / max(warps, 1)), seqlen // 256))
+
+
+_WARPS_PER_SM = 12
+
+
+def selective_scan_bwd_seq(
+    dy: torch.Tensor,
+    dfinal: torch.Tensor | None,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+    initial_state: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    seq_chunks: int | None = None,
+    config: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_state) by the step-loop kernels, each in
+    its input's dtype (None where the input is None); arguments as `scan_bwd.selective_scan_bwd`, with
+    last-dimension-contiguous x, dt, B, C, z, dy."""
+    batch, seqlen, dim = x.shape
+    dstate = A.shape[1]
+    ngroups = B.shape[2]
+    dim_per_group = dim // ngroups
+    acc = _acc_dtype(x)
+    acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dev = x.device
+    block_d, num_warps = config or seq_bwd_config(dim_per_group)
+    block_d = min(block_d, max(triton.next_power_of_2(dim_per_group), 16))
+    num_warps = max(1, min(num_warps, block_d // 32))
+    block_n = triton.next_power_of_2(dstate)
+    nblocks = triton.cdiv(dim_per_group, block_d)
+    A = A.contiguous()
+    D = D.contiguous() if D is not None else None
+    dt_bias = dt_bias.contiguous() if dt_bias is not None else None
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    dfinal = dfinal.contiguous() if dfinal is not None else None
+    si = seq_idx if seq_idx is not None else x  # a placeholder pointer; never read without HAS_SEQ_IDX
+    s_si = (si.stride(0), si.stride(1)) if seq_idx is not None else (0, 0)
+    s_z = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
+
+    warps = batch * ngroups * nblocks * num_warps
+    nchunks = seq_chunks or default_bwd_seq_chunks(x, warps, seqlen)
+    # Chunks are whole segments and whole tiles of the forward's chunk pass.
+    step = 16
+    chunk_len = triton.cdiv(triton.cdiv(max(seqlen, 1), nchunks), step) * step
+    nchunks = triton.cdiv(seqlen, chunk_len) if seqlen > 0 else 1
+    nseg = triton.cdiv(chunk_len, 4)
+    if nchunks > 1:
+        starts = chunk_start_states(
+            x, dt, A, B, dt_bias, dt_softplus, h0, seq_idx, chunk_len, default_config(dim_per_group, dstate)
+        )
+        G = torch.empty_like(starts)
+        Q = torch.empty_like(starts)
+        _adjoint_chunk_kernel[(batch * ngroups, nblocks, nchunks)](
+            dt, A, C, z if z is not None else x, dt_bias if dt_bias is not None else x, si, dy, G, Q,
+            seqlen, dim, dstate, dim_per_group, ngroups, nchunks, chunk_len,
+            dt.stride(0), dt.stride(1), C.stride(0), C.stride(1), C.stride(2), *s_z, *s_si,
+            dy.stride(0), dy.stride(1),
+            HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, HAS_SEQ_IDX=seq_idx is not None,
+            DT_SOFTPLUS=bool(dt_softplus), ACC=acc, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
+        )  # fmt: skip
+        carries = torch.empty_like(starts)
+        gcarry = dfinal.to(acc_torch) if dfinal is not None else torch.zeros_like(starts[:, 0])
+        for c in range(nchunks - 1, -1, -1):
+            carries[:, c] = gcarry
+            gcarry = G[:, c] + Q[:, c] * gcarry
+        state_in, carry_in = starts, carries
+    else:
+        state_in, carry_in = h0, dfinal
+
+    dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
+    ddt = torch.empty(dt.shape, dtype=dt.dtype, device=dev)
+    dz = torch.empty(z.shape, dtype=z.dtype, device=dev) if z is not None else None
+    hbuf = torch.empty((batch, nchunks * nseg, dstate, dim), dtype=acc_torch, device=dev)
+    dBp = torch.empty((batch, seqlen, ngroups, nblocks, dstate), dtype=acc_torch, device=dev)
+    dCp = torch.empty_like(dBp)
+    dAp = torch.empty((batch, nchunks, dim, dstate), dtype=acc_torch, device=dev)
+    dDp = torch.empty((batch, nchunks, dim), dtype=acc_torch, device=dev)
+    dbiasp = torch.empty((batch, nchunks, dim), dtype=acc_torch, device=dev)
+    dh0 = torch.empty((batch, dim, dstate), dtype=acc_torch, device=dev) if h0 is not None else None
+    if seqlen > 0:
+        selective_scan_bwd_seq_kernel[(batch * ngroups, nblocks, nchunks)](
+            x, dt, A, B, C, D if D is not None else x, z if z is not None else x,
+            dt_bias if dt_bias is not None else x, state_in if state_in is not None else dAp, si,
+            dy, carry_in if carry_in is not None else dAp, hbuf,
+            dx, ddt, dz if dz is not None else dx, dBp, dCp, dAp, dDp, dbiasp,
+            dh0 if dh0 is not None else dAp,
+            seqlen, dim, dstate, dim_per_group, ngroups, nblocks, nchunks, chunk_len, nseg,
+            x.stride(0), x.stride(1), dt.stride(0), dt.stride(1),
+            B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), *s_z, *s_si,
+            dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), ddt.stride(0), ddt.stride(1),
+            dz.stride(0) if dz is not None else 0, dz.stride(1) if dz is not None else 0,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
+            HAS_H0=state_in is not None, HAS_CARRY=carry_in is not None, HAS_SEQ_IDX=seq_idx is not None,
+            DT_SOFTPLUS=bool(dt_softplus), ACC=acc, WRITE_DH0=h0 is not None,
+            BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
+        )  # fmt: skip
+    else:
+        dAp.zero_()
+        dDp.zero_()
+        dbiasp.zero_()
+        if dh0 is not None:
+            dh0.copy_(dfinal if dfinal is not None else torch.zeros_like(dh0))
+    dB = dBp.sum(dim=3).to(B.dtype)
+    dC = dCp.sum(dim=3).to(C.dtype)
+    dA = dAp.sum(dim=(0, 1)).to(A.dtype)
+    dD = dDp.sum(dim=(0, 1)).to(D.dtype) if D is not None else None
+    ddt_bias = dbiasp.sum(dim=(0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
+    dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
+    return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0
