@@ -47,11 +47,11 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def _delta_at(dt_row, offs_d, dt_bias, ok_d, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-              ACC: tl.constexpr):  # fmt: skip
+              ACC: tl.constexpr, VOLATILE: tl.constexpr = False):  # fmt: skip
     """(delta, v) at the row pointer dt_row: delta after bias and softplus, 0 where not ok_d; v the
     softplus argument. Row pointers are scalars, offset at the load: a pointer tensor kept live would hold
     two registers per element."""
-    v = tl.load(dt_row + offs_d, mask=ok_d, other=0.0).to(ACC)
+    v = tl.load(dt_row + offs_d, mask=ok_d, other=0.0, volatile=VOLATILE).to(ACC)
     if HAS_DT_BIAS:
         v = v + dt_bias
     delta = v
@@ -84,22 +84,29 @@ def _forward_step(h, A2, x_row, dt_row, B_row, si_row, s_si_l, t, l_end, dt_bias
     reset = _reset_at(si_row, s_si_l, t, l_end, HAS_SEQ_IDX)
     if HAS_SEQ_IDX:
         dA = tl.where(reset, 0.0, dA)
-    h = dA * h + Bt[:, None] * (delta * x)[None, :]
-    return h, x, delta, v, reset
+    return dA * h + Bt[:, None] * (delta * x)[None, :]
 
 
 @triton.jit
 def _reverse_step(
-    h, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, x, delta, v, reset,
-    B_row, C_row, z_row, dy_row, dx_row, ddt_row, dz_row, dBp_row, dCp_row,
+    h, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, dt_bias,
+    x_row, dt_row, si_row, s_si_l, B_row, C_row, z_row, dy_row, dx_row, ddt_row, dz_row, dBp_row, dCp_row,
     t, l_end, mask_d, mask_n, offs_dg, offs_d, offs_n,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-    ACC: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """Step t in reverse, h the state after it; returns the adjoint carried into step t - 1 and the sums."""
+    """Step t in reverse, h the state after it; returns the adjoint carried into step t - 1 and the sums.
+
+    x, delta, B_t and the decay are recomputed here from volatile loads rather than kept from the
+    segment's forward rebuild: otherwise the compiler merges the two computations and keeps all four
+    steps' B_t, b_t and decays live through the segment (about 12 more (dstate, BLOCK_D) tiles), which
+    spilled registers to local memory."""
     ok_d = mask_d & (offs_dg * 0 + t < l_end)
     ok_n = mask_n & (offs_n * 0 + t < l_end)
-    Bt = tl.load(B_row + offs_n, mask=ok_n, other=0.0).to(ACC)
+    x = tl.load(x_row + offs_d, mask=ok_d, other=0.0, volatile=True).to(ACC)
+    delta, v = _delta_at(dt_row, offs_d, dt_bias, ok_d, HAS_DT_BIAS, DT_SOFTPLUS, ACC, True)
+    reset = _reset_at(si_row, s_si_l, t, l_end, HAS_SEQ_IDX)
+    Bt = tl.load(B_row + offs_n, mask=ok_n, other=0.0, volatile=True).to(ACC)
     Ct = tl.load(C_row + offs_n, mask=ok_n, other=0.0).to(ACC)
     dy = tl.load(dy_row + offs_d, mask=ok_d, other=0.0).to(ACC)
     if HAS_Z:
@@ -196,7 +203,7 @@ def selective_scan_bwd_seq_kernel(
         tl.store(hbuf + s * seg_stride, h, mask=mask_nd)
         t = l_begin + s * SEG
         for j in tl.static_range(SEG):
-            h, _, _, _, _ = _forward_step(
+            h = _forward_step(
                 h, A2, x_row + j * s_x_l, dt_row + j * s_dt_l, B_row + j * s_B_l, si_row + j * s_si_l,
                 s_si_l, t + j, l_end, dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n,
                 HAS_DT_BIAS, DT_SOFTPLUS, HAS_SEQ_IDX, ACC,
@@ -232,48 +239,49 @@ def selective_scan_bwd_seq_kernel(
         # Partials (batch, seqlen, ngroups, nblocks, dstate).
         part = ((b * seqlen + tt) * ngroups + g) * nblocks * dstate + pid_d * dstate
         part_l = ngroups * nblocks * dstate
-        h1, x0, d0, v0, r0 = _forward_step(
+        h1 = _forward_step(
             h, A2, xr, dtr, Br, sir, s_si_l, t, l_end, dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n,
             HAS_DT_BIAS, DT_SOFTPLUS, HAS_SEQ_IDX, ACC,
         )  # fmt: skip
-        h2, x1, d1, v1, r1 = _forward_step(
+        h2 = _forward_step(
             h1, A2, xr + s_x_l, dtr + s_dt_l, Br + s_B_l, sir + s_si_l, s_si_l, t + 1, l_end, dt_bias,
             mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_DT_BIAS, DT_SOFTPLUS, HAS_SEQ_IDX, ACC,
         )  # fmt: skip
-        h3, x2, d2, v2, r2 = _forward_step(
+        h3 = _forward_step(
             h2, A2, xr + 2 * s_x_l, dtr + 2 * s_dt_l, Br + 2 * s_B_l, sir + 2 * s_si_l, s_si_l, t + 2, l_end,
             dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_DT_BIAS, DT_SOFTPLUS, HAS_SEQ_IDX, ACC,
         )  # fmt: skip
-        h4, x3, d3, v3, r3 = _forward_step(
+        h4 = _forward_step(
             h3, A2, xr + 3 * s_x_l, dtr + 3 * s_dt_l, Br + 3 * s_B_l, sir + 3 * s_si_l, s_si_l, t + 3, l_end,
             dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_DT_BIAS, DT_SOFTPLUS, HAS_SEQ_IDX, ACC,
         )  # fmt: skip
         carry, dA_acc, dD_acc, dbias_acc = _reverse_step(
-            h4, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, x3, d3, v3, r3,
-            Br + 3 * s_B_l, Cr + 3 * s_C_l, zr + 3 * s_z_l, dyr + 3 * s_dy_l, dxr + 3 * s_dx_l,
-            ddtr + 3 * s_ddt_l, dzr + 3 * s_dz_l, dBp_ptr + part + 3 * part_l, dCp_ptr + part + 3 * part_l,
-            t + 3, l_end, mask_d, mask_n, offs_dg, offs_d, offs_n,
-            HAS_D, HAS_Z, HAS_SEQ_IDX, DT_SOFTPLUS, ACC,
+            h4, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, dt_bias,
+            xr + 3 * s_x_l, dtr + 3 * s_dt_l, sir + 3 * s_si_l, s_si_l, Br + 3 * s_B_l, Cr + 3 * s_C_l,
+            zr + 3 * s_z_l, dyr + 3 * s_dy_l, dxr + 3 * s_dx_l, ddtr + 3 * s_ddt_l, dzr + 3 * s_dz_l,
+            dBp_ptr + part + 3 * part_l, dCp_ptr + part + 3 * part_l, t + 3, l_end,
+            mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_D, HAS_Z, HAS_DT_BIAS, HAS_SEQ_IDX, DT_SOFTPLUS, ACC,
         )  # fmt: skip
         carry, dA_acc, dD_acc, dbias_acc = _reverse_step(
-            h3, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, x2, d2, v2, r2,
-            Br + 2 * s_B_l, Cr + 2 * s_C_l, zr + 2 * s_z_l, dyr + 2 * s_dy_l, dxr + 2 * s_dx_l,
-            ddtr + 2 * s_ddt_l, dzr + 2 * s_dz_l, dBp_ptr + part + 2 * part_l, dCp_ptr + part + 2 * part_l,
-            t + 2, l_end, mask_d, mask_n, offs_dg, offs_d, offs_n,
-            HAS_D, HAS_Z, HAS_SEQ_IDX, DT_SOFTPLUS, ACC,
+            h3, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, dt_bias,
+            xr + 2 * s_x_l, dtr + 2 * s_dt_l, sir + 2 * s_si_l, s_si_l, Br + 2 * s_B_l, Cr + 2 * s_C_l,
+            zr + 2 * s_z_l, dyr + 2 * s_dy_l, dxr + 2 * s_dx_l, ddtr + 2 * s_ddt_l, dzr + 2 * s_dz_l,
+            dBp_ptr + part + 2 * part_l, dCp_ptr + part + 2 * part_l, t + 2, l_end,
+            mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_D, HAS_Z, HAS_DT_BIAS, HAS_SEQ_IDX, DT_SOFTPLUS, ACC,
         )  # fmt: skip
         carry, dA_acc, dD_acc, dbias_acc = _reverse_step(
-            h2, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, x1, d1, v1, r1,
-            Br + s_B_l, Cr + s_C_l, zr + s_z_l, dyr + s_dy_l, dxr + s_dx_l,
-            ddtr + s_ddt_l, dzr + s_dz_l, dBp_ptr + part + part_l, dCp_ptr + part + part_l,
-            t + 1, l_end, mask_d, mask_n, offs_dg, offs_d, offs_n,
-            HAS_D, HAS_Z, HAS_SEQ_IDX, DT_SOFTPLUS, ACC,
+            h2, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, dt_bias,
+            xr + s_x_l, dtr + s_dt_l, sir + s_si_l, s_si_l, Br + s_B_l, Cr + s_C_l,
+            zr + s_z_l, dyr + s_dy_l, dxr + s_dx_l, ddtr + s_ddt_l, dzr + s_dz_l,
+            dBp_ptr + part + part_l, dCp_ptr + part + part_l, t + 1, l_end,
+            mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_D, HAS_Z, HAS_DT_BIAS, HAS_SEQ_IDX, DT_SOFTPLUS, ACC,
         )  # fmt: skip
         carry, dA_acc, dD_acc, dbias_acc = _reverse_step(
-            h1, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, x0, d0, v0, r0,
-            Br, Cr, zr, dyr, dxr, ddtr, dzr, dBp_ptr + part, dCp_ptr + part,
-            t, l_end, mask_d, mask_n, offs_dg, offs_d, offs_n,
-            HAS_D, HAS_Z, HAS_SEQ_IDX, DT_SOFTPLUS, ACC,
+            h1, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, dt_bias,
+            xr, dtr, sir, s_si_l, Br, Cr,
+            zr, dyr, dxr, ddtr, dzr,
+            dBp_ptr + part, dCp_ptr + part, t, l_end,
+            mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_D, HAS_Z, HAS_DT_BIAS, HAS_SEQ_IDX, DT_SOFTPLUS, ACC,
         )  # fmt: skip
 
     tl.store(dAp_ptr + state_offs, dA_acc, mask=mask_nd)
