@@ -262,7 +262,10 @@ def test_tile_configurations(config, seq_chunks):
         assert_close_rel(a, b, 2e-4, f"d{name}")
 
 
-@pytest.mark.parametrize("config,seq_chunks", [((32, 1), 1), ((64, 2), 1), ((32, 1), 4), ((16, 1), 5)])
+@pytest.mark.parametrize(
+    "config,seq_chunks",
+    [((32, 1, 4, 0), 1), ((64, 2, 4, 1), 1), ((32, 1, 2, 0), 4), ((16, 1, 4, 1), 5), ((16, 1, 2, 1), 1)],
+)
 @pytest.mark.parametrize("case", [(1, 37, 40, 5, 1, 2), (2, 18, 24, 16, 2, 0), (1, 3, 8, 3, 1, 1)])
 def test_step_loop_backward_configurations(config, seq_chunks, case):
     """The step-loop backward (the default) with channel blocks of several warps, blocks wider than the

@@ -71,17 +71,34 @@ def _reset_at(si_row, s_si_l, t, l_end, HAS_SEQ_IDX: tl.constexpr):
 
 
 @triton.jit
-def _forward_step(h, A2, x_row, dt_row, B_row, si_row, s_si_l, t, l_end, dt_bias, mask_d, mask_n, offs_dg,
-                  offs_d, offs_n, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-                  HAS_SEQ_IDX: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """One step of the recurrence; steps at or past l_end leave h unchanged (delta 0, no reset)."""
+def _step_inputs(x_row, dt_row, B_row, C_row, z_row, dy_row, si_row,
+s_si_l, t, l_end, dt_bias, mask_d, mask_n,
+                 offs_dg, offs_d, offs_n, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+                 HAS_SEQ_IDX: tl.constexpr, DT_SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
+                 REVERSE: tl.constexpr, VOLATILE: tl.constexpr):  # fmt: skip
+    """Step t's (x, delta, v, reset, B_t, C_t, dy, z); C_t, dy, z only with REVERSE (else placeholders).
+    Steps at or past l_end read as zeros: delta 0 (decay 1), no reset, so they change nothing."""
     ok_d = mask_d & (offs_dg * 0 + t < l_end)
     ok_n = mask_n & (offs_n * 0 + t < l_end)
-    x = tl.load(x_row + offs_d, mask=ok_d, other=0.0).to(ACC)
-    delta, v = _delta_at(dt_row, offs_d, dt_bias, ok_d, HAS_DT_BIAS, DT_SOFTPLUS, ACC)
-    Bt = tl.load(B_row + offs_n, mask=ok_n, other=0.0).to(ACC)
-    dA = tl.exp2(A2 * delta[None, :])
+    x = tl.load(x_row + offs_d, mask=ok_d, other=0.0, volatile=VOLATILE).to(ACC)
+    delta, v = _delta_at(dt_row, offs_d, dt_bias, ok_d, HAS_DT_BIAS, DT_SOFTPLUS, ACC, VOLATILE)
     reset = _reset_at(si_row, s_si_l, t, l_end, HAS_SEQ_IDX)
+    Bt = tl.load(B_row + offs_n, mask=ok_n, other=0.0, volatile=VOLATILE).to(ACC)
+    Ct = Bt
+    dy = x
+    z = x
+    if REVERSE:
+        Ct = tl.load(C_row + offs_n, mask=ok_n, other=0.0, volatile=VOLATILE).to(ACC)
+        dy = tl.load(dy_row + offs_d, mask=ok_d, other=0.0, volatile=VOLATILE).to(ACC)
+        if HAS_Z:
+            z = tl.load(z_row + offs_d, mask=ok_d, other=0.0, volatile=VOLATILE).to(ACC)
+    return x, delta, v, reset, Bt, Ct, dy, z
+
+
+@triton.jit
+def _advance(h, A2, x, delta, reset, Bt, HAS_SEQ_IDX: tl.constexpr):
+    """h_t = exp(delta A) h_{t-1} + delta B_t x (decay 0 at a reset)."""
+    dA = tl.exp2(A2 * delta[None, :])
     if HAS_SEQ_IDX:
         dA = tl.where(reset, 0.0, dA)
     return dA * h + Bt[:, None] * (delta * x)[None, :]
@@ -89,28 +106,14 @@ def _forward_step(h, A2, x_row, dt_row, B_row, si_row, s_si_l, t, l_end, dt_bias
 
 @triton.jit
 def _reverse_step(
-    h, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, dt_bias,
-    x_row, dt_row, si_row, s_si_l, B_row, C_row, z_row, dy_row, dx_row, ddt_row, dz_row, dBp_row, dCp_row,
-    t, l_end, mask_d, mask_n, offs_dg, offs_d, offs_n,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
-    DT_SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
+    h, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, x, delta, v, reset, Bt, Ct, dy, z,
+    dx_row, ddt_row, dz_row, dBp_row, dCp_row, t, l_end, mask_d, mask_n, offs_dg, offs_d, offs_n,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
-    """Step t in reverse, h the state after it; returns the adjoint carried into step t - 1 and the sums.
-
-    x, delta, B_t and the decay are recomputed here from volatile loads rather than kept from the
-    segment's forward rebuild: otherwise the compiler merges the two computations and keeps all four
-    steps' B_t, b_t and decays live through the segment (about 12 more (dstate, BLOCK_D) tiles), which
-    spilled registers to local memory."""
+    """Step t in reverse, h the state after it; returns the adjoint carried into step t - 1 and the sums."""
     ok_d = mask_d & (offs_dg * 0 + t < l_end)
     ok_n = mask_n & (offs_n * 0 + t < l_end)
-    x = tl.load(x_row + offs_d, mask=ok_d, other=0.0, volatile=True).to(ACC)
-    delta, v = _delta_at(dt_row, offs_d, dt_bias, ok_d, HAS_DT_BIAS, DT_SOFTPLUS, ACC, True)
-    reset = _reset_at(si_row, s_si_l, t, l_end, HAS_SEQ_IDX)
-    Bt = tl.load(B_row + offs_n, mask=ok_n, other=0.0, volatile=True).to(ACC)
-    Ct = tl.load(C_row + offs_n, mask=ok_n, other=0.0).to(ACC)
-    dy = tl.load(dy_row + offs_d, mask=ok_d, other=0.0).to(ACC)
     if HAS_Z:
-        z = tl.load(z_row + offs_d, mask=ok_d, other=0.0).to(ACC)
         y = tl.sum(h * Ct[:, None], axis=0)
         if HAS_D:
             y += Dv * x
@@ -156,11 +159,15 @@ def selective_scan_bwd_seq_kernel(
     s_z_b, s_z_l, s_si_b, s_si_l, s_dy_b, s_dy_l, s_dx_b, s_dx_l, s_ddt_b, s_ddt_l, s_dz_b, s_dz_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_CARRY: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, DT_SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
-    WRITE_DH0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    WRITE_DH0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SEG: tl.constexpr,
+    PRELOAD: tl.constexpr,
 ):  # fmt: skip
     """One program per (batch x group, block of BLOCK_D channels, sequence chunk). h0 / carry are the
-    chunk's start state and incoming adjoint, (batch, nchunks, dim, dstate), or absent (zeros)."""
-    SEG: tl.constexpr = 4
+    chunk's start state and incoming adjoint, (batch, nchunks, dim, dstate), or absent (zeros).
+
+    PRELOAD: the segment's rebuild loads every input of its steps at once (one wait on memory per segment)
+    and the reverse steps use them; else the reverse steps reload theirs with volatile loads (which the
+    compiler cannot merge with the rebuild's and keep live: fewer registers, one wait per step)."""
     pid_bg = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_c = tl.program_id(2)
@@ -203,11 +210,12 @@ def selective_scan_bwd_seq_kernel(
         tl.store(hbuf + s * seg_stride, h, mask=mask_nd)
         t = l_begin + s * SEG
         for j in tl.static_range(SEG):
-            h = _forward_step(
-                h, A2, x_row + j * s_x_l, dt_row + j * s_dt_l, B_row + j * s_B_l, si_row + j * s_si_l,
-                s_si_l, t + j, l_end, dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n,
-                HAS_DT_BIAS, DT_SOFTPLUS, HAS_SEQ_IDX, ACC,
+            x, delta, _, reset, Bt, _, _, _ = _step_inputs(
+                x_row + j * s_x_l, dt_row + j * s_dt_l, B_row + j * s_B_l, B_row, x_row, x_row,
+                si_row + j * s_si_l, s_si_l, t + j, l_end, dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n,
+                HAS_Z, HAS_DT_BIAS, HAS_SEQ_IDX, DT_SOFTPLUS, ACC, False, False,
             )  # fmt: skip
+            h = _advance(h, A2, x, delta, reset, Bt, HAS_SEQ_IDX)
         x_row += SEG * s_x_l
         dt_row += SEG * s_dt_l
         B_row += SEG * s_B_l
@@ -239,49 +247,81 @@ def selective_scan_bwd_seq_kernel(
         # Partials (batch, seqlen, ngroups, nblocks, dstate).
         part = ((b * seqlen + tt) * ngroups + g) * nblocks * dstate + pid_d * dstate
         part_l = ngroups * nblocks * dstate
-        h1 = _forward_step(
-            h, A2, xr, dtr, Br, sir, s_si_l, t, l_end, dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n,
-            HAS_DT_BIAS, DT_SOFTPLUS, HAS_SEQ_IDX, ACC,
+        x0, d0, v0, r0, B0, C0, dy0, z0 = _step_inputs(
+            xr, dtr, Br, Cr, zr, dyr, sir, s_si_l,
+            t, l_end, dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n,
+            HAS_Z, HAS_DT_BIAS, HAS_SEQ_IDX, DT_SOFTPLUS, ACC, PRELOAD, False,
         )  # fmt: skip
-        h2 = _forward_step(
-            h1, A2, xr + s_x_l, dtr + s_dt_l, Br + s_B_l, sir + s_si_l, s_si_l, t + 1, l_end, dt_bias,
-            mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_DT_BIAS, DT_SOFTPLUS, HAS_SEQ_IDX, ACC,
+        x1, d1, v1, r1, B1, C1, dy1, z1 = _step_inputs(
+            xr + s_x_l, dtr + s_dt_l, Br + s_B_l, Cr + s_C_l, zr + s_z_l, dyr + s_dy_l, sir + s_si_l, s_si_l,
+            t + 1, l_end, dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n,
+            HAS_Z, HAS_DT_BIAS, HAS_SEQ_IDX, DT_SOFTPLUS, ACC, PRELOAD, False,
         )  # fmt: skip
-        h3 = _forward_step(
-            h2, A2, xr + 2 * s_x_l, dtr + 2 * s_dt_l, Br + 2 * s_B_l, sir + 2 * s_si_l, s_si_l, t + 2, l_end,
-            dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_DT_BIAS, DT_SOFTPLUS, HAS_SEQ_IDX, ACC,
-        )  # fmt: skip
-        h4 = _forward_step(
-            h3, A2, xr + 3 * s_x_l, dtr + 3 * s_dt_l, Br + 3 * s_B_l, sir + 3 * s_si_l, s_si_l, t + 3, l_end,
-            dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_DT_BIAS, DT_SOFTPLUS, HAS_SEQ_IDX, ACC,
-        )  # fmt: skip
+        h1 = _advance(h, A2, x0, d0, r0, B0, HAS_SEQ_IDX)
+        h2 = _advance(h1, A2, x1, d1, r1, B1, HAS_SEQ_IDX)
+        if SEG == 4:  # (SEG is 2 or 4)
+            x2, d2, v2, r2, B2, C2, dy2, z2 = _step_inputs(
+                xr + 2 * s_x_l, dtr + 2 * s_dt_l, Br + 2 * s_B_l, Cr + 2 * s_C_l,
+                zr + 2 * s_z_l, dyr + 2 * s_dy_l, sir + 2 * s_si_l, s_si_l,
+                t + 2, l_end, dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n,
+                HAS_Z, HAS_DT_BIAS, HAS_SEQ_IDX, DT_SOFTPLUS, ACC, PRELOAD, False,
+            )  # fmt: skip
+            x3, d3, v3, r3, B3, C3, dy3, z3 = _step_inputs(
+                xr + 3 * s_x_l, dtr + 3 * s_dt_l, Br + 3 * s_B_l, Cr + 3 * s_C_l,
+                zr + 3 * s_z_l, dyr + 3 * s_dy_l, sir + 3 * s_si_l, s_si_l,
+                t + 3, l_end, dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n,
+                HAS_Z, HAS_DT_BIAS, HAS_SEQ_IDX, DT_SOFTPLUS, ACC, PRELOAD, False,
+            )  # fmt: skip
+            h3 = _advance(h2, A2, x2, d2, r2, B2, HAS_SEQ_IDX)
+            h4 = _advance(h3, A2, x3, d3, r3, B3, HAS_SEQ_IDX)
+            if not PRELOAD:
+                x3, d3, v3, r3, B3, C3, dy3, z3 = _step_inputs(
+                    xr + 3 * s_x_l, dtr + 3 * s_dt_l, Br + 3 * s_B_l, Cr + 3 * s_C_l,
+                    zr + 3 * s_z_l, dyr + 3 * s_dy_l, sir + 3 * s_si_l, s_si_l,
+                    t + 3, l_end, dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n,
+                    HAS_Z, HAS_DT_BIAS, HAS_SEQ_IDX, DT_SOFTPLUS, ACC, True, True,
+                )  # fmt: skip
+            carry, dA_acc, dD_acc, dbias_acc = _reverse_step(
+                h4, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, x3, d3, v3, r3, B3, C3, dy3, z3,
+                dxr + 3 * s_dx_l, ddtr + 3 * s_ddt_l, dzr + 3 * s_dz_l,
+                dBp_ptr + part + 3 * part_l, dCp_ptr + part + 3 * part_l,
+                t + 3, l_end, mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_D, HAS_Z, HAS_SEQ_IDX, DT_SOFTPLUS,
+            )  # fmt: skip
+            if not PRELOAD:
+                x2, d2, v2, r2, B2, C2, dy2, z2 = _step_inputs(
+                    xr + 2 * s_x_l, dtr + 2 * s_dt_l, Br + 2 * s_B_l, Cr + 2 * s_C_l,
+                    zr + 2 * s_z_l, dyr + 2 * s_dy_l, sir + 2 * s_si_l, s_si_l,
+                    t + 2, l_end, dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n,
+                    HAS_Z, HAS_DT_BIAS, HAS_SEQ_IDX, DT_SOFTPLUS, ACC, True, True,
+                )  # fmt: skip
+            carry, dA_acc, dD_acc, dbias_acc = _reverse_step(
+                h3, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, x2, d2, v2, r2, B2, C2, dy2, z2,
+                dxr + 2 * s_dx_l, ddtr + 2 * s_ddt_l, dzr + 2 * s_dz_l,
+                dBp_ptr + part + 2 * part_l, dCp_ptr + part + 2 * part_l,
+                t + 2, l_end, mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_D, HAS_Z, HAS_SEQ_IDX, DT_SOFTPLUS,
+            )  # fmt: skip
+        if not PRELOAD:
+            x1, d1, v1, r1, B1, C1, dy1, z1 = _step_inputs(
+                xr + s_x_l, dtr + s_dt_l, Br + s_B_l, Cr + s_C_l,
+                zr + s_z_l, dyr + s_dy_l, sir + s_si_l, s_si_l,
+                t + 1, l_end, dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n,
+                HAS_Z, HAS_DT_BIAS, HAS_SEQ_IDX, DT_SOFTPLUS, ACC, True, True,
+            )  # fmt: skip
         carry, dA_acc, dD_acc, dbias_acc = _reverse_step(
-            h4, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, dt_bias,
-            xr + 3 * s_x_l, dtr + 3 * s_dt_l, sir + 3 * s_si_l, s_si_l, Br + 3 * s_B_l, Cr + 3 * s_C_l,
-            zr + 3 * s_z_l, dyr + 3 * s_dy_l, dxr + 3 * s_dx_l, ddtr + 3 * s_ddt_l, dzr + 3 * s_dz_l,
-            dBp_ptr + part + 3 * part_l, dCp_ptr + part + 3 * part_l, t + 3, l_end,
-            mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_D, HAS_Z, HAS_DT_BIAS, HAS_SEQ_IDX, DT_SOFTPLUS, ACC,
+            h2, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, x1, d1, v1, r1, B1, C1, dy1, z1,
+            dxr + s_dx_l, ddtr + s_ddt_l, dzr + s_dz_l, dBp_ptr + part + part_l, dCp_ptr + part + part_l,
+            t + 1, l_end, mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_D, HAS_Z, HAS_SEQ_IDX, DT_SOFTPLUS,
         )  # fmt: skip
+        if not PRELOAD:
+            x0, d0, v0, r0, B0, C0, dy0, z0 = _step_inputs(
+                xr, dtr, Br, Cr, zr, dyr, sir, s_si_l,
+                t, l_end, dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n,
+                HAS_Z, HAS_DT_BIAS, HAS_SEQ_IDX, DT_SOFTPLUS, ACC, True, True,
+            )  # fmt: skip
         carry, dA_acc, dD_acc, dbias_acc = _reverse_step(
-            h3, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, dt_bias,
-            xr + 2 * s_x_l, dtr + 2 * s_dt_l, sir + 2 * s_si_l, s_si_l, Br + 2 * s_B_l, Cr + 2 * s_C_l,
-            zr + 2 * s_z_l, dyr + 2 * s_dy_l, dxr + 2 * s_dx_l, ddtr + 2 * s_ddt_l, dzr + 2 * s_dz_l,
-            dBp_ptr + part + 2 * part_l, dCp_ptr + part + 2 * part_l, t + 2, l_end,
-            mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_D, HAS_Z, HAS_DT_BIAS, HAS_SEQ_IDX, DT_SOFTPLUS, ACC,
-        )  # fmt: skip
-        carry, dA_acc, dD_acc, dbias_acc = _reverse_step(
-            h2, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, dt_bias,
-            xr + s_x_l, dtr + s_dt_l, sir + s_si_l, s_si_l, Br + s_B_l, Cr + s_C_l,
-            zr + s_z_l, dyr + s_dy_l, dxr + s_dx_l, ddtr + s_ddt_l, dzr + s_dz_l,
-            dBp_ptr + part + part_l, dCp_ptr + part + part_l, t + 1, l_end,
-            mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_D, HAS_Z, HAS_DT_BIAS, HAS_SEQ_IDX, DT_SOFTPLUS, ACC,
-        )  # fmt: skip
-        carry, dA_acc, dD_acc, dbias_acc = _reverse_step(
-            h1, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, dt_bias,
-            xr, dtr, sir, s_si_l, Br, Cr,
-            zr, dyr, dxr, ddtr, dzr,
-            dBp_ptr + part, dCp_ptr + part, t, l_end,
-            mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_D, HAS_Z, HAS_DT_BIAS, HAS_SEQ_IDX, DT_SOFTPLUS, ACC,
+            h1, carry, dA_acc, dD_acc, dbias_acc, A2, Dv, x0, d0, v0, r0, B0, C0, dy0, z0,
+            dxr, ddtr, dzr, dBp_ptr + part, dCp_ptr + part,
+            t, l_end, mask_d, mask_n, offs_dg, offs_d, offs_n, HAS_D, HAS_Z, HAS_SEQ_IDX, DT_SOFTPLUS,
         )  # fmt: skip
 
     tl.store(dAp_ptr + state_offs, dA_acc, mask=mask_nd)
@@ -357,15 +397,17 @@ def _adjoint_chunk_kernel(
     tl.store(Q_ptr + offs, decay, mask=mask_nd)
 
 
-def seq_bwd_config(dim_per_group: int) -> tuple[int, int]:
-    """(BLOCK_D, num_warps) of the step-loop backward; MAMBAKIT_SCAN_BWD_SEQ_CONFIG="bd,nw" overrides."""
+def seq_bwd_config(dim_per_group: int) -> tuple[int, int, int, int]:
+    """(BLOCK_D, num_warps, SEG, PRELOAD) of the step-loop backward: SEG the steps of a segment (2 or 4),
+    PRELOAD 1 to load a segment's inputs once (see the kernel); MAMBAKIT_SCAN_BWD_SEQ_CONFIG="bd,nw,seg,pre"
+    overrides."""
     env = os.environ.get("MAMBAKIT_SCAN_BWD_SEQ_CONFIG")
     if env:
-        bd, nw = (int(v) for v in env.split(","))
-        return bd, nw
+        bd, nw, seg, pre = (int(v) for v in env.split(","))
+        return bd, nw, seg, pre
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return 16, 1
-    return 32, 1
+        return 16, 1, 4, 0
+    return 32, 1, 4, 0
 
 
 def default_bwd_seq_chunks(x: torch.Tensor, warps: int, seqlen: int) -> int:
@@ -400,7 +442,7 @@ def selective_scan_bwd_seq(
     initial_state: torch.Tensor | None,
     seq_idx: torch.Tensor | None,
     seq_chunks: int | None = None,
-    config: tuple[int, int] | None = None,
+    config: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_state) by the step-loop kernels, each in
     its input's dtype (None where the input is None); arguments as `scan_bwd.selective_scan_bwd`, with
@@ -412,7 +454,9 @@ def selective_scan_bwd_seq(
     acc = _acc_dtype(x)
     acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
     dev = x.device
-    block_d, num_warps = config or seq_bwd_config(dim_per_group)
+    block_d, num_warps, seg, preload = config or seq_bwd_config(dim_per_group)
+    if seg not in (2, 4):
+        raise ValueError(f"the segment length of the step-loop backward must be 2 or 4, got {seg}")
     block_d = min(block_d, max(triton.next_power_of_2(dim_per_group), 16))
     num_warps = max(1, min(num_warps, block_d // 32))
     block_n = triton.next_power_of_2(dstate)
@@ -426,13 +470,18 @@ def selective_scan_bwd_seq(
     s_si = (si.stride(0), si.stride(1)) if seq_idx is not None else (0, 0)
     s_z = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
 
+    if os.environ.get("MAMBAKIT_SCAN_BWD_BC_FP32", "0") == "1" and B.dtype != torch.float32:
+        # Every thread reads all of B_t and C_t: converted once here rather than per thread and step.
+        B32, C32 = B.float(), C.float()
+    else:
+        B32, C32 = B, C
     warps = batch * ngroups * nblocks * num_warps
     nchunks = seq_chunks or default_bwd_seq_chunks(x, warps, seqlen)
     # Chunks are whole segments and whole tiles of the forward's chunk pass.
     step = 16
     chunk_len = triton.cdiv(triton.cdiv(max(seqlen, 1), nchunks), step) * step
     nchunks = triton.cdiv(seqlen, chunk_len) if seqlen > 0 else 1
-    nseg = triton.cdiv(chunk_len, 4)
+    nseg = triton.cdiv(chunk_len, seg)
     if nchunks > 1:
         starts = chunk_start_states(
             x, dt, A, B, dt_bias, dt_softplus, h0, seq_idx, chunk_len, default_config(dim_per_group, dstate)
@@ -468,20 +517,20 @@ def selective_scan_bwd_seq(
     dh0 = torch.empty((batch, dim, dstate), dtype=acc_torch, device=dev) if h0 is not None else None
     if seqlen > 0:
         selective_scan_bwd_seq_kernel[(batch * ngroups, nblocks, nchunks)](
-            x, dt, A, B, C, D if D is not None else x, z if z is not None else x,
+            x, dt, A, B32, C32, D if D is not None else x, z if z is not None else x,
             dt_bias if dt_bias is not None else x, state_in if state_in is not None else dAp, si,
             dy, carry_in if carry_in is not None else dAp, hbuf,
             dx, ddt, dz if dz is not None else dx, dBp, dCp, dAp, dDp, dbiasp,
             dh0 if dh0 is not None else dAp,
             seqlen, dim, dstate, dim_per_group, ngroups, nblocks, nchunks, chunk_len, nseg,
             x.stride(0), x.stride(1), dt.stride(0), dt.stride(1),
-            B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), *s_z, *s_si,
-            dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), ddt.stride(0), ddt.stride(1),
+            B32.stride(0), B32.stride(1), B32.stride(2), C32.stride(0), C32.stride(1), C32.stride(2),
+            *s_z, *s_si, dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), ddt.stride(0), ddt.stride(1),
             dz.stride(0) if dz is not None else 0, dz.stride(1) if dz is not None else 0,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
             HAS_H0=state_in is not None, HAS_CARRY=carry_in is not None, HAS_SEQ_IDX=seq_idx is not None,
             DT_SOFTPLUS=bool(dt_softplus), ACC=acc, WRITE_DH0=h0 is not None,
-            BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
+            BLOCK_D=block_d, BLOCK_N=block_n, SEG=seg, PRELOAD=bool(preload), num_warps=num_warps,
         )  # fmt: skip
     else:
         dAp.zero_()
