@@ -76,16 +76,14 @@ def _bwd_variants() -> list[tuple[str, dict]]:
     (BLOCK_D, num_warps) and sequence chunks."""
     out = [("tile bwd default", {"MAMBAKIT_SCAN_BWD_KERNEL": "tile"})]
     out.append(("seq bwd default", {"MAMBAKIT_SCAN_BWD_KERNEL": "seq"}))
-    for cfg in ((32, 1, 4, 0), (32, 1, 2, 0), (32, 1, 2, 1), (32, 1, 4, 1)):
-        for bc in ("0", "1"):
-            for chunks in (4, 6, 8):
-                env = {
-                    "MAMBAKIT_SCAN_BWD_KERNEL": "seq",
-                    "MAMBAKIT_SCAN_BWD_SEQ_CONFIG": ",".join(map(str, cfg)),
-                    "MAMBAKIT_SCAN_BWD_SEQ_CHUNKS": str(chunks),
-                    "MAMBAKIT_SCAN_BWD_BC_FP32": bc,
-                }
-                out.append((f"seq bwd {cfg}, B/C fp32 {bc}, {chunks} chunks", env))
+    for maxnreg in ("", "168", "128"):
+        for chunks in (3, 4, 6, 8, 12):
+            env = {
+                "MAMBAKIT_SCAN_BWD_KERNEL": "seq",
+                "MAMBAKIT_SCAN_BWD_SEQ_CHUNKS": str(chunks),
+                "MAMBAKIT_SCAN_BWD_MAXNREG": maxnreg or None,
+            }
+            out.append((f"seq bwd default config, maxnreg {maxnreg or '-'}, {chunks} chunks", env))
     return out
 
 

@@ -406,8 +406,11 @@ def seq_bwd_config(dim_per_group: int) -> tuple[int, int, int, int]:
         bd, nw, seg, pre = (int(v) for v in env.split(","))
         return bd, nw, seg, pre
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return 16, 1, 4, 0
-    return 32, 1, 4, 0
+        return 16, 1, 2, 1  # the GPU default's segments, narrower blocks
+    # H200 sweep at the anchor (batch 4, dim 4096, bf16; docs/benchmarks.md), L = 8192: segments of 2
+    # with preloading 14.9 ms, of 4 with preloading 16.0, of 2 / 4 with volatile reloads 17.3 / 24.0 (6
+    # sequence chunks each); tile-scan backward 30.3 ms.
+    return 32, 1, 2, 1
 
 
 def default_bwd_seq_chunks(x: torch.Tensor, warps: int, seqlen: int) -> int:
@@ -424,7 +427,14 @@ def default_bwd_seq_chunks(x: torch.Tensor, warps: int, seqlen: int) -> int:
     return max(1, min(round(_WARPS_PER_SM * sms / max(warps, 1)), seqlen // 256))
 
 
-_WARPS_PER_SM = 12
+_WARPS_PER_SM = 24  # 6 chunks at the anchor (512 programs of one warp, 132 SMs): fastest of 4, 6, 8
+
+
+def _maxnreg() -> dict:
+    """MAMBAKIT_SCAN_BWD_MAXNREG caps the kernel's registers per thread (more resident warps, more spills);
+    absent by default."""
+    env = os.environ.get("MAMBAKIT_SCAN_BWD_MAXNREG")
+    return {"maxnreg": int(env)} if env and os.environ.get("TRITON_INTERPRET") != "1" else {}
 
 
 def selective_scan_bwd_seq(
@@ -531,6 +541,7 @@ def selective_scan_bwd_seq(
             HAS_H0=state_in is not None, HAS_CARRY=carry_in is not None, HAS_SEQ_IDX=seq_idx is not None,
             DT_SOFTPLUS=bool(dt_softplus), ACC=acc, WRITE_DH0=h0 is not None,
             BLOCK_D=block_d, BLOCK_N=block_n, SEG=seg, PRELOAD=bool(preload), num_warps=num_warps,
+            **_maxnreg(),
         )  # fmt: skip
     else:
         dAp.zero_()
