@@ -414,9 +414,11 @@ def seq_bwd_config(dim_per_group: int) -> tuple[int, int, int, int]:
 
 
 def default_bwd_seq_chunks(x: torch.Tensor, warps: int, seqlen: int) -> int:
-    """Sequence chunks of the step-loop backward: split until about WARPS_PER_SM warps per multiprocessor
-    run (the kernel's registers allow few more), chunks of at least 256 steps; each split costs a chunk
-    pass of the states and one of the adjoint. MAMBAKIT_SCAN_BWD_SEQ_CHUNKS overrides."""
+    """Sequence chunks of the step-loop backward: split until about two full waves of programs (12 warps
+    resident per multiprocessor at the register cap, see `_maxnreg`), chunks of at least 256 steps; each
+    split costs a chunk pass of the states and one of the adjoint. At the anchor (512 one-warp programs,
+    132 SMs) that is 6 chunks; 4 and 8 chunks leave a partial last wave and ran 1.1-1.3x slower.
+    MAMBAKIT_SCAN_BWD_SEQ_CHUNKS overrides."""
     env = os.environ.get("MAMBAKIT_SCAN_BWD_SEQ_CHUNKS")
     if env:
         return max(1, int(env))
@@ -427,14 +429,17 @@ def default_bwd_seq_chunks(x: torch.Tensor, warps: int, seqlen: int) -> int:
     return max(1, min(round(_WARPS_PER_SM * sms / max(warps, 1)), seqlen // 256))
 
 
-_WARPS_PER_SM = 24  # 6 chunks at the anchor (512 programs of one warp, 132 SMs): fastest of 4, 6, 8
+_WARPS_PER_SM = 24  # two waves of 12 resident warps
 
 
 def _maxnreg() -> dict:
-    """MAMBAKIT_SCAN_BWD_MAXNREG caps the kernel's registers per thread (more resident warps, more spills);
-    absent by default."""
-    env = os.environ.get("MAMBAKIT_SCAN_BWD_MAXNREG")
-    return {"maxnreg": int(env)} if env and os.environ.get("TRITON_INTERPRET") != "1" else {}
+    """The kernel's cap on registers per thread: 168 lets 12 warps per multiprocessor run instead of 8
+    (uncapped it takes 255) at the price of a few spills. H200, anchor, L = 8192, 6 chunks: 12.9 ms capped
+    at 168, 15.1 uncapped, 17.9 at 128. MAMBAKIT_SCAN_BWD_MAXNREG overrides (0: no cap)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return {}
+    cap = int(os.environ.get("MAMBAKIT_SCAN_BWD_MAXNREG", "168"))
+    return {"maxnreg": cap} if cap > 0 else {}
 
 
 def selective_scan_bwd_seq(
