@@ -51,9 +51,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def variants(kind: str) -> list[tuple[str, dict]]:
+def variants(kind: str, bwd_maxnreg=("0", "168"), bwd_chunks=(6, 12)) -> list[tuple[str, dict]]:
     if kind == "bwd":
-        return _bwd_variants()
+        return _bwd_variants(bwd_maxnreg, bwd_chunks)
     out = [("tile default", {"MAMBAKIT_SCAN_KERNEL": "tile"})]
     for cfg in [(64, 2, 1), (32, 1, 1)]:
         env = {"MAMBAKIT_SCAN_KERNEL": "seq", "MAMBAKIT_SCAN_SEQ_CONFIG": ",".join(map(str, cfg))}
@@ -71,13 +71,13 @@ def variants(kind: str) -> list[tuple[str, dict]]:
     return out
 
 
-def _bwd_variants() -> list[tuple[str, dict]]:
+def _bwd_variants(maxnregs, chunk_counts) -> list[tuple[str, dict]]:
     """The tile-scan backward (the reference of the comparison), then the step-loop backward over its
     (BLOCK_D, num_warps) and sequence chunks."""
     out = [("tile bwd default", {"MAMBAKIT_SCAN_BWD_KERNEL": "tile"})]
     out.append(("seq bwd default", {"MAMBAKIT_SCAN_BWD_KERNEL": "seq"}))
-    for maxnreg in ("0", "168"):
-        for chunks in (6, 12):
+    for maxnreg in maxnregs:
+        for chunks in chunk_counts:
             env = {
                 "MAMBAKIT_SCAN_BWD_KERNEL": "seq",
                 "MAMBAKIT_SCAN_BWD_SEQ_CHUNKS": str(chunks),
@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--kinds", nargs="+", default=["fwd", "bwd"])
     parser.add_argument("--out", default="bench_out/scan_variants.json")
+    parser.add_argument("--bwd-maxnreg", nargs="+", default=["0", "168"], help="register caps (0: none)")
+    parser.add_argument("--bwd-chunks", nargs="+", type=int, default=[6, 12], help="sequence chunks")
     args = parser.parse_args()
     a = ANCHOR
     rows, results = [], []
@@ -102,7 +104,7 @@ def main() -> None:
         dy = torch.randn_like(ins["x"])
         for kind in args.kinds:
             ref = None
-            for name, env in variants(kind):
+            for name, env in variants(kind, args.bwd_maxnreg, args.bwd_chunks):
 
                 def fn(kind=kind, call=call, dy=dy):
                     if kind == "fwd":
