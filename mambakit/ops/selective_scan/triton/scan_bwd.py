@@ -311,6 +311,31 @@ def _adjoint_chunk_kernel(
     tl.store(Q_ptr + offs, prod, mask=mask_dn)
 
 
+def chunk_carries(G: torch.Tensor, Q: torch.Tensor, dfinal: torch.Tensor | None) -> torch.Tensor:
+    """The adjoint entering each chunk from the chunk after it, (batch, nchunks, dim, dstate), from each
+    chunk's zero-carry outgoing adjoint G and its decay product Q (same shape); the last chunk gets
+    dfinal (dL/d final state) or zeros. A short sequential combine over the (few) chunks."""
+    carries = torch.empty_like(G)
+    carry = dfinal.to(G.dtype) if dfinal is not None else torch.zeros_like(G[:, 0])
+    for c in range(G.shape[1] - 1, -1, -1):
+        carries[:, c] = carry
+        carry = G[:, c] + Q[:, c] * carry
+    return carries
+
+
+def reduce_partials(dBp, dCp, dAp, dDp, dbiasp, dh0, A, B, C, D, dt_bias, initial_state):
+    """(dA, dB, dC, dD, ddt_bias, dinitial_state) in their inputs' dtypes from the kernels' float
+    partials: dB/dC (batch, seqlen, ngroups, nblocks, dstate) summed over channel blocks, dA
+    (batch, nchunks, dim, dstate) and dD/ddt_bias (batch, nchunks, dim) over batch and chunks."""
+    dB = dBp.sum(dim=3).to(B.dtype)
+    dC = dCp.sum(dim=3).to(C.dtype)
+    dA = dAp.sum(dim=(0, 1)).to(A.dtype)
+    dD = dDp.sum(dim=(0, 1)).to(D.dtype) if D is not None else None
+    ddt_bias = dbiasp.sum(dim=(0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
+    dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
+    return dA, dB, dC, dD, ddt_bias, dh0
+
+
 def bwd_kernel_choice() -> str:
     """The backward kernel: "seq" (step loop, `seq_bwd.py`) or "tile" (this file);
     MAMBAKIT_SCAN_BWD_KERNEL overrides."""
@@ -403,12 +428,7 @@ def selective_scan_bwd(
             DT_SOFTPLUS=bool(dt_softplus), ACC=acc, BLOCK_L=block_l, BLOCK_D=block_d,
             BLOCK_N=triton.next_power_of_2(dstate), num_warps=num_warps,
         )  # fmt: skip
-        carries = torch.empty_like(starts)
-        gcarry = dfinal if dfinal is not None else torch.zeros_like(starts[:, 0])
-        for c in range(nchunks - 1, -1, -1):
-            carries[:, c] = gcarry
-            gcarry = G[:, c] + Q[:, c] * gcarry
-        state_in, carry_in = starts, carries
+        state_in, carry_in = starts, chunk_carries(G, Q, dfinal)
     else:
         state_in, carry_in = h0, dfinal
 
@@ -439,10 +459,7 @@ def selective_scan_bwd(
         BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(dstate),
         num_warps=num_warps,
     )  # fmt: skip
-    dB = dBp.sum(dim=3).to(B.dtype)
-    dC = dCp.sum(dim=3).to(C.dtype)
-    dA = dAp.sum(dim=(0, 1)).to(A.dtype)
-    dD = dDp.sum(dim=(0, 1)).to(D.dtype) if D is not None else None
-    ddt_bias = dbiasp.sum(dim=(0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
-    dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
+    dA, dB, dC, dD, ddt_bias, dh0 = reduce_partials(
+        dBp, dCp, dAp, dDp, dbiasp, dh0, A, B, C, D, dt_bias, initial_state
+    )
     return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0

@@ -187,9 +187,11 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _seq_chunk_override_or_sms(x: torch.Tensor) -> tuple[int | None, int]:
-    """(chunks fixed by MAMBAKIT_SCAN_SEQ_CHUNKS or 1 off the GPU, else None; the device's SM count)."""
-    env = os.environ.get("MAMBAKIT_SCAN_SEQ_CHUNKS")
+def _seq_chunk_override_or_sms(
+    x: torch.Tensor, env_name: str = "MAMBAKIT_SCAN_SEQ_CHUNKS"
+) -> tuple[int | None, int]:
+    """(chunks fixed by the env_name variable or 1 off the GPU, else None; the device's SM count)."""
+    env = os.environ.get(env_name)
     if env:
         return max(1, int(env)), 0
     if x.device.type != "cuda":

@@ -38,11 +38,16 @@ import torch
 import triton
 import triton.language as tl
 
-from mambakit.ops.selective_scan.triton.scan_fwd import _acc_dtype, chunk_start_states, default_config
-from mambakit.ops.selective_scan.triton.seq_fwd import _softplus
+from mambakit.ops.selective_scan.triton.scan_bwd import chunk_carries, reduce_partials
+from mambakit.ops.selective_scan.triton.scan_fwd import (
+    _acc_dtype,
+    _seq_chunk_override_or_sms,
+    chunk_start_states,
+    default_config,
+)
+from mambakit.ops.selective_scan.triton.seq_fwd import _program_channels, _softplus
 
 _LN2 = tl.constexpr(0.6931471805599453)
-_LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -168,23 +173,11 @@ def selective_scan_bwd_seq_kernel(
     PRELOAD: the segment's rebuild loads every input of its steps at once (one wait on memory per segment)
     and the reverse steps use them; else the reverse steps reload theirs with volatile loads (which the
     compiler cannot merge with the rebuild's and keep live: fewer registers, one wait per step)."""
-    pid_bg = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_c = tl.program_id(2)
-    b = (pid_bg // ngroups).to(tl.int64)
-    g = pid_bg % ngroups
-    offs_dg = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_dg < dim_per_group
-    offs_d = g * dim_per_group + offs_dg
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < dstate
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-
-    A2 = tl.load(A_ptr + offs_d[None, :] * dstate + offs_n[:, None], mask=mask_nd, other=0.0).to(ACC)
-    A2 = A2 * _LOG2E
-    dt_bias = tl.zeros((BLOCK_D,), dtype=ACC)
-    if HAS_DT_BIAS:
-        dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    b, g, offs_dg, mask_d, offs_d, offs_n, mask_n, mask_nd, A2, dt_bias = _program_channels(
+        A_ptr, dt_bias_ptr, ngroups, dim_per_group, dstate, HAS_DT_BIAS, ACC, BLOCK_D, BLOCK_N
+    )
     Dv = tl.zeros((BLOCK_D,), dtype=ACC)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
@@ -344,22 +337,10 @@ def _adjoint_chunk_kernel(
     the product of its decays (Q): the adjoint entering chunk c - 1 is G(c) + Q(c) * (adjoint entering c).
     Needs no states: the adjoint's input dyp_t C_t depends on dy, z and C only. Outputs are (batch,
     nchunks, dim, dstate)."""
-    pid_bg = tl.program_id(0)
-    pid_d = tl.program_id(1)
     pid_c = tl.program_id(2)
-    b = (pid_bg // ngroups).to(tl.int64)
-    g = pid_bg % ngroups
-    offs_dg = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_dg < dim_per_group
-    offs_d = g * dim_per_group + offs_dg
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < dstate
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    A2 = tl.load(A_ptr + offs_d[None, :] * dstate + offs_n[:, None], mask=mask_nd, other=0.0).to(ACC)
-    A2 = A2 * _LOG2E
-    dt_bias = tl.zeros((BLOCK_D,), dtype=ACC)
-    if HAS_DT_BIAS:
-        dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    b, g, offs_dg, mask_d, offs_d, offs_n, mask_n, mask_nd, A2, dt_bias = _program_channels(
+        A_ptr, dt_bias_ptr, ngroups, dim_per_group, dstate, HAS_DT_BIAS, ACC, BLOCK_D, BLOCK_N
+    )
     carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
     delta_sum = tl.zeros((BLOCK_D,), dtype=ACC)
     alive = mask_d
@@ -419,13 +400,9 @@ def default_bwd_seq_chunks(x: torch.Tensor, warps: int, seqlen: int) -> int:
     split costs a chunk pass of the states and one of the adjoint. At the anchor (512 one-warp programs,
     132 SMs) that is 6 chunks; 4 and 8 chunks leave a partial last wave and ran 1.1-1.3x slower.
     MAMBAKIT_SCAN_BWD_SEQ_CHUNKS overrides."""
-    env = os.environ.get("MAMBAKIT_SCAN_BWD_SEQ_CHUNKS")
-    if env:
-        return max(1, int(env))
-    if x.device.type != "cuda":
-        return 1
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    sms = torch.cuda.get_device_properties(index).multi_processor_count
+    fixed, sms = _seq_chunk_override_or_sms(x, "MAMBAKIT_SCAN_BWD_SEQ_CHUNKS")
+    if fixed is not None:
+        return fixed
     return max(1, min(round(_WARPS_PER_SM * sms / max(warps, 1)), seqlen // 256))
 
 
@@ -511,12 +488,7 @@ def selective_scan_bwd_seq(
             HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, HAS_SEQ_IDX=seq_idx is not None,
             DT_SOFTPLUS=bool(dt_softplus), ACC=acc, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
         )  # fmt: skip
-        carries = torch.empty_like(starts)
-        gcarry = dfinal.to(acc_torch) if dfinal is not None else torch.zeros_like(starts[:, 0])
-        for c in range(nchunks - 1, -1, -1):
-            carries[:, c] = gcarry
-            gcarry = G[:, c] + Q[:, c] * gcarry
-        state_in, carry_in = starts, carries
+        state_in, carry_in = starts, chunk_carries(G, Q, dfinal)
     else:
         state_in, carry_in = h0, dfinal
 
@@ -554,10 +526,7 @@ def selective_scan_bwd_seq(
         dbiasp.zero_()
         if dh0 is not None:
             dh0.copy_(dfinal if dfinal is not None else torch.zeros_like(dh0))
-    dB = dBp.sum(dim=3).to(B.dtype)
-    dC = dCp.sum(dim=3).to(C.dtype)
-    dA = dAp.sum(dim=(0, 1)).to(A.dtype)
-    dD = dDp.sum(dim=(0, 1)).to(D.dtype) if D is not None else None
-    ddt_bias = dbiasp.sum(dim=(0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
-    dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
+    dA, dB, dC, dD, ddt_bias, dh0 = reduce_partials(
+        dBp, dCp, dAp, dDp, dbiasp, dh0, A, B, C, D, dt_bias, initial_state
+    )
     return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0

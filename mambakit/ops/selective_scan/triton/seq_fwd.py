@@ -60,6 +60,30 @@ def _load_step(x_row, dt_row, z_row, B_row, C_row, si_row, step, l_end, mask_d, 
 
 
 @triton.jit
+def _program_channels(A_ptr, dt_bias_ptr, ngroups, dim_per_group, dstate, HAS_DT_BIAS: tl.constexpr,
+                      ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """What a step-loop program of grid (batch x group, channel block, ...) works on: (b, g, offs_dg,
+    mask_d, offs_d, offs_n, mask_n, mask_nd, A2, dt_bias). offs_dg are channel indices within the group,
+    offs_d within dim; A2 (BLOCK_N, BLOCK_D) is A log2(e), so that exp(delta A) = exp2(delta A2), one
+    multiply less per state element and step. Padded (n, d) get A = 0 (decay 1) and, loaded with the
+    same masks, B = C = 0, so they never touch real outputs."""
+    b = (tl.program_id(0) // ngroups).to(tl.int64)
+    g = tl.program_id(0) % ngroups
+    offs_dg = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_dg < dim_per_group
+    offs_d = g * dim_per_group + offs_dg
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < dstate
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    A2 = tl.load(A_ptr + offs_d[None, :] * dstate + offs_n[:, None], mask=mask_nd, other=0.0).to(ACC)
+    A2 = A2 * 1.4426950408889634  # log2(e)
+    dt_bias = tl.zeros((BLOCK_D,), dtype=ACC)
+    if HAS_DT_BIAS:
+        dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    return b, g, offs_dg, mask_d, offs_d, offs_n, mask_n, mask_nd, A2, dt_bias
+
+
+@triton.jit
 def selective_scan_fwd_seq_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h0_ptr, seq_idx_ptr,
     y_ptr, hT_ptr, P_ptr,
@@ -71,25 +95,10 @@ def selective_scan_fwd_seq_kernel(
     WRITE_Y: tl.constexpr, WRITE_DECAY: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
-    pid_bg = tl.program_id(0)
-    pid_d = tl.program_id(1)
     pid_c = tl.program_id(2)
-    b = (pid_bg // ngroups).to(tl.int64)
-    g = pid_bg % ngroups
-    offs_dg = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_dg < dim_per_group
-    offs_d = g * dim_per_group + offs_dg
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < dstate
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-
-    # exp(delta A) as exp2(delta (A log2 e)): one multiply less per state element and step.
-    # Padded (n, d) get A = 0 (decay 1) and B = C = 0, so they never touch real outputs.
-    A2 = tl.load(A_ptr + offs_d[None, :] * dstate + offs_n[:, None], mask=mask_nd, other=0.0).to(ACC)
-    A2 = A2 * 1.4426950408889634  # log2(e)
-    dt_bias = tl.zeros((BLOCK_D,), dtype=ACC)
-    if HAS_DT_BIAS:
-        dt_bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    b, g, offs_dg, mask_d, offs_d, offs_n, mask_n, mask_nd, A2, dt_bias = _program_channels(
+        A_ptr, dt_bias_ptr, ngroups, dim_per_group, dstate, HAS_DT_BIAS, ACC, BLOCK_D, BLOCK_N
+    )
     Dv = tl.zeros((BLOCK_D,), dtype=ACC)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
