@@ -323,6 +323,25 @@ def chunk_carries(G: torch.Tensor, Q: torch.Tensor, dfinal: torch.Tensor | None)
     return carries
 
 
+def grad_buffers(x, dt, z, h0, ngroups, nblocks, nchunks, dstate):
+    """The outputs of a backward kernel: dx, ddt, dz in their inputs' dtypes, and the float partials
+    (dB/dC per channel block, dA, dD, ddt_bias per batch and chunk) that `reduce_partials` sums; dz and
+    dh0 are None where z / h0 are."""
+    batch, seqlen, dim = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dev = x.device
+    dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
+    ddt = torch.empty(dt.shape, dtype=dt.dtype, device=dev)
+    dz = torch.empty(z.shape, dtype=z.dtype, device=dev) if z is not None else None
+    dBp = torch.empty((batch, seqlen, ngroups, nblocks, dstate), dtype=acc, device=dev)
+    dCp = torch.empty_like(dBp)
+    dAp = torch.empty((batch, nchunks, dim, dstate), dtype=acc, device=dev)
+    dDp = torch.empty((batch, nchunks, dim), dtype=acc, device=dev)
+    dbiasp = torch.empty((batch, nchunks, dim), dtype=acc, device=dev)
+    dh0 = torch.empty((batch, dim, dstate), dtype=acc, device=dev) if h0 is not None else None
+    return dx, ddt, dz, dBp, dCp, dAp, dDp, dbiasp, dh0
+
+
 def reduce_partials(dBp, dCp, dAp, dDp, dbiasp, dh0, A, B, C, D, dt_bias, initial_state):
     """(dA, dB, dC, dD, ddt_bias, dinitial_state) in their inputs' dtypes from the kernels' float
     partials: dB/dC (batch, seqlen, ngroups, nblocks, dstate) summed over channel blocks, dA
@@ -432,16 +451,10 @@ def selective_scan_bwd(
     else:
         state_in, carry_in = h0, dfinal
 
-    dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
-    ddt = torch.empty(dt.shape, dtype=dt.dtype, device=dev)
-    dz = torch.empty(z.shape, dtype=z.dtype, device=dev) if z is not None else None
     hbuf = torch.empty((batch, ntiles, dim, dstate), dtype=acc_torch, device=dev)
-    dBp = torch.empty((batch, seqlen, ngroups, nblocks, dstate), dtype=acc_torch, device=dev)
-    dCp = torch.empty_like(dBp)
-    dAp = torch.empty((batch, nchunks, dim, dstate), dtype=acc_torch, device=dev)
-    dDp = torch.empty((batch, nchunks, dim), dtype=acc_torch, device=dev)
-    dbiasp = torch.empty((batch, nchunks, dim), dtype=acc_torch, device=dev)
-    dh0 = torch.empty((batch, dim, dstate), dtype=acc_torch, device=dev) if h0 is not None else None
+    dx, ddt, dz, dBp, dCp, dAp, dDp, dbiasp, dh0 = grad_buffers(
+        x, dt, z, h0, ngroups, nblocks, nchunks, dstate
+    )
     grid = (batch * ngroups, nblocks, nchunks)
     _selective_scan_bwd_kernel[grid](
         x, dt, A, B, C, D if D is not None else x, z if z is not None else x,

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mambakit.ops.selective_scan.triton.scan_bwd import chunk_carries, reduce_partials
+from mambakit.ops.selective_scan.triton.scan_bwd import chunk_carries, grad_buffers, reduce_partials
 from mambakit.ops.selective_scan.triton.scan_fwd import (
     _acc_dtype,
     _seq_chunk_override_or_sms,
@@ -492,16 +492,10 @@ def selective_scan_bwd_seq(
     else:
         state_in, carry_in = h0, dfinal
 
-    dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
-    ddt = torch.empty(dt.shape, dtype=dt.dtype, device=dev)
-    dz = torch.empty(z.shape, dtype=z.dtype, device=dev) if z is not None else None
     hbuf = torch.empty((batch, nchunks * nseg, dstate, dim), dtype=acc_torch, device=dev)
-    dBp = torch.empty((batch, seqlen, ngroups, nblocks, dstate), dtype=acc_torch, device=dev)
-    dCp = torch.empty_like(dBp)
-    dAp = torch.empty((batch, nchunks, dim, dstate), dtype=acc_torch, device=dev)
-    dDp = torch.empty((batch, nchunks, dim), dtype=acc_torch, device=dev)
-    dbiasp = torch.empty((batch, nchunks, dim), dtype=acc_torch, device=dev)
-    dh0 = torch.empty((batch, dim, dstate), dtype=acc_torch, device=dev) if h0 is not None else None
+    dx, ddt, dz, dBp, dCp, dAp, dDp, dbiasp, dh0 = grad_buffers(
+        x, dt, z, h0, ngroups, nblocks, nchunks, dstate
+    )
     if seqlen > 0:
         selective_scan_bwd_seq_kernel[(batch * ngroups, nblocks, nchunks)](
             x, dt, A, B32, C32, D if D is not None else x, z if z is not None else x,
