@@ -16,6 +16,7 @@ Triton result (outputs and gradients) is compared with the PyTorch backend: rela
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -101,7 +102,7 @@ def try_time(results, op, impl, mode, fn, nbytes, err=None, grad_to_none=None):
     row(results, op, impl, mode, ms, nbytes, err)
 
 
-def bench_conv(results: list) -> None:
+def bench_conv(results: list, bwd_configs: list[str]) -> None:
     b, l, d, w = CONV["batch"], CONV["seqlen"], CONV["dim"], CONV["width"]
     x = torch.randn(b, l, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(d, w, device=DEV) / w).requires_grad_()
@@ -121,6 +122,14 @@ def bench_conv(results: list) -> None:
         try_time(
             results, "conv1d", be, "fwd+bwd", fwd_bwd(lambda be=be: conv(be), leaves), 5 * act, e, leaves
         )
+
+    if bwd_configs:
+        # the backward's tile configs side by side (MAMBAKIT_CONV_BWD_CONFIG), fwd+bwd of the Triton op
+        step = fwd_bwd(lambda: conv("triton"), leaves)
+        for cfg in bwd_configs:
+            os.environ["MAMBAKIT_CONV_BWD_CONFIG"] = cfg
+            try_time(results, "conv1d", f"triton bwd {cfg}", "fwd+bwd", step, 5 * act, None, leaves)
+        os.environ.pop("MAMBAKIT_CONV_BWD_CONFIG")
 
     try:
         from causal_conv1d import causal_conv1d_fn
@@ -200,13 +209,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--skip-norms", action="store_true")
     parser.add_argument("--skip-conv", action="store_true")
+    parser.add_argument(
+        "--conv-shape", default=None, help="batch,seqlen,dim of the conv (default the anchor 4,8192,4096)"
+    )
+    parser.add_argument(
+        "--bwd-configs", nargs="*", default=[], help="conv backward configs 'block_l,block_d,warps,per_sm'"
+    )
     parser.add_argument("--out", default=None, help="write results as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_conv_norm.py needs a CUDA device")
     results: list = []
+    if args.conv_shape:
+        CONV["batch"], CONV["seqlen"], CONV["dim"] = (int(v) for v in args.conv_shape.split(","))
     if not args.skip_conv:
-        bench_conv(results)
+        bench_conv(results, args.bwd_configs)
     if not args.skip_norms:
         bench_norms(results)
     headers = ["op", "impl", "mode", "ms", "GB/s", "% of 3.0 TB/s", "rel err vs torch"]

@@ -8,6 +8,7 @@ writes JSON.
 
     python benchmarks/gpu_model.py --out bench_out/gpu_model.json
     python benchmarks/gpu_model.py --device cpu --models tiny-mamba2 --batch 2 --seqlen 64 --steps 1  # smoke
+    python benchmarks/gpu_model.py --profile 25  # also the top 25 CUDA kernels of a step, by device time
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -36,6 +38,7 @@ def bench(
     warmup: int,
     device: str = "cuda",
     full_logits: bool = False,
+    profile_top: int = 0,
 ) -> dict:
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -64,6 +67,7 @@ def bench(
         loss = step(batches[i % 2])
     sync()
     seconds = (time.perf_counter() - t0) / steps
+    kernels = kernel_profile(step, batches[0], profile_top) if profile_top and cuda else None
     return {
         "model": name,
         "loss_path": "full-logits" if full_logits else "chunked",
@@ -74,7 +78,34 @@ def bench(
         "tokens_per_s": round(batch * seqlen / seconds),
         "peak_mem_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
         "loss_finite": bool(torch.isfinite(loss).item()),
+        **({"kernels_per_step": kernels} if kernels else {}),
     }
+
+
+def kernel_profile(step, ids: torch.Tensor, top: int, steps: int = 2) -> dict:
+    """The CUDA kernels of `steps` training steps under torch.profiler, grouped by name: the `top`
+    by device time as {name: [launches per step, device ms per step]}, plus the totals."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step(ids)
+        torch.cuda.synchronize()
+    acc: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            acc[ev.name][0] += 1
+            acc[ev.name][1] += ev.device_time
+    ranked = sorted(acc.items(), key=lambda kv: -kv[1][1])
+    out = {name[:160]: [n / steps, round(us / steps / 1e3, 3)] for name, (n, us) in ranked[:top]}
+    out["(all kernels)"] = [
+        sum(v[0] for v in acc.values()) / steps,
+        round(sum(v[1] for v in acc.values()) / steps / 1e3, 3),
+    ]
+    for name, (n, ms) in out.items():
+        print(f"  {ms:9.3f} ms {n:7.1f}x  {name}", flush=True)
+    return out
 
 
 def main() -> None:
@@ -91,6 +122,9 @@ def main() -> None:
         help="the old loss: whole float32 logits and F.cross_entropy (default: chunked, as the trainer)",
     )
     parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test)")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="TOP", help="print the TOP kernels of a step"
+    )
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_model.py needs a CUDA device (or --device cpu for a smoke test)")
@@ -99,7 +133,14 @@ def main() -> None:
         try:
             rows.append(
                 bench(
-                    name, args.batch, args.seqlen, args.steps, args.warmup, args.device, args.full_logits_loss
+                    name,
+                    args.batch,
+                    args.seqlen,
+                    args.steps,
+                    args.warmup,
+                    args.device,
+                    args.full_logits_loss,
+                    args.profile,
                 )
             )
         except Exception as exc:  # one failing model must not hide the others' numbers

@@ -71,6 +71,9 @@ CASES = [
     (1, 37, 5, 3, True, True, False, False),
     (2, 17, 24, 2, False, True, False, True),
     (1, 5, 24, 1, True, False, True, True),
+    # widths over 4 take the kernel's other dweight path (a sum over rows per block)
+    (1, 37, 24, 5, True, True, True, True),
+    (2, 19, 5, 6, False, False, False, True),
 ]
 
 

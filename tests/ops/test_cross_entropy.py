@@ -1,7 +1,8 @@
-"""Tests of linear_cross_entropy: the chunked backend against the full-logits reference (and both against
-F.cross_entropy on the full logits), loss and gradients of hidden and weight, over shapes where the
-number of tokens is not a multiple of the chunk, smaller than one chunk, a padded vocabulary, ignored
-targets (a whole chunk of them), fp32 and bf16 autocast; float64 gradcheck; argument errors."""
+"""Tests of linear_cross_entropy: the chunked backends (torch, and triton through the interpreter) against
+the full-logits reference (and both against F.cross_entropy on the full logits), loss and gradients of
+hidden and weight, over shapes where the number of tokens is not a multiple of the chunk, smaller than
+one chunk, a padded vocabulary (also a weight with fewer rows than the matmul's 8-aligned columns),
+ignored targets (a whole chunk of them), fp32 and bf16 autocast; float64 gradcheck; argument errors."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from mambakit.ops import linear_cross_entropy
 from mambakit.ops.cross_entropy import default_chunk_size
 
 IGNORE = -100
+CHUNKED = pytest.mark.parametrize("backend", ["torch", "triton"])
 
 # (tokens, d_model, padded vocab, vocab, chunk)
 SHAPES = [
@@ -69,14 +71,17 @@ def assert_close(got, want, rtol, name):
     assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:.0e}"
 
 
+@CHUNKED
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_chunked_matches_reference_fp32(shape, reduction):
+def test_chunked_matches_reference_fp32(shape, reduction, backend):
     n, d, padded, vocab, chunk = shape
     inputs = make(n, d, padded, vocab, seed=n, ignored_span=(0, chunk) if n > chunk else None)
 
     def chunked(h, w, t):
-        return linear_cross_entropy(h, w, t, vocab_size=vocab, reduction=reduction, chunk_size=chunk)
+        return linear_cross_entropy(
+            h, w, t, vocab_size=vocab, reduction=reduction, chunk_size=chunk, backend=backend
+        )
 
     def ref(h, w, t):
         return linear_cross_entropy(h, w, t, vocab_size=vocab, reduction=reduction, backend="reference")
@@ -92,13 +97,14 @@ def test_chunked_matches_reference_fp32(shape, reduction):
     assert (got[2][vocab:] == 0).all(), "padded rows of the weight must get zero gradient"
 
 
+@CHUNKED
 @pytest.mark.parametrize("shape", SHAPES[:3])
-def test_chunked_matches_reference_bf16_autocast(shape):
+def test_chunked_matches_reference_bf16_autocast(shape, backend):
     n, d, padded, vocab, chunk = shape
     inputs = make(n, d, padded, vocab, seed=n + 1)
 
     def chunked(h, w, t):
-        return linear_cross_entropy(h, w, t, vocab_size=vocab, chunk_size=chunk)
+        return linear_cross_entropy(h, w, t, vocab_size=vocab, chunk_size=chunk, backend=backend)
 
     def ref(h, w, t):
         return full_logits_loss(h, w, t, vocab)
@@ -111,12 +117,16 @@ def test_chunked_matches_reference_bf16_autocast(shape):
         assert_close(a, b, 1e-2, f"bf16 {name}")
 
 
-def test_bf16_inputs_without_autocast():
+@CHUNKED
+def test_bf16_inputs_without_autocast(backend):
     """A model held in bfloat16: matmuls in bfloat16, softmax in float32, gradients in bfloat16."""
     hidden, weight, targets = make(40, 16, 40, 36, seed=3)
     hb, wb = hidden.bfloat16(), weight.bfloat16()
     got = loss_and_grads(
-        lambda h, w, t: linear_cross_entropy(h, w, t, vocab_size=36, chunk_size=16), hb, wb, targets
+        lambda h, w, t: linear_cross_entropy(h, w, t, vocab_size=36, chunk_size=16, backend=backend),
+        hb,
+        wb,
+        targets,
     )
     want = loss_and_grads(lambda h, w, t: full_logits_loss(h, w, t, 36), hb, wb, targets)
     assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.bfloat16
@@ -138,24 +148,28 @@ def test_leading_dims_and_default_chunk():
     assert default_chunk_size(10**9) == 256
 
 
-def test_all_ignored_like_f_cross_entropy():
+@CHUNKED
+def test_all_ignored_like_f_cross_entropy(backend):
     """All targets ignored: mean is NaN (0 / 0) and gradients are zero, as F.cross_entropy gives."""
     hidden, weight, _ = make(10, 8, 12, 12, seed=5)
     targets = torch.full((10,), IGNORE)
-    got = loss_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=4), hidden, weight, targets)
+    got = loss_and_grads(
+        lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=4, backend=backend), hidden, weight, targets
+    )
     want = loss_and_grads(lambda h, w, t: full_logits_loss(h, w, t, 12), hidden, weight, targets)
     assert got[0].isnan() and want[0].isnan()
     assert (got[1] == 0).all() and (got[2] == 0).all() and (want[1] == 0).all()
-    total = linear_cross_entropy(hidden, weight, targets, reduction="sum")
+    total = linear_cross_entropy(hidden, weight, targets, reduction="sum", backend=backend)
     assert total == 0
 
 
-def test_grad_of_one_input_only():
+@CHUNKED
+def test_grad_of_one_input_only(backend):
     hidden, weight, targets = make(9, 4, 6, 6, seed=6)
     h = hidden.clone().requires_grad_()
-    linear_cross_entropy(h, weight, targets, chunk_size=4).backward()
+    linear_cross_entropy(h, weight, targets, chunk_size=4, backend=backend).backward()
     w = weight.clone().requires_grad_()
-    linear_cross_entropy(hidden, w, targets, chunk_size=4).backward()
+    linear_cross_entropy(hidden, w, targets, chunk_size=4, backend=backend).backward()
     _, gh, gw = loss_and_grads(lambda a, b, t: full_logits_loss(a, b, t, 6), hidden, weight, targets)
     assert_close(h.grad, gh / 1.7, 1e-5, "d hidden alone")
     assert_close(w.grad, gw / 1.7, 1e-5, "d weight alone")
@@ -169,18 +183,22 @@ def test_no_grad_forward():
     assert torch.allclose(got, full_logits_loss(hidden, weight, targets, 5).detach())
 
 
+@CHUNKED
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_gradcheck_float64(reduction):
+def test_gradcheck_float64(reduction, backend):
     hidden, weight, targets = make(7, 3, 6, 5, seed=9, ignore_every=3)
     h = hidden.double().requires_grad_()
     w = weight.double().requires_grad_()
 
     def fn(h, w):
-        return linear_cross_entropy(h, w, targets, vocab_size=5, reduction=reduction, chunk_size=3)
+        return linear_cross_entropy(
+            h, w, targets, vocab_size=5, reduction=reduction, chunk_size=3, backend=backend
+        )
 
     assert torch.autograd.gradcheck(fn, (h, w))
 
 
+@CHUNKED
 @given(
     n=st.integers(1, 40),
     d=st.integers(1, 12),
@@ -189,10 +207,12 @@ def test_gradcheck_float64(reduction):
     chunk=st.integers(1, 48),
     seed=st.integers(0, 2**16),
 )
-def test_random_shapes(n, d, vocab, pad, chunk, seed):
+def test_random_shapes(n, d, vocab, pad, chunk, seed, backend):
     hidden, weight, targets = make(n, d, vocab + pad, vocab, seed=seed, ignore_every=4)
     got = loss_and_grads(
-        lambda h, w, t: linear_cross_entropy(h, w, t, vocab_size=vocab, reduction="sum", chunk_size=chunk),
+        lambda h, w, t: linear_cross_entropy(
+            h, w, t, vocab_size=vocab, reduction="sum", chunk_size=chunk, backend=backend
+        ),
         hidden,
         weight,
         targets,
@@ -203,12 +223,13 @@ def test_random_shapes(n, d, vocab, pad, chunk, seed):
 
 
 def test_env_backend(monkeypatch):
-    """MAMBAKIT_BACKEND reaches the op; 'triton' means the chunked backend (the op's GPU path)."""
+    """MAMBAKIT_BACKEND reaches the op; "auto" on CPU tensors is the chunked torch backend."""
     import mambakit.ops.cross_entropy.reference as ref
     import mambakit.ops.cross_entropy.torch as tor
+    import mambakit.ops.cross_entropy.triton as tri
 
     calls = []
-    for name, mod in (("reference", ref), ("torch", tor)):
+    for name, mod in (("reference", ref), ("torch", tor), ("triton", tri)):
         real = mod.linear_cross_entropy_impl
         monkeypatch.setattr(
             mod, "linear_cross_entropy_impl", lambda *a, n=name, f=real: calls.append(n) or f(*a)
@@ -218,9 +239,7 @@ def test_env_backend(monkeypatch):
         monkeypatch.setenv("MAMBAKIT_BACKEND", env)
         linear_cross_entropy(hidden, weight, targets)
     linear_cross_entropy(hidden, weight, targets, backend="torch")
-    assert calls == ["torch", "reference", "torch", "torch"]
-    with pytest.raises(ValueError, match="backend='triton'.*implements only"):
-        linear_cross_entropy(hidden, weight, targets, backend="triton")
+    assert calls == ["torch", "reference", "triton", "torch"]
 
 
 @pytest.mark.parametrize(
@@ -298,3 +317,30 @@ def test_never_more_than_one_chunk_of_logits():
         bound = max(chunk * vocab, vocab * d)
         assert (mode.largest <= bound) == want_small, (backend, mode.largest, bound)
         assert (max(saved) < n * vocab) == want_small, (backend, max(saved))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [50277, 50288])
+def test_triton_at_model_size_gpu(vocab):
+    """The triton backend against the full-logits reference at the 130M head's size, bf16 autocast:
+    two chunks of 2048 tokens, a vocabulary that is not a multiple of 8 and one that is."""
+    dev = torch.device("cuda")
+    n, d, padded = 4096, 768, 50288
+    g = torch.Generator(device=dev).manual_seed(0)
+    hidden = torch.randn(n, d, device=dev, generator=g)
+    weight = 0.02 * torch.randn(padded, d, device=dev, generator=g)
+    targets = torch.randint(0, vocab, (n,), device=dev, generator=g)
+    targets[::7] = IGNORE
+
+    def run(backend):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = linear_cross_entropy(h, w, targets, vocab_size=vocab, chunk_size=2048, backend=backend)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    got, want = run("triton"), run("reference")
+    for name, a, b in zip(("loss", "d hidden", "d weight"), got, want):
+        assert a.isfinite().all(), name
+        assert_close(a, b, 1e-2, f"triton {name}")
+    assert (got[2][vocab:] == 0).all()

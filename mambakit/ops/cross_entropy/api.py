@@ -1,22 +1,21 @@
 """Cross-entropy of a linear LM head: the one public entry, `linear_cross_entropy`.
 
-Backends: `reference.py` (full logits, the definition) and `torch.py` (chunked over tokens; the GPU
-path too: its work is cuBLAS matmuls, so there is no Triton kernel). Each defines
-`linear_cross_entropy_impl` with the arguments below (minus `backend`), already checked.
+Backends: `reference.py` (full logits, the definition), `torch.py` (chunked over tokens) and `triton/`
+(the same chunk loop and cuBLAS matmuls, with the softmax's elementwise work as fused kernels). Each
+defines `linear_cross_entropy_impl` with the arguments below (minus `backend`), already checked.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
 from mambakit.ops._backend import resolve_backend
 from mambakit.ops._checks import check_positive_int, check_tensor
 
-_IMPLEMENTED = ("reference", "torch")
-_MODULES = {"reference": ".reference", "torch": ".torch"}
+_IMPLEMENTED = ("reference", "torch", "triton")
+_MODULES = {"reference": ".reference", "torch": ".torch", "triton": ".triton"}
 _LOADED: dict = {}
 
 # elements of one chunk's (tokens, vocab) logits: 2**27 float32 = 512 MiB at most
@@ -68,8 +67,8 @@ def linear_cross_entropy(
 
     vocab_size: the number of real classes (default weight.shape[0]). chunk_size: tokens a chunk
     (default `default_chunk_size(vocab_size)`); the result does not depend on it beyond rounding.
-    Backends "reference" and "torch" ("auto" = "torch"; `MAMBAKIT_BACKEND=triton` also means "torch"
-    here, since this op's GPU path is its chunked PyTorch one). Returns a float32 (float64) tensor.
+    Backends "reference", "torch" and "triton" ("auto": "triton" for CUDA tensors, else "torch").
+    Returns a float32 (float64) tensor.
     """
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
@@ -99,8 +98,6 @@ def linear_cross_entropy(
         chunk_size = default_chunk_size(vocab_size)
     check_positive_int("chunk_size", chunk_size)
     _check_target_values(targets, ignore_index, vocab_size)
-    if backend == "auto" and os.environ.get("MAMBAKIT_BACKEND") == "triton":
-        backend = "torch"
     name = resolve_backend(backend, dev, _IMPLEMENTED)
     hidden, targets = hidden.reshape(-1, d_model), targets.reshape(-1)  # (N, d_model), (N,)
     loss = _impl(name).linear_cross_entropy_impl(

@@ -129,15 +129,20 @@ def conv_fwd_kernel(
 @triton.jit
 def _bwd_block(
     x_row_ptr, init_row_ptr, seq_row_ptr, w_ptr, b_ptr, dout_row_ptr, dfinal_row_ptr, dx_row_ptr,
-    dinit_row_ptr, s, cols, col_ok, seqlen, doc0, doc_last,
+    dinit_row_ptr, s, cols, col_ok, seqlen, doc0, doc_last, dw, db, dw0, dw1, dw2, dw3, db_t,
     stride_xl, stride_xd, stride_id, stride_ik, stride_sl, stride_wd, stride_wk, stride_gl, stride_gd,
     stride_fd, stride_fk, stride_dxl, stride_dxd, stride_did, stride_dik,
     WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
     HAS_SEQ: tl.constexpr, SILU: tl.constexpr, HAS_DFINAL: tl.constexpr, READ_STATE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Gradients for input positions `s` (BLOCK_L,): stores dx (and dstate for s < 0) and returns this
-    block's dweight (BLOCK_W, BLOCK_D) and dbias (BLOCK_D,) contributions."""
+    """Gradients for input positions `s` (BLOCK_L,): stores dx (and dstate for s < 0) and adds this
+    block's dweight and dbias contributions to the accumulators it returns.
+
+    Width <= 4: the products stay elementwise in the (BLOCK_L, BLOCK_D) tiles dw0..dw3 (tap k) and
+    db_t, summed over rows once per program by the caller: a sum over rows crosses warps (shared
+    memory and barriers), and doing it at every row block made the backward ~25x slower than the
+    forward. Wider kernels sum each block into dw (BLOCK_W, BLOCK_D) and db (BLOCK_D,) directly."""
     s_ok = s < seqlen
     doc_s = s
     if HAS_SEQ:
@@ -146,8 +151,6 @@ def _bwd_block(
                   stride_ik, WIDTH, READ_STATE, ACC)
     kidx = tl.arange(0, BLOCK_W)
     dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=ACC)
-    dw = tl.zeros((BLOCK_W, BLOCK_D), dtype=ACC)
-    db = tl.zeros((BLOCK_D,), dtype=ACC)
     for m in tl.static_range(WIDTH):
         # output r = s + m reads input s through tap k = width-1-m
         k = WIDTH - 1 - m
@@ -167,9 +170,21 @@ def _bwd_block(
             dy = dy * sig * (1.0 + pre * (1.0 - sig))
         w_k = tl.load(w_ptr + cols * stride_wd + k * stride_wk, mask=col_ok, other=0.0).to(ACC)
         dx += dy * w_k[None, :]
-        dw += tl.where(kidx[:, None] == k, tl.sum(dy * x_s, axis=0)[None, :], 0.0)
-        if m == 0:
-            db += tl.sum(dy, axis=0)
+        if WIDTH <= 4:
+            if k == 0:
+                dw0 += dy * x_s
+            if k == 1:
+                dw1 += dy * x_s
+            if k == 2:
+                dw2 += dy * x_s
+            if k == 3:
+                dw3 += dy * x_s
+            if m == 0:
+                db_t += dy
+        else:
+            dw += tl.where(kidx[:, None] == k, tl.sum(dy * x_s, axis=0)[None, :], 0.0)
+            if m == 0:
+                db += tl.sum(dy, axis=0)
     if HAS_DFINAL:
         # the final state is the last width-1 inputs (those of the last document)
         j = s - (seqlen - (WIDTH - 1))
@@ -184,7 +199,7 @@ def _bwd_block(
         in_state = (s < 0) & (s >= 1 - WIDTH)
         tl.store(dinit_row_ptr + (s + WIDTH - 1)[:, None] * stride_dik + cols[None, :] * stride_did,
                  dx.to(dinit_row_ptr.dtype.element_ty), mask=in_state[:, None] & col_ok[None, :])
-    return dw, db
+    return dw, db, dw0, dw1, dw2, dw3, db_t
 
 
 @triton.jit
@@ -228,6 +243,12 @@ def conv_bwd_kernel(
         doc_last = tl.load(seq_row_ptr + (seqlen - 1) * stride_sl)
     dw_acc = tl.zeros((BLOCK_W, BLOCK_D), dtype=ACC)
     db_acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    # elementwise partials of width <= 4 (see _bwd_block); unused ones are dead code
+    dw0 = tl.zeros((BLOCK_L, BLOCK_D), dtype=ACC)
+    dw1 = tl.zeros((BLOCK_L, BLOCK_D), dtype=ACC)
+    dw2 = tl.zeros((BLOCK_L, BLOCK_D), dtype=ACC)
+    dw3 = tl.zeros((BLOCK_L, BLOCK_D), dtype=ACC)
+    db_t = tl.zeros((BLOCK_L, BLOCK_D), dtype=ACC)
 
     for it in range(iters):
         first = ext_start + (pid_c * iters + it) * BLOCK_L
@@ -237,22 +258,29 @@ def conv_bwd_kernel(
         if HAS_INIT:
             reads_state = first < WIDTH - 1
         if reads_state:
-            dw, db = _bwd_block(
+            dw_acc, db_acc, dw0, dw1, dw2, dw3, db_t = _bwd_block(
                 x_row_ptr, init_row_ptr, seq_row_ptr, w_ptr, b_ptr, dout_row_ptr, dfinal_row_ptr, dx_row_ptr,
-                dinit_row_ptr, s, cols, col_ok, seqlen, doc0, doc_last,
-                stride_xl, stride_xd, stride_id, stride_ik, stride_sl, stride_wd, stride_wk, stride_gl,
+                dinit_row_ptr, s, cols, col_ok, seqlen, doc0, doc_last, dw_acc, db_acc, dw0, dw1, dw2, dw3,
+                db_t, stride_xl, stride_xd, stride_id, stride_ik, stride_sl, stride_wd, stride_wk, stride_gl,
                 stride_gd, stride_fd, stride_fk, stride_dxl, stride_dxd, stride_did, stride_dik,
                 WIDTH, BLOCK_W, HAS_BIAS, HAS_INIT, HAS_SEQ, SILU, HAS_DFINAL, True, ACC, BLOCK_L, BLOCK_D)
         else:
-            dw, db = _bwd_block(
+            dw_acc, db_acc, dw0, dw1, dw2, dw3, db_t = _bwd_block(
                 x_row_ptr, init_row_ptr, seq_row_ptr, w_ptr, b_ptr, dout_row_ptr, dfinal_row_ptr, dx_row_ptr,
-                dinit_row_ptr, s, cols, col_ok, seqlen, doc0, doc_last,
-                stride_xl, stride_xd, stride_id, stride_ik, stride_sl, stride_wd, stride_wk, stride_gl,
+                dinit_row_ptr, s, cols, col_ok, seqlen, doc0, doc_last, dw_acc, db_acc, dw0, dw1, dw2, dw3,
+                db_t, stride_xl, stride_xd, stride_id, stride_ik, stride_sl, stride_wd, stride_wk, stride_gl,
                 stride_gd, stride_fd, stride_fk, stride_dxl, stride_dxd, stride_did, stride_dik,
                 WIDTH, BLOCK_W, HAS_BIAS, HAS_INIT, HAS_SEQ, SILU, HAS_DFINAL, False, ACC, BLOCK_L, BLOCK_D)
-        dw_acc += dw
-        db_acc += db
 
+    if WIDTH <= 4:
+        dw_acc = tl.where(kidx[:, None] == 0, tl.sum(dw0, axis=0)[None, :], 0.0)
+        if WIDTH > 1:
+            dw_acc += tl.where(kidx[:, None] == 1, tl.sum(dw1, axis=0)[None, :], 0.0)
+        if WIDTH > 2:
+            dw_acc += tl.where(kidx[:, None] == 2, tl.sum(dw2, axis=0)[None, :], 0.0)
+        if WIDTH > 3:
+            dw_acc += tl.where(kidx[:, None] == 3, tl.sum(dw3, axis=0)[None, :], 0.0)
+        db_acc = tl.sum(db_t, axis=0)
     tl.store(dw_part_ptr + part * BLOCK_W * dim + kidx[:, None] * dim + cols[None, :], dw_acc,
              mask=(kidx[:, None] < WIDTH) & col_ok[None, :])
     if HAS_BIAS:

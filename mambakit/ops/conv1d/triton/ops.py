@@ -117,6 +117,24 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _bwd_config(silu: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_L, BLOCK_D, num_warps, programs per SM) of the backward on a GPU.
+
+    About 8 elements a thread: the SiLU recomputation keeps 2*width-1 shifted tiles live (~200
+    registers, no spills on sm_90 at these sizes). `MAMBAKIT_CONV_BWD_CONFIG="bl,bd,warps,per_sm"`
+    overrides it (for benchmarks/gpu_conv_norm.py --bwd-configs)."""
+    env = os.environ.get("MAMBAKIT_CONV_BWD_CONFIG")
+    if env:
+        vals = [int(v) for v in env.split(",")]
+        if len(vals) != 4 or min(vals) < 1 or any(v & (v - 1) for v in vals[:3]):
+            raise ValueError(
+                f"MAMBAKIT_CONV_BWD_CONFIG must be 'block_l,block_d,warps,per_sm' (the first three powers "
+                f"of two), got {env!r}"
+            )
+        return vals[0], vals[1], vals[2], vals[3]
+    return (16, 128, 8, 8) if silu else (32, 128, 8, 8)
+
+
 def conv_bwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -147,12 +165,10 @@ def conv_bwd(
         n_blocks = triton.cdiv(seqlen - ext_start, block_l)
         n_chunks = min(n_blocks, 2)
     else:
-        # about 8 elements a thread: the SiLU recomputation keeps 2*width-1 shifted tiles live (~200
-        # registers, no spills on sm_90 at these sizes)
-        block_l, block_d, warps = (16, 128, 8) if silu else (32, 128, 8)
+        block_l, block_d, warps, per_sm = _bwd_config(silu)
         n_blocks = triton.cdiv(seqlen - ext_start, block_l)
         # enough programs to fill the GPU several times over; each keeps its dweight partial in registers
-        n_chunks = min(n_blocks, max(1, (8 * _num_sms(x.device)) // (triton.cdiv(dim, block_d) * batch)))
+        n_chunks = min(n_blocks, max(1, (per_sm * _num_sms(x.device)) // (triton.cdiv(dim, block_d) * batch)))
     d_blocks = triton.cdiv(dim, block_d)
     iters = triton.cdiv(n_blocks, n_chunks)
     n_chunks = triton.cdiv(n_blocks, iters)

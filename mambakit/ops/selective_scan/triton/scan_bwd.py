@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mambakit.ops.selective_scan.triton.chunk_combine import combine_chunks
 from mambakit.ops.selective_scan.triton.scan_fwd import (
     _acc_dtype,
     _last_dim_contiguous,
@@ -314,13 +315,8 @@ def _adjoint_chunk_kernel(
 def chunk_carries(G: torch.Tensor, Q: torch.Tensor, dfinal: torch.Tensor | None) -> torch.Tensor:
     """The adjoint entering each chunk from the chunk after it, (batch, nchunks, dim, dstate), from each
     chunk's zero-carry outgoing adjoint G and its decay product Q (same shape); the last chunk gets
-    dfinal (dL/d final state) or zeros. A short sequential combine over the (few) chunks."""
-    carries = torch.empty_like(G)
-    carry = dfinal.to(G.dtype) if dfinal is not None else torch.zeros_like(G[:, 0])
-    for c in range(G.shape[1] - 1, -1, -1):
-        carries[:, c] = carry
-        carry = G[:, c] + Q[:, c] * carry
-    return carries
+    dfinal (dL/d final state) or zeros. One kernel walks the (few) chunks in reverse."""
+    return combine_chunks(G, Q, dfinal, reverse=True)
 
 
 def grad_buffers(x, dt, z, h0, ngroups, nblocks, nchunks, dstate):

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mambakit.ops.selective_scan.triton.chunk_combine import combine_chunks
 from mambakit.ops.selective_scan.triton.seq_fwd import _softplus, selective_scan_fwd_seq_kernel
 
 
@@ -303,8 +304,8 @@ def chunk_start_states(
     config: tuple[int, int, int],
 ) -> torch.Tensor:
     """The state before each chunk of `chunk_len` steps (a multiple of BLOCK_L), (batch, nchunks, dim,
-    dstate): each chunk scanned from zero state gives its end state and total decay in parallel, then a
-    sequential combine over the (few) chunks."""
+    dstate): each chunk scanned from zero state gives its end state and total decay in parallel, then one
+    kernel walks the (few) chunks in order (`chunk_combine.combine_chunks`)."""
     batch, seqlen, dim = x.shape
     dstate = A.shape[1]
     nchunks = triton.cdiv(seqlen, chunk_len)
@@ -317,12 +318,7 @@ def chunk_start_states(
         x, dt, A, B, B, None, None, dt_bias, seq_idx, x, dt_softplus, _acc_dtype(x), nchunks, chunk_len,
         block_l, block_d, num_warps, None, ends, decays, write_y=False,
     )  # fmt: skip
-    starts = torch.empty_like(ends)
-    h = h0 if h0 is not None else torch.zeros((batch, dim, dstate), dtype=state_dtype, device=x.device)
-    for c in range(nchunks):
-        starts[:, c] = h
-        h = ends[:, c] + decays[:, c] * h
-    return starts
+    return combine_chunks(ends, decays, h0, reverse=False)
 
 
 def kernel_choice() -> str:
