@@ -339,8 +339,12 @@ def test_triton_at_model_size_gpu(vocab):
         loss.backward()
         return loss.detach(), h.grad, w.grad
 
-    got, want = run("triton"), run("reference")
-    for name, a, b in zip(("loss", "d hidden", "d weight"), got, want):
+    got, same_matmuls, want = run("triton"), run("torch"), run("reference")
+    for name, a, b, c in zip(("loss", "d hidden", "d weight"), got, same_matmuls, want):
         assert a.isfinite().all(), name
-        assert_close(a, b, 1e-2, f"triton {name}")
+        # against the torch backend (the same bf16 matmuls): only the softmax's rounding differs
+        assert_close(a, b, 1e-2, f"triton vs torch {name}")
+        # against the reference, whose unaligned (N, 50277) matmuls accumulate in another order: the
+        # bf16 d hidden differs by up to 1.2e-2 of its largest entry there (measured on an H200)
+        assert_close(a, c, 2e-2, f"triton vs reference {name}")
     assert (got[2][vocab:] == 0).all()
