@@ -18,6 +18,7 @@ from mambakit.layers import MLP, Attention, Block, Mamba1, Mamba2
 from mambakit.layers.norm import RMSNorm
 from mambakit.layers.state import InferenceCache
 from mambakit.models.config import ModelConfig
+from mambakit.ops._checks import values_unreadable
 
 
 def build_mixer(kind: str, config: ModelConfig, layer_idx: int, device=None, dtype=None) -> nn.Module:
@@ -154,9 +155,9 @@ class LanguageModel(nn.Module):
         if input_ids.ndim != 2 or input_ids.shape[1] == 0 or (step and input_ids.shape[1] != 1):
             want = "(batch, 1)" if step else "(batch, seqlen) with seqlen >= 1"
             raise ValueError(f"input_ids must have shape {want}, got {tuple(input_ids.shape)}")
-        # a value check reads the device: skip it while a CUDA graph is being captured
-        capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing and bool(((input_ids < 0) | (input_ids >= self.config.vocab_size)).any()):
+        if not values_unreadable(input_ids) and bool(
+            ((input_ids < 0) | (input_ids >= self.config.vocab_size)).any()
+        ):
             raise ValueError(
                 f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in "
                 f"[{int(input_ids.min())}, {int(input_ids.max())}]"

@@ -43,14 +43,19 @@ def check_optional(name: str, t: object, shape: Sequence[int | None], **kw) -> t
     return None if t is None else check_tensor(name, t, shape, **kw)
 
 
+def values_unreadable(t: torch.Tensor) -> bool:
+    """True where a check of `t`'s values cannot run: reading them is a device sync, which a CUDA graph
+    capture forbids and torch.compile cannot guard on. Eager calls (including a model's first run and
+    the warm-up runs before a capture) still check."""
+    return torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_seq_idx(seq_idx: torch.Tensor | None, batch: int, seqlen: int, device: torch.device) -> None:
     """seq_idx: (batch, seqlen) integer document ids, non-decreasing along the sequence."""
     if seq_idx is None:
         return
     check_tensor("seq_idx", seq_idx, (batch, seqlen), dtypes=(torch.int32, torch.int64), device=device)
-    # The value check reads the tensor (a device sync); torch.compile cannot guard on values, so a traced
-    # graph skips it (eager calls, including the first run of a model, still check).
-    if seqlen > 1 and not torch.compiler.is_compiling() and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+    if seqlen > 1 and not values_unreadable(seq_idx) and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
         raise ValueError("seq_idx must be non-decreasing along the sequence (one id per packed document)")
 
 

@@ -79,6 +79,9 @@ class LoopConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
     compile: bool = False
+    # the micro-step (forward, loss, backward) replayed from a CUDA graph: auto = on for one CUDA process
+    # without activation checkpointing or compile (and eager, with a warning, if capture fails) | true | false
+    cuda_graph: str = "auto"
     threads: int | None = None  # torch CPU threads; None: the idle cores (see trainer.cpu_threads)
     log_every: int = 10
     eval_every: int = 80
@@ -128,6 +131,7 @@ CHOICES = {
     ("data", "format"): ("auto", "text", "jsonl", "hf"),
     ("optim", "fused"): ("auto", "true", "false"),
     ("train", "precision"): ("auto", "bf16", "fp32"),
+    ("train", "cuda_graph"): ("auto", "true", "false"),
     ("distributed", "strategy"): ("ddp", "fsdp", "tp", "cp", "fsdp_tp"),
     ("distributed", "backend"): ("auto", "nccl", "gloo"),
 }
@@ -174,9 +178,9 @@ def _build_section(name: str, values: dict[str, Any]) -> Any:
     kwargs = {}
     for k, v in values.items():
         key = f"{name}.{k}"
-        v = _coerce(key, v, str(fields[k].type))
-        if isinstance(v, bool) and (name, k) in CHOICES:
+        if isinstance(v, bool) and (name, k) in CHOICES:  # `fused = true` in TOML or on the command line
             v = str(v).lower()
+        v = _coerce(key, v, str(fields[k].type))
         if (name, k) in CHOICES and v not in CHOICES[(name, k)]:
             raise ValueError(f"{key} must be one of {CHOICES[(name, k)]}, got {v!r}")
         kwargs[k] = v

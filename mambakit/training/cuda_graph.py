@@ -56,13 +56,25 @@ class GraphedMicroStep:
                 f"input_ids {tuple(input_ids.shape)}, targets {tuple(targets.shape)} and seq_idx "
                 f"{None if seq_idx is None else tuple(seq_idx.shape)} must have one shape (batch, seqlen)"
             )
-        if self.vocab_size is not None:  # the loss op cannot check values inside a replay
-            bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= self.vocab_size))
-            if bool(bad.any()):
-                raise ValueError(
-                    f"targets must lie in [0, vocab_size={self.vocab_size}) or equal "
-                    f"ignore_index={self.ignore_index}, got {int(targets[bad][0])}"
-                )
+        # the model and the loss cannot check values inside a replay: one sync for all, on the way in
+        bad_seq = torch.zeros((), dtype=torch.bool, device=input_ids.device)
+        if seq_idx is not None and seq_idx.shape[1] > 1:
+            bad_seq = (seq_idx[:, 1:] < seq_idx[:, :-1]).any()
+        bad_ids = bad_targets = bad_seq
+        if self.vocab_size is not None:
+            bad_ids = ((input_ids < 0) | (input_ids >= self.vocab_size)).any()
+            valid = targets != self.ignore_index
+            bad_targets = (valid & ((targets < 0) | (targets >= self.vocab_size))).any()
+        flags = torch.stack([bad_ids, bad_targets, bad_seq]).tolist()
+        if flags[0]:
+            raise ValueError(f"input_ids must lie in [0, vocab_size={self.vocab_size})")
+        if flags[1]:
+            raise ValueError(
+                f"targets must lie in [0, vocab_size={self.vocab_size}) or equal "
+                f"ignore_index={self.ignore_index}"
+            )
+        if flags[2]:
+            raise ValueError("seq_idx must be non-decreasing along the sequence (one id per packed document)")
 
     def _run(self, scale, input_ids, targets, seq_idx) -> torch.Tensor:
         loss = self.loss_fn(input_ids, targets, seq_idx)
@@ -87,12 +99,19 @@ class GraphedMicroStep:
                 self._run(static["scale"], static["input_ids"], static["targets"], static["seq_idx"])
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            loss = self._run(static["scale"], static["input_ids"], static["targets"], static["seq_idx"])
-        with torch.no_grad():
-            for p, g in zip(self.params, kept, strict=True):
-                p.grad.copy_(g)
-        del kept
+        try:
+            with torch.cuda.graph(graph):
+                loss = self._run(static["scale"], static["input_ids"], static["targets"], static["seq_idx"])
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"the training micro-step could not be captured in a CUDA graph ({exc}); "
+                "run it eagerly (train.cuda_graph = false)"
+            ) from exc
+        finally:
+            with torch.no_grad():
+                for p, g in zip(self.params, kept, strict=True):
+                    p.grad.copy_(g)
+            del kept
         self._grad_ptrs = [p.grad.data_ptr() for p in self.params]
         self._graphs[key] = (graph, static, loss)
         return self._graphs[key]

@@ -37,9 +37,10 @@ from mambakit.training import layout as L
 from mambakit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from mambakit.training.checkpoint import rng_state as current_rng_state
 from mambakit.training.config import TrainConfig, dump_toml
+from mambakit.training.cuda_graph import GraphedMicroStep
 from mambakit.training.data import PackedRows, StepSampler, shard_rows
 from mambakit.training.layout import Layout, layout, split_sequence
-from mambakit.training.loss import lm_loss
+from mambakit.training.loss import IGNORE_INDEX, lm_loss
 from mambakit.training.metrics import MetricsLogger
 from mambakit.training.optim import build_optimizer, build_scheduler
 from mambakit.training.sample import sample
@@ -317,6 +318,8 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
         pending.clear()
         window_time, window_steps = 0.0, 0
 
+    graphed = graphed_micro_step(cfg, model, model_config, autocast, info, say)
+
     model.train()
     with _Interrupt() as interrupt:
         while step < t.steps:
@@ -327,11 +330,14 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
             loss_sum = torch.zeros((), device=info.device)
             for i, part in enumerate(micro):
                 batch = split_sequence(train_rows.batch(part), lay).to(info.device)
-                with D.grad_sync(model, i == len(micro) - 1):
-                    with autocast:  # summed cross-entropy, chunked: the logits never exist whole
-                        loss = lm_loss(model, batch.input_ids, batch.targets, batch.seq_idx)
-                    # the data-parallel wrappers average gradients over processes: grad_scale undoes it
-                    (loss * (lay.grad_scale / n_targets)).backward()
+                if graphed is not None:
+                    loss = graphed(1.0 / n_targets, batch.input_ids, batch.targets, batch.seq_idx)
+                else:
+                    with D.grad_sync(model, i == len(micro) - 1):
+                        with autocast:  # summed cross-entropy, chunked: the logits never exist whole
+                            loss = lm_loss(model, batch.input_ids, batch.targets, batch.seq_idx)
+                        # the data-parallel wrappers average gradients over processes: grad_scale undoes it
+                        (loss * (lay.grad_scale / n_targets)).backward()
                 loss_sum += loss.detach()
             if info.enabled and lay.strategy == "cp":
                 L.sum_gradients_cp(model)
@@ -342,7 +348,7 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=graphed is None)  # a graph writes into the same .grad
             step += 1
             loss_sum = D.all_reduce(loss_sum, info) / lay.loss_replicas
             pending.append((step, loss_sum / n_targets, grad_norm.detach(), lr))
@@ -379,6 +385,39 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
         result.sample = _final_sample(cfg, tokenizer, run_dir, info.device)
         say(f"sample (prompt {t.sample_prompt!r}):\n{result.sample}")
     return result
+
+
+def graphed_micro_step(cfg: TrainConfig, model, model_config, autocast, info: D.DistInfo, say):
+    """The CUDA-graph micro-step when `train.cuda_graph` asks for one and this run allows it, else None.
+
+    It needs one CUDA process (the data-parallel wrappers' gradient hooks and collectives are not
+    captured) and neither activation checkpointing (its RNG-state stash reads the device) nor compile:
+    "auto" then stays eager, "true" raises. A micro-step that cannot be captured raises under both,
+    naming `train.cuda_graph = false` as the way out."""
+    t = cfg.train
+    if t.cuda_graph == "false":
+        return None
+    blockers = [
+        reason
+        for reason, present in (
+            (f"device {info.device.type}", info.device.type != "cuda"),
+            ("torchrun (several processes)", info.enabled),
+            ("train.activation_checkpointing", t.activation_checkpointing),
+            ("train.compile", t.compile),
+        )
+        if present
+    ]
+    if blockers:
+        if t.cuda_graph == "true":
+            raise ValueError(f"train.cuda_graph = true cannot be used with {', '.join(blockers)}")
+        return None
+
+    def loss_fn(input_ids, targets, seq_idx):
+        with autocast:  # summed cross-entropy, chunked: the logits never exist whole
+            return lm_loss(model, input_ids, targets, seq_idx)
+
+    say("training micro-steps replay a CUDA graph (train.cuda_graph); one capture per batch shape")
+    return GraphedMicroStep(model, loss_fn, vocab_size=model_config.vocab_size, ignore_index=IGNORE_INDEX)
 
 
 def _final_sample(cfg: TrainConfig, tokenizer, run_dir: Path, device: torch.device) -> str:

@@ -72,3 +72,13 @@ def test_dump_toml_round_trip(tmp_path):
     assert read_toml(tmp_path / "r.toml")["model"]["ssm"]["dt_limit"] == [0.0, math.inf]
     again = load_config(tmp_path / "r.toml")
     assert again == cfg
+
+
+def test_choice_keys_take_toml_booleans():
+    """`optim.fused = true` / `train.cuda_graph = false` (TOML booleans, or --set parsed as TOML) are the
+    choices "true" / "false"; other values still fail."""
+    cfg = load_config(None, {"optim.fused": parse_value("true"), "train.cuda_graph": parse_value("false")})
+    assert cfg.optim.fused == "true" and cfg.train.cuda_graph == "false"
+    assert load_config().train.cuda_graph == "auto"
+    with pytest.raises(ValueError, match="train.cuda_graph must be one of"):
+        load_config(None, {"train.cuda_graph": "sometimes"})

@@ -11,6 +11,8 @@ from mambakit.models.lm import LanguageModel
 from mambakit.models.presets import preset
 from mambakit.training.cuda_graph import GraphedMicroStep
 from mambakit.training.loss import lm_loss
+from mambakit.training.trainer import train
+from tests.training.conftest import tiny_config
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
@@ -76,6 +78,11 @@ def test_graphed_step_refusals_gpu():
     ids = torch.randint(0, vocab, (2, 33), device="cuda")
     with pytest.raises(ValueError, match="targets must lie in"):
         step(1.0, ids[:, :-1], torch.full_like(ids[:, 1:], vocab))
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        step(1.0, torch.full_like(ids[:, :-1], vocab), ids[:, 1:])
+    backwards = torch.arange(32, 0, -1, device="cuda").expand(2, 32).contiguous()
+    with pytest.raises(ValueError, match="seq_idx must be non-decreasing"):
+        step(1.0, ids[:, :-1], ids[:, 1:], backwards)
     with pytest.raises(ValueError, match="input_ids must be a CUDA tensor"):
         step(1.0, ids[:, :-1].cpu(), ids[:, 1:])
     step(1.0, ids[:, :-1], ids[:, 1:])
@@ -83,3 +90,21 @@ def test_graphed_step_refusals_gpu():
         p.grad = None
     with pytest.raises(RuntimeError, match="zero the gradients in place"):
         step(1.0, ids[:, :-1], ids[:, 1:])
+
+
+@pytest.mark.gpu
+def test_trainer_cuda_graph_matches_eager_gpu(corpus, tmp_path):
+    """`mambakit train` on CUDA with train.cuda_graph true and false: the same losses (the same kernels
+    in the same order; 1e-5 allows for the autocast cache) over steps with two micro-batches."""
+    runs = {}
+    for flag in ("true", "false"):
+        over = {"train.device": "cuda", "train.cuda_graph": flag, "train.sample_tokens": 0}
+        runs[flag] = train(tiny_config(corpus, tmp_path / flag, **over))
+    assert sorted(runs["true"].losses) == [1, 2, 3, 4, 5, 6]
+    for s, v in runs["false"].losses.items():
+        assert abs(runs["true"].losses[s] - v) <= 1e-5 * max(1.0, abs(v)), s
+
+
+def test_trainer_cuda_graph_true_refuses_cpu(corpus, tmp_path):
+    with pytest.raises(ValueError, match="train.cuda_graph = true cannot be used with device cpu"):
+        train(tiny_config(corpus, tmp_path / "x", **{"train.device": "cpu", "train.cuda_graph": "true"}))
