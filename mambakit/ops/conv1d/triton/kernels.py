@@ -8,6 +8,10 @@ in another document than its output reads zero (the state positions belong to th
 
 Loads are masked by position only and document masks are applied afterwards, so that the backward's
 repeated loads of one shifted tile are identical operations the compiler can merge.
+
+The backward with SiLU runs in two launches: the forward kernel turns dout into g = dout * silu'(pre)
+(float32), then the backward kernel treats g as the output gradient of a conv without activation. One
+launch that recomputed the pre-activation at each of the width shifted rows took ~4x the instructions.
 """
 
 import triton
@@ -63,14 +67,17 @@ def _preact(x_row_ptr, init_row_ptr, seq_row_ptr, w_ptr, b_ptr, base, cols, col_
 
 @triton.jit
 def conv_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, out_ptr, final_ptr,
+    x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, out_ptr, final_ptr, dout_ptr,
     seqlen, dim,
     stride_xb, stride_xl, stride_xd, stride_wd, stride_wk, stride_ib, stride_id, stride_ik,
     stride_sb, stride_sl, stride_ob, stride_ol, stride_od, stride_fb, stride_fd, stride_fk,
+    stride_gb, stride_gl, stride_gd,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-    SILU: tl.constexpr, STORE_FINAL: tl.constexpr, ACC: tl.constexpr,
+    SILU: tl.constexpr, STORE_FINAL: tl.constexpr, SILU_GRAD: tl.constexpr, ACC: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """out = act(pre-activation); with SILU_GRAD instead out = dout * silu'(pre-activation), the
+    gradient at the conv's output that the backward then treats as a conv without activation."""
     pid_l = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
     rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -100,7 +107,12 @@ def conv_fwd_kernel(
             x_row_ptr, init_row_ptr, seq_row_ptr, w_ptr, b_ptr, rows, cols, col_ok, seqlen, doc_rows, doc0,
             stride_xl, stride_xd, stride_id, stride_ik, stride_sl, stride_wd, stride_wk,
             0, WIDTH, HAS_BIAS, HAS_SEQ, False, ACC, BLOCK_L, BLOCK_D)
-    if SILU:
+    if SILU_GRAD:
+        dy = tl.load(dout_ptr + b * stride_gb + rows[:, None] * stride_gl + cols[None, :] * stride_gd,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
+        sig = 1.0 / (1.0 + tl.exp(-acc))
+        acc = dy * sig * (1.0 + acc * (1.0 - sig))
+    elif SILU:
         acc = acc / (1.0 + tl.exp(-acc))
     tl.store(out_ptr + b * stride_ob + rows[:, None] * stride_ol + cols[None, :] * stride_od,
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -133,7 +145,7 @@ def _bwd_block(
     stride_xl, stride_xd, stride_id, stride_ik, stride_sl, stride_wd, stride_wk, stride_gl, stride_gd,
     stride_fd, stride_fk, stride_dxl, stride_dxd, stride_did, stride_dik,
     WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
-    HAS_SEQ: tl.constexpr, SILU: tl.constexpr, HAS_DFINAL: tl.constexpr, READ_STATE: tl.constexpr,
+    HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr, READ_STATE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Gradients for input positions `s` (BLOCK_L,): stores dx (and dstate for s < 0) and adds this
@@ -162,12 +174,6 @@ def _bwd_block(
             r_ok = r_ok & (doc_r == doc_s)
         dy = tl.load(dout_row_ptr + r[:, None] * stride_gl + cols[None, :] * stride_gd,
                      mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
-        if SILU:
-            pre = _preact(x_row_ptr, init_row_ptr, seq_row_ptr, w_ptr, b_ptr, s, cols, col_ok, seqlen, doc_r,
-                          doc0, stride_xl, stride_xd, stride_id, stride_ik, stride_sl, stride_wd, stride_wk,
-                          m, WIDTH, HAS_BIAS, HAS_SEQ, READ_STATE, ACC, BLOCK_L, BLOCK_D)
-            sig = 1.0 / (1.0 + tl.exp(-pre))
-            dy = dy * sig * (1.0 + pre * (1.0 - sig))
         w_k = tl.load(w_ptr + cols * stride_wd + k * stride_wk, mask=col_ok, other=0.0).to(ACC)
         dx += dy * w_k[None, :]
         if WIDTH <= 4:
@@ -211,15 +217,16 @@ def conv_bwd_kernel(
     stride_sb, stride_sl, stride_gb, stride_gl, stride_gd, stride_fb, stride_fd, stride_fk,
     stride_dxb, stride_dxl, stride_dxd, stride_dib, stride_did, stride_dik,
     WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
-    HAS_SEQ: tl.constexpr, SILU: tl.constexpr, HAS_DFINAL: tl.constexpr, ACC: tl.constexpr,
+    HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr, ACC: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Each program owns `iters` consecutive row blocks of one (batch, channel block), over the input
+    """The backward of a conv without activation (with SiLU, dout is already g, see the module
+    docstring). Each program owns `iters` consecutive row blocks of one (batch, channel block), over the input
     positions s in [ext_start, seqlen) (ext_start = 1 - width when the state needs a gradient).
 
     For input s and output r = s + m (tap k = width-1-m), when s and r share a document:
-        dx_s += w_k * dy_r        dw_k += dy_r * x_s        dy = dout * silu'(pre-activation)
-    the pre-activation being recomputed here. dweight and dbias leave as one partial sum per program,
+        dx_s += w_k * dy_r        dw_k += dy_r * x_s
+    dweight and dbias leave as one partial sum per program,
     summed by the caller (deterministic, no atomics).
     """
     pid_c = tl.program_id(0)
@@ -263,14 +270,14 @@ def conv_bwd_kernel(
                 dinit_row_ptr, s, cols, col_ok, seqlen, doc0, doc_last, dw_acc, db_acc, dw0, dw1, dw2, dw3,
                 db_t, stride_xl, stride_xd, stride_id, stride_ik, stride_sl, stride_wd, stride_wk, stride_gl,
                 stride_gd, stride_fd, stride_fk, stride_dxl, stride_dxd, stride_did, stride_dik,
-                WIDTH, BLOCK_W, HAS_BIAS, HAS_INIT, HAS_SEQ, SILU, HAS_DFINAL, True, ACC, BLOCK_L, BLOCK_D)
+                WIDTH, BLOCK_W, HAS_BIAS, HAS_INIT, HAS_SEQ, HAS_DFINAL, True, ACC, BLOCK_L, BLOCK_D)
         else:
             dw_acc, db_acc, dw0, dw1, dw2, dw3, db_t = _bwd_block(
                 x_row_ptr, init_row_ptr, seq_row_ptr, w_ptr, b_ptr, dout_row_ptr, dfinal_row_ptr, dx_row_ptr,
                 dinit_row_ptr, s, cols, col_ok, seqlen, doc0, doc_last, dw_acc, db_acc, dw0, dw1, dw2, dw3,
                 db_t, stride_xl, stride_xd, stride_id, stride_ik, stride_sl, stride_wd, stride_wk, stride_gl,
                 stride_gd, stride_fd, stride_fk, stride_dxl, stride_dxd, stride_did, stride_dik,
-                WIDTH, BLOCK_W, HAS_BIAS, HAS_INIT, HAS_SEQ, SILU, HAS_DFINAL, False, ACC, BLOCK_L, BLOCK_D)
+                WIDTH, BLOCK_W, HAS_BIAS, HAS_INIT, HAS_SEQ, HAS_DFINAL, False, ACC, BLOCK_L, BLOCK_D)
 
     if WIDTH <= 4:
         dw_acc = tl.where(kidx[:, None] == 0, tl.sum(dw0, axis=0)[None, :], 0.0)

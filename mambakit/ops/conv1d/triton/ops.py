@@ -29,7 +29,7 @@ _FWD_CONFIGS = [
     ]
 ]
 _conv_fwd_tuned = triton.autotune(
-    _FWD_CONFIGS, key=["dim", "WIDTH", "HAS_SEQ", "HAS_INIT", "SILU", "HAS_BIAS", "ACC"]
+    _FWD_CONFIGS, key=["dim", "WIDTH", "HAS_SEQ", "HAS_INIT", "SILU", "SILU_GRAD", "HAS_BIAS", "ACC"]
 )(conv_fwd_kernel)
 
 
@@ -62,12 +62,20 @@ def conv_fwd(
     initial_state: torch.Tensor | None,
     store_final: bool,
     seq_idx: torch.Tensor | None,
+    silu_grad_of: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward. Returns out (batch, seqlen, dim) in x's dtype and the final state
-    (batch, dim, width - 1) in x's dtype (empty (0,) when not asked for)."""
+    (batch, dim, width - 1) in x's dtype (empty (0,) when not asked for).
+
+    With `silu_grad_of` = dout (batch, seqlen, dim), out is instead dout * silu'(pre-activation) in
+    float32 (float64 for float64 inputs), the backward's first launch."""
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if silu_grad_of is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    else:
+        acc = torch.float64 if _acc_dtype(x, weight, initial_state) == tl.float64 else torch.float32
+        out = torch.empty(x.shape, dtype=acc, device=x.device)
     final = x.new_empty(batch, dim, width - 1) if store_final else x.new_empty(0)
     if seqlen == 0 or batch == 0 or dim == 0:
         if store_final:
@@ -82,6 +90,7 @@ def conv_fwd(
         seq_idx if seq_idx is not None else x,
         out,
         final if store_final else x,
+        silu_grad_of if silu_grad_of is not None else x,
         seqlen,
         dim,
         *x.stride(),
@@ -90,6 +99,7 @@ def conv_fwd(
         *_strides(seq_idx, 2),
         *out.stride(),
         *fs,
+        *_strides(silu_grad_of, 3),
     )
     flags = dict(
         WIDTH=width,
@@ -98,6 +108,7 @@ def conv_fwd(
         HAS_SEQ=seq_idx is not None,
         SILU=silu,
         STORE_FINAL=store_final,
+        SILU_GRAD=silu_grad_of is not None,
         ACC=_acc_dtype(x, weight, initial_state),
     )
     if _interpreting():
@@ -117,12 +128,10 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _bwd_config(silu: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_L, BLOCK_D, num_warps, programs per SM) of the backward on a GPU.
-
-    About 8 elements a thread: the SiLU recomputation keeps 2*width-1 shifted tiles live (~200
-    registers, no spills on sm_90 at these sizes). `MAMBAKIT_CONV_BWD_CONFIG="bl,bd,warps,per_sm"`
-    overrides it (for benchmarks/gpu_conv_norm.py --bwd-configs)."""
+def _bwd_config() -> tuple[int, int, int, int]:
+    """(BLOCK_L, BLOCK_D, num_warps, programs per SM) of the backward kernel on a GPU;
+    `MAMBAKIT_CONV_BWD_CONFIG="bl,bd,warps,per_sm"` overrides it (benchmarks/gpu_conv_norm.py
+    --bwd-configs)."""
     env = os.environ.get("MAMBAKIT_CONV_BWD_CONFIG")
     if env:
         vals = [int(v) for v in env.split(",")]
@@ -132,7 +141,7 @@ def _bwd_config(silu: bool) -> tuple[int, int, int, int]:
                 f"of two), got {env!r}"
             )
         return vals[0], vals[1], vals[2], vals[3]
-    return (16, 128, 8, 8) if silu else (32, 128, 8, 8)
+    return 32, 128, 8, 8
 
 
 def conv_bwd(
@@ -156,6 +165,9 @@ def conv_bwd(
             dinit += dfinal.to(dinit.dtype)
         dw = weight.new_zeros(weight.shape)
         return dx, dw, None if bias is None else bias.new_zeros(bias.shape), dinit
+    if silu:
+        # g = dout * silu'(pre-activation), then the backward of a conv without activation (see kernels.py)
+        dout, _ = conv_fwd(x, weight, bias, False, initial_state, False, seq_idx, silu_grad_of=dout)
     acc_tl = _acc_dtype(x, weight, initial_state)
     acc = torch.float64 if acc_tl == tl.float64 else torch.float32
     ext_start = -(width - 1) if initial_state is not None else 0
@@ -165,7 +177,7 @@ def conv_bwd(
         n_blocks = triton.cdiv(seqlen - ext_start, block_l)
         n_chunks = min(n_blocks, 2)
     else:
-        block_l, block_d, warps, per_sm = _bwd_config(silu)
+        block_l, block_d, warps, per_sm = _bwd_config()
         n_blocks = triton.cdiv(seqlen - ext_start, block_l)
         # enough programs to fill the GPU several times over; each keeps its dweight partial in registers
         n_chunks = min(n_blocks, max(1, (per_sm * _num_sms(x.device)) // (triton.cdiv(dim, block_d) * batch)))
@@ -205,7 +217,6 @@ def conv_bwd(
         HAS_BIAS=bias is not None,
         HAS_INIT=initial_state is not None,
         HAS_SEQ=seq_idx is not None,
-        SILU=silu,
         HAS_DFINAL=dfinal is not None,
         ACC=acc_tl,
         BLOCK_L=block_l,

@@ -68,7 +68,9 @@ def norm_bwd_kernel(
     cols = g * G + tl.arange(0, BLOCK_G)
     col_ok = tl.arange(0, BLOCK_G) < G
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(ACC)
-    dw_acc = tl.zeros((BLOCK_G,), dtype=ACC)
+    # dweight stays elementwise over the program's row blocks and is summed over rows once at the end:
+    # a sum over rows crosses warps (shared memory, barriers), too costly at every block
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_G), dtype=ACC)
     for it in range(iters):
         rows = (pid * iters + it) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows64 = rows.to(tl.int64)[:, None]
@@ -90,7 +92,7 @@ def norm_bwd_kernel(
         if HAS_Z and NORM_BEFORE_GATE:
             dz = dy * xhat * w[None, :] * dgate_dz
             dy = dy * gate
-        dw_acc += tl.sum(dy * xhat, axis=0)
+        dw_acc += dy * xhat
         dxhat = dy * w[None, :]
         dh = (dxhat - xhat * (tl.sum(dxhat * xhat, axis=1) / G)[:, None]) * rstd[:, None]
         if HAS_Z and not NORM_BEFORE_GATE:
@@ -105,4 +107,4 @@ def norm_bwd_kernel(
             tl.store(
                 dres_ptr + rows64 * stride_drm + cols[None, :], dh.to(dres_ptr.dtype.element_ty), mask=mask
             )
-    tl.store(dw_part_ptr + pid.to(tl.int64) * dim + cols, dw_acc, mask=col_ok)
+    tl.store(dw_part_ptr + pid.to(tl.int64) * dim + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
