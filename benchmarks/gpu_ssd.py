@@ -120,6 +120,22 @@ def time_ssd(backend: str, seqlen: int, check: bool) -> dict:
     return res
 
 
+def time_ssd_graph(seqlen: int) -> dict:
+    """The Triton forward replayed from a CUDA graph: its GPU time without the host's launch work (the
+    eager `triton` row is host-bound where the kernels are short, e.g. at seqlen 2048)."""
+    a = ANCHOR
+    shape = (a["batch"], seqlen, a["nheads"], a["headdim"], a["ngroups"], a["dstate"])
+    ins = make_inputs(*shape)
+    with torch.no_grad():
+        for _ in range(2):  # compile and autotune before the capture
+            run_ssd("triton", ins, a["chunk"])
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run_ssd("triton", ins, a["chunk"])
+    return {"backend": "triton (graph replay)", "seqlen": seqlen, "fwd_ms": bench(graph.replay)}
+
+
 def time_official(seqlen: int) -> dict | None:
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
@@ -220,7 +236,9 @@ def million_tokens() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192, 16384])
-    parser.add_argument("--backends", nargs="+", default=["triton", "torch", "mamba_ssm", "sdpa"])
+    parser.add_argument(
+        "--backends", nargs="+", default=["triton", "triton-graph", "torch", "mamba_ssm", "sdpa"]
+    )
     parser.add_argument("--skip-million", action="store_true")
     parser.add_argument(
         "--breakdown", type=int, default=8192, help="seqlen of the per-kernel profile (0: none)"
@@ -237,6 +255,8 @@ def main() -> None:
             try:
                 if name in ("triton", "torch"):
                     r = time_ssd(name, seqlen, check=True)
+                elif name == "triton-graph":
+                    r = time_ssd_graph(seqlen)
                 elif name == "mamba_ssm":
                     r = time_official(seqlen)
                     if r is None:
