@@ -127,10 +127,10 @@ def test_conv_forward_every_autotune_config_in_bounds(bounds):
         out = torch.empty_like(ref)
         grid = (triton.cdiv(SEQLEN, bl), triton.cdiv(CONV_DIM, bd), batch)
         co.conv_fwd_kernel[grid](
-            xBC, weight, bias, xBC, seq, out, xBC, SEQLEN, CONV_DIM, *xBC.stride(), *weight.stride(),
-            0, 0, 0, *seq.stride(), *out.stride(), 0, 0, 0,
+            xBC, weight, bias, xBC, seq, out, xBC, xBC, SEQLEN, CONV_DIM, *xBC.stride(), *weight.stride(),
+            0, 0, 0, *seq.stride(), *out.stride(), 0, 0, 0, 0, 0, 0,
             WIDTH=WIDTH, HAS_BIAS=True, HAS_INIT=False, HAS_SEQ=True, SILU=True, STORE_FINAL=False,
-            ACC=tl.float32, BLOCK_L=bl, BLOCK_D=bd,
+            SILU_GRAD=False, ACC=tl.float32, BLOCK_L=bl, BLOCK_D=bd,
         )  # fmt: skip
         assert not bounds["bad"], f"config {bl}x{bd}: {sorted(bounds['bad'])}"
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
@@ -152,7 +152,7 @@ def test_mamba2_training_step_in_bounds(bounds, monkeypatch, tiles):
     monkeypatch.setattr(
         torch.cuda, "get_device_properties", lambda dev=None: types.SimpleNamespace(multi_processor_count=132)
     )
-    conv_bwd = co.conv_bwd
+    conv_bwd, conv_fwd = co.conv_bwd, co.conv_fwd
 
     def gpu_conv_bwd(*args, **kwargs):  # the GPU branch of the launcher, then back to the interpreter's
         monkeypatch.setattr(co, "_interpreting", lambda: False)
@@ -161,7 +161,16 @@ def test_mamba2_training_step_in_bounds(bounds, monkeypatch, tiles):
         finally:
             monkeypatch.setattr(co, "_interpreting", lambda: True)
 
+    def interpreted_conv_fwd(*args, **kwargs):  # the backward's SiLU-gradient launch: no autotuner on CPU
+        before = co._interpreting
+        monkeypatch.setattr(co, "_interpreting", lambda: True)
+        try:
+            return conv_fwd(*args, **kwargs)
+        finally:
+            monkeypatch.setattr(co, "_interpreting", before)
+
     monkeypatch.setattr(co, "conv_bwd", gpu_conv_bwd)
+    monkeypatch.setattr(co, "conv_fwd", interpreted_conv_fwd)
     if tiles is not None:
         fixed = {"BLOCK_M": tiles[0], "BLOCK_K": tiles[1]}
         monkeypatch.setattr(sf, "chunk_tiles", lambda block_q: fixed)

@@ -141,7 +141,7 @@ def _bwd_config() -> tuple[int, int, int, int]:
                 f"of two), got {env!r}"
             )
         return vals[0], vals[1], vals[2], vals[3]
-    return 32, 128, 8, 8
+    return 16, 128, 4, 16
 
 
 def conv_bwd(
