@@ -5,7 +5,7 @@ At 8 x 2048 tokens a 130M model's step launches ~1,800-2,300 kernels, and in eag
 GPU takes to run them: Mamba-2 130M spent 88 ms of GPU time in a 115-172 ms step, depending on the
 host. Replaying a captured graph issues the whole forward and backward with one launch.
 
-Use: `step = GraphedMicroStep(loss_fn)`; `loss = step(scale, input_ids, targets, seq_idx)` computes
+Use: `step = GraphedMicroStep(model, loss_fn)`; `loss = step(scale, input_ids, targets, seq_idx)` computes
 `loss_fn(input_ids, targets, seq_idx)`, adds the gradients of `loss * scale` into the parameters'
 `.grad` (allocated as zeros on first use, so that accumulation over micro-batches is an in-place add
 the graph can replay) and returns a fresh tensor holding the loss. Each distinct (shape, dtype,
@@ -13,10 +13,12 @@ seq_idx present) is captured once, after `warmup` eager runs on a side stream (a
 initialization must not happen inside a capture). The gradients the caller had accumulated before a
 capture are kept. After the optimizer step, zero the gradients in place
 (`optimizer.zero_grad(set_to_none=False)`): a graph keeps writing into the same `.grad` tensors.
+Each captured shape keeps its own activation memory (graphs do not share a pool here), so a run that
+feeds several shapes holds several steps' activations.
 
 Everything inside must be capturable: no host synchronization and no data-dependent shapes (the
-mambakit ops skip their value checks while a capture is running; `__call__` checks the targets'
-range on the way in).
+mambakit ops skip their value checks while a capture is running; `__call__` checks the token and
+target ranges and seq_idx's order on the way in, with one synchronization).
 """
 
 from __future__ import annotations
@@ -57,10 +59,10 @@ class GraphedMicroStep:
                 f"{None if seq_idx is None else tuple(seq_idx.shape)} must have one shape (batch, seqlen)"
             )
         # the model and the loss cannot check values inside a replay: one sync for all, on the way in
-        bad_seq = torch.zeros((), dtype=torch.bool, device=input_ids.device)
+        ok = torch.zeros((), dtype=torch.bool, device=input_ids.device)
+        bad_ids = bad_targets = bad_seq = ok
         if seq_idx is not None and seq_idx.shape[1] > 1:
             bad_seq = (seq_idx[:, 1:] < seq_idx[:, :-1]).any()
-        bad_ids = bad_targets = bad_seq
         if self.vocab_size is not None:
             bad_ids = ((input_ids < 0) | (input_ids >= self.vocab_size)).any()
             valid = targets != self.ignore_index
@@ -125,7 +127,11 @@ class GraphedMicroStep:
     ) -> torch.Tensor:
         """Accumulate d(loss * scale)/d params into .grad; return the (unscaled) loss, a new tensor."""
         self._check(input_ids, targets, seq_idx)
-        key = (tuple(input_ids.shape), input_ids.dtype, targets.dtype, seq_idx is not None)
+        with torch.cuda.device(input_ids.device):  # capture and replay on the inputs' GPU
+            return self._replay(scale, input_ids, targets, seq_idx)
+
+    def _replay(self, scale, input_ids, targets, seq_idx) -> torch.Tensor:
+        key = (tuple(input_ids.shape), input_ids.dtype, targets.dtype, seq_idx is not None, input_ids.device)
         graph, static, loss = self._graphs.get(key) or self._capture(key, input_ids, targets, seq_idx)
         for p, ptr in zip(self.params, self._grad_ptrs, strict=True):
             if p.grad is None or p.grad.data_ptr() != ptr:

@@ -331,7 +331,7 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
             for i, part in enumerate(micro):
                 batch = split_sequence(train_rows.batch(part), lay).to(info.device)
                 if graphed is not None:
-                    loss = graphed(1.0 / n_targets, batch.input_ids, batch.targets, batch.seq_idx)
+                    loss = graphed(lay.grad_scale / n_targets, batch.input_ids, batch.targets, batch.seq_idx)
                 else:
                     with D.grad_sync(model, i == len(micro) - 1):
                         with autocast:  # summed cross-entropy, chunked: the logits never exist whole
