@@ -21,6 +21,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -387,7 +388,14 @@ def _train(cfg: TrainConfig, resume: str | Path | None, info: D.DistInfo) -> Tra
     return result
 
 
-def graphed_micro_step(cfg: TrainConfig, model, model_config, autocast, info: D.DistInfo, say):
+def graphed_micro_step(
+    cfg: TrainConfig,
+    model: nn.Module,
+    model_config: ModelConfig,
+    autocast: torch.autocast,
+    info: D.DistInfo,
+    say: Callable[[str], None],
+) -> GraphedMicroStep | None:
     """The CUDA-graph micro-step when `train.cuda_graph` asks for one and this run allows it, else None.
 
     It needs one CUDA process (the data-parallel wrappers' gradient hooks and collectives are not

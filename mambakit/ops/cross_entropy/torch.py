@@ -19,6 +19,7 @@ here, fused Triton kernels in the triton backend, which reuses this chunk loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -35,8 +36,8 @@ class RowOps(NamedTuple):
     (c, cols) in the logits' dtype, padding columns 0; it may overwrite `logits`.
     """
 
-    row_stats: object
-    softmax_grad: object
+    row_stats: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    softmax_grad: Callable[..., torch.Tensor]
 
 
 def _torch_row_stats(logits, safe, vocab_size, acc):
