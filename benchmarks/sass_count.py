@@ -1,6 +1,9 @@
-"""Static cost of the Mamba-1 step-loop kernels without a GPU: compile them for sm_90 (H100/H200) with
-Triton's bundled ptxas and print registers, spills and, per loop of the SASS, the instructions per
-sequence step and the counts of the costly kinds (MUFU, SHFL, global loads/stores, local spills).
+"""Static cost of Triton kernels without a GPU: compile them for sm_90 (H100/H200) with Triton's bundled
+ptxas and print registers, spills and, per loop of the SASS, the instructions per unit of work and the
+counts of the costly kinds (MUFU, SHFL, barriers, global loads/stores, local spills). `--kernels scan`
+(default): the Mamba-1 step-loop kernels, per sequence step. `--kernels conv-norm`: the conv1d and norm
+kernels of a training step, per element a thread handles, compiled as the launcher specializes them
+(unit column strides, 16-divisible pointers and row strides); a kernel without a loop is counted whole.
 
 It predicts before the device is used: a step loop of N instructions a channel-step over
 batch * seqlen * dim channel-steps issues batch * seqlen * dim * N / 32 warp instructions, against about
@@ -8,6 +11,7 @@ batch * seqlen * dim channel-steps issues batch * seqlen * dim * N / 32 warp ins
 with D, z, dt_bias and softplus.
 
     python benchmarks/sass_count.py --out bench_out/sass_count.json
+    python benchmarks/sass_count.py --kernels conv-norm --out bench_out/sass_conv_norm.json
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mambakit.ops.conv1d.triton.kernels import conv_bwd_kernel, conv_fwd_kernel  # noqa: E402
+from mambakit.ops.norm.triton.kernels import norm_bwd_kernel  # noqa: E402
 from mambakit.ops.selective_scan.triton.seq_bwd import (  # noqa: E402
     _adjoint_chunk_kernel,
     selective_scan_bwd_seq_kernel,
@@ -40,7 +46,8 @@ _COMMON = dict(HAS_Z=True, HAS_DT_BIAS=True, HAS_SEQ_IDX=False, DT_SOFTPLUS=True
 
 
 def kernels() -> list[tuple[str, object, dict, dict, int]]:
-    """(name, kernel, constexprs, launch options, steps per loop iteration) at the defaults."""
+    """(name, kernel, constexprs, launch options, steps per loop iteration) at the defaults: the scan
+    kernels, compiled with every non-constexpr scalar an i32 and no alignment hints."""
     fwd = dict(_COMMON, HAS_D=True, HAS_H0=True, BLOCK_D=32, BLOCK_N=16, NUM_STAGES=1)
     bwd = dict(_COMMON, HAS_D=True, HAS_H0=True, HAS_CARRY=True, WRITE_DH0=False, BLOCK_D=32, BLOCK_N=16)
     return [
@@ -57,21 +64,66 @@ def kernels() -> list[tuple[str, object, dict, dict, int]]:
     ]  # fmt: skip
 
 
-def compile_sm90(kernel, constexprs: dict, options: dict) -> tuple[dict, str]:
-    """Resource usage and SASS of the kernel compiled for sm_90 (every non-constexpr scalar an i32)."""
+# conv: bf16 x/dx/dout (fp32 g in the backward's second launch), the (dim, width) weight contiguous
+_CONV_ONES = ("stride_xd", "stride_gd", "stride_dxd", "stride_od", "stride_wk")
+_CONV_DIV16 = ("dim", "stride_xl", "stride_gl", "stride_dxl", "stride_ol",
+               "stride_xb", "stride_gb", "stride_dxb", "stride_ob")  # fmt: skip
+_NORM_DIV16 = ("dim", "stride_xm", "stride_zm", "stride_rm", "stride_dym",
+               "stride_dom", "stride_dxm", "stride_dzm", "stride_drm")  # fmt: skip
+
+
+def conv_norm_kernels() -> list[tuple[str, object, dict, dict, int, dict]]:
+    """(name, kernel, constexprs, launch options, elements a thread, specialization) of the conv1d and
+    norm kernels at a training step's defaults (width 4, SiLU, bias; Mamba-2 130M's norm groups)."""
+    conv = dict(WIDTH=4, HAS_BIAS=True, HAS_INIT=False, HAS_SEQ=False, ACC=tl.float32)
+    fwd = dict(conv, STORE_FINAL=False, BLOCK_L=64, BLOCK_D=128)
+    bwd = dict(conv, BLOCK_W=4, HAS_DFINAL=False, BLOCK_L=16, BLOCK_D=128)
+    conv_spec = dict(ones=_CONV_ONES, div16=_CONV_DIV16)
+    norm = dict(NORM_BEFORE_GATE=False, HAS_DRES_OUT=False, ACC=tl.float32)
+    norm_spec = dict(div16=_NORM_DIV16)
+    return [
+        ("conv fwd, SiLU (64x128, 8 warps)", conv_fwd_kernel, dict(fwd, SILU=True, SILU_GRAD=False),
+         {"num_warps": 8}, 32, dict(conv_spec, half=("x_ptr", "out_ptr"))),
+        ("conv bwd launch 1: g = dout silu'(pre)", conv_fwd_kernel, dict(fwd, SILU=False, SILU_GRAD=True),
+         {"num_warps": 8}, 32, dict(conv_spec, half=("x_ptr", "dout_ptr"))),
+        ("conv bwd launch 2 (16x128, 4 warps)", conv_bwd_kernel, bwd, {"num_warps": 4}, 16,
+         dict(conv_spec, half=("x_ptr", "dx_ptr"))),
+        ("gated norm bwd (group 1536)", norm_bwd_kernel,
+         dict(norm, G=1536, HAS_Z=True, HAS_RES=False, BLOCK_M=2, BLOCK_G=2048), {"num_warps": 8}, 16,
+         dict(norm_spec, half=("x_ptr", "z_ptr", "dy_ptr", "dx_ptr", "dz_ptr"))),
+        ("add_rms_norm bwd (768, fp32 residual)", norm_bwd_kernel,
+         dict(norm, G=768, HAS_Z=False, HAS_RES=True, BLOCK_M=4, BLOCK_G=1024, HAS_DRES_OUT=True),
+         {"num_warps": 8}, 16, dict(norm_spec, half=("x_ptr", "dy_ptr", "dx_ptr"))),
+    ]  # fmt: skip
+
+
+def compile_sm90(kernel, constexprs: dict, options: dict, half=_HALF, ones=(), div16=()) -> tuple[dict, str]:
+    """Resource usage and SASS of the kernel compiled for sm_90. Pointers named in `half` are bf16, the
+    rest float32; scalars are i32, except those in `ones` (the constant 1, as Triton specializes a unit
+    stride); pointers and the scalars in `div16` carry Triton's divisible-by-16 hint when `div16` is
+    given (as it specializes aligned arguments)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig = {}
-    for name in kernel.arg_names:
+    sig, constexprs, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = "*bf16" if name in _HALF else ("*i32" if name == "seq_idx_ptr" else "*fp32")
+            continue
+        if name in ones:
+            constexprs[name] = 1
+            sig[name] = "constexpr"
+            continue
+        if name.endswith("_ptr"):
+            sig[name] = (
+                "*bf16" if name in half else ("*i32" if name in ("seq_idx_ptr", "seq_ptr") else "*fp32")
+            )
         else:
             sig[name] = "i32"
+        if div16 and (name.endswith("_ptr") or name in div16):
+            attrs[(i,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(
-        ASTSource(kernel, sig, constexprs),
+        ASTSource(kernel, sig, constexprs, attrs),
         target=GPUTarget("cuda", 90, 32),
         options={"num_warps": 1, **options},
     )
@@ -100,30 +152,45 @@ def loops(sass: str) -> list[list[str]]:
     return out
 
 
+def instructions(sass: str) -> list[str]:
+    """Every instruction of the SASS, in order."""
+    return [t.strip() for t in re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", sass)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", choices=["scan", "conv-norm"], default="scan")
     parser.add_argument("--out", default="bench_out/sass_count.json")
     args = parser.parse_args()
+    if args.kernels == "scan":
+        todo = [(n, k, c, o, steps, {}) for n, k, c, o, steps in kernels()]
+        unit = "step"
+    else:
+        todo = conv_norm_kernels()
+        unit = "element"
     rows, results = [], []
-    for name, kernel, constexprs, options, steps in kernels():
-        usage, sass = compile_sm90(kernel, constexprs, options)
-        for i, body in enumerate(loops(sass)):
+    for name, kernel, constexprs, options, per, spec in todo:
+        usage, sass = compile_sm90(kernel, constexprs, options, **spec)
+        bodies = loops(sass) or [instructions(sass)]  # no loop: the whole kernel
+        for i, body in enumerate(bodies):
             ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body)
 
             def count(pattern: str, ops=ops) -> int:
                 return sum(v for k, v in ops.items() if re.match(pattern, k))
 
-            per_step = {
-                "instructions": len(body) / steps,
-                "MUFU": count(r"MUFU") / steps,
-                "SHFL": count(r"SHFL") / steps,
-                "global loads": count(r"LDG") / steps,
-                "global stores": count(r"STG") / steps,
-                "spill loads/stores": count(r"(LDL|STL)") / steps,
+            per_unit = {
+                "instructions": len(body) / per,
+                "MUFU": count(r"MUFU") / per,
+                "SHFL": count(r"SHFL") / per,
+                "barriers": count(r"BAR") / per,
+                "global loads": count(r"LDG") / per,
+                "global stores": count(r"STG") / per,
+                "spill loads/stores": count(r"(LDL|STL)") / per,
             }
-            rows.append([name, i, usage["registers"], usage["stack_bytes"], *per_step.values()])
-            results.append(dict(kernel=name, loop=i, **usage, per_step=per_step))
-    headers = ["kernel", "loop", "regs", "spill B", "instr/step", "MUFU", "SHFL", "LDG", "STG", "LDL+STL"]
+            rows.append([name, i, usage["registers"], usage["stack_bytes"], *per_unit.values()])
+            results.append(dict(kernel=name, loop=i, **usage, unit=unit, per_unit=per_unit))
+    headers = ["kernel", "loop", "regs", "spill B", f"instr/{unit}", "MUFU", "SHFL", "BAR", "LDG", "STG",
+               "LDL+STL"]  # fmt: skip
     print_table(headers, rows)
     write_json(args.out, {"environment": environment(), "target": "sm_90", "results": results})
 
