@@ -6,8 +6,7 @@ reloads of the same tile; all but one hit cache, so the forward moves each byte 
 Positions before 0 read `initial_state` (batch, dim, width - 1); with seq_idx a tap whose source lies
 in another document than its output reads zero (the state positions belong to the row's first document).
 
-Loads are masked by position only and document masks are applied afterwards, so that the backward's
-repeated loads of one shifted tile are identical operations the compiler can merge.
+Loads are masked by position only and document masks are applied afterwards.
 
 The backward with SiLU runs in two launches: the forward kernel turns dout into g = dout * silu'(pre)
 (float32), then the backward kernel treats g as the output gradient of a conv without activation. One
@@ -45,16 +44,15 @@ def _load_x(x_row_ptr, init_row_ptr, pos, cols, col_ok, seqlen, stride_xl, strid
 @triton.jit
 def _preact(x_row_ptr, init_row_ptr, seq_row_ptr, w_ptr, b_ptr, base, cols, col_ok, seqlen, doc_rows, doc0,
             stride_xl, stride_xd, stride_id, stride_ik, stride_sl, stride_wd, stride_wk,
-            SHIFT: tl.constexpr, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
+            WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
             READ_STATE: tl.constexpr, ACC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Pre-activation at rows `base + SHIFT` (BLOCK_L, BLOCK_D): bias + sum_k w_k * x[row - (width-1) + k],
-    taps from other documents zeroed. Rows outside [0, seqlen) give values the caller masks. Positions
-    are `base` plus a constant so that equal shifted loads are equal operations (merged by the compiler)."""
+    """Pre-activation at rows `base` (BLOCK_L, BLOCK_D): bias + sum_k w_k * x[row - (width-1) + k],
+    taps from other documents zeroed. Rows outside [0, seqlen) give values the caller masks."""
     acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     for k in tl.static_range(WIDTH):
-        src = base + (SHIFT + k - (WIDTH - 1))
+        src = base + (k - (WIDTH - 1))
         tap = _load_x(x_row_ptr, init_row_ptr, src, cols, col_ok, seqlen, stride_xl, stride_xd, stride_id,
                       stride_ik, WIDTH, READ_STATE, ACC)
         if HAS_SEQ:
@@ -101,12 +99,12 @@ def conv_fwd_kernel(
         acc = _preact(
             x_row_ptr, init_row_ptr, seq_row_ptr, w_ptr, b_ptr, rows, cols, col_ok, seqlen, doc_rows, doc0,
             stride_xl, stride_xd, stride_id, stride_ik, stride_sl, stride_wd, stride_wk,
-            0, WIDTH, HAS_BIAS, HAS_SEQ, True, ACC, BLOCK_L, BLOCK_D)
+            WIDTH, HAS_BIAS, HAS_SEQ, True, ACC, BLOCK_L, BLOCK_D)
     else:
         acc = _preact(
             x_row_ptr, init_row_ptr, seq_row_ptr, w_ptr, b_ptr, rows, cols, col_ok, seqlen, doc_rows, doc0,
             stride_xl, stride_xd, stride_id, stride_ik, stride_sl, stride_wd, stride_wk,
-            0, WIDTH, HAS_BIAS, HAS_SEQ, False, ACC, BLOCK_L, BLOCK_D)
+            WIDTH, HAS_BIAS, HAS_SEQ, False, ACC, BLOCK_L, BLOCK_D)
     if SILU_GRAD:
         dy = tl.load(dout_ptr + b * stride_gb + rows[:, None] * stride_gl + cols[None, :] * stride_gd,
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)

@@ -42,6 +42,11 @@ def _acc_dtype(*tensors: torch.Tensor | None):
     return tl.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else tl.float32
 
 
+def _torch_dtype(acc) -> torch.dtype:
+    """The torch dtype of an `_acc_dtype` result."""
+    return torch.float64 if acc == tl.float64 else torch.float32
+
+
 def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
     return (0,) * n if t is None else tuple(t.stride())
 
@@ -71,11 +76,11 @@ def conv_fwd(
     float32 (float64 for float64 inputs), the backward's first launch."""
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
+    acc = _acc_dtype(x, weight, initial_state)
     if silu_grad_of is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     else:
-        acc = torch.float64 if _acc_dtype(x, weight, initial_state) == tl.float64 else torch.float32
-        out = torch.empty(x.shape, dtype=acc, device=x.device)
+        out = torch.empty(x.shape, dtype=_torch_dtype(acc), device=x.device)
     final = x.new_empty(batch, dim, width - 1) if store_final else x.new_empty(0)
     if seqlen == 0 or batch == 0 or dim == 0:
         if store_final:
@@ -109,7 +114,7 @@ def conv_fwd(
         SILU=silu,
         STORE_FINAL=store_final,
         SILU_GRAD=silu_grad_of is not None,
-        ACC=_acc_dtype(x, weight, initial_state),
+        ACC=acc,
     )
     if _interpreting():
         bl, bd = 16, 64
@@ -169,7 +174,7 @@ def conv_bwd(
         # g = dout * silu'(pre-activation), then the backward of a conv without activation (see kernels.py)
         dout, _ = conv_fwd(x, weight, bias, False, initial_state, False, seq_idx, silu_grad_of=dout)
     acc_tl = _acc_dtype(x, weight, initial_state)
-    acc = torch.float64 if acc_tl == tl.float64 else torch.float32
+    acc = _torch_dtype(acc_tl)
     ext_start = -(width - 1) if initial_state is not None else 0
     if _interpreting():
         # small row blocks and two chunks: tests at tiny sizes still cross chunk and loop boundaries
