@@ -67,6 +67,16 @@ class Backbone(nn.Module):
         self.norm_f = RMSNorm(config.d_model, config.norm_eps, **kw)
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """input_ids' values lie in [0, vocab_size) (not checked where they cannot be read: see
+    `ops._checks.values_unreadable`)."""
+    if not values_unreadable(input_ids) and bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
+        raise ValueError(
+            f"input_ids must lie in [0, vocab_size={vocab_size}), got values in "
+            f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+        )
+
+
 class LanguageModel(nn.Module):
     """A causal language model over `config.pattern`; logits (batch, seqlen, vocab_size)."""
 
@@ -155,13 +165,7 @@ class LanguageModel(nn.Module):
         if input_ids.ndim != 2 or input_ids.shape[1] == 0 or (step and input_ids.shape[1] != 1):
             want = "(batch, 1)" if step else "(batch, seqlen) with seqlen >= 1"
             raise ValueError(f"input_ids must have shape {want}, got {tuple(input_ids.shape)}")
-        if not values_unreadable(input_ids) and bool(
-            ((input_ids < 0) | (input_ids >= self.config.vocab_size)).any()
-        ):
-            raise ValueError(
-                f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in "
-                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
-            )
+        check_token_ids(input_ids, self.config.vocab_size)
         if cache is not None and cache.batch_size != input_ids.shape[0]:
             raise ValueError(
                 f"cache was allocated for batch {cache.batch_size} "

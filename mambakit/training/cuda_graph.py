@@ -17,8 +17,8 @@ Each captured shape keeps its own activation memory (graphs do not share a pool 
 feeds several shapes holds several steps' activations.
 
 Everything inside must be capturable: no host synchronization and no data-dependent shapes (the
-mambakit ops skip their value checks while a capture is running; `__call__` checks the token and
-target ranges and seq_idx's order on the way in, with one synchronization).
+mambakit ops skip their value checks while a capture is running; `__call__` runs the model's and the
+loss's checks of the token and target ranges and of seq_idx's order on the way in).
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from mambakit.models.lm import check_token_ids
+from mambakit.ops._checks import check_seq_idx
+from mambakit.ops.cross_entropy.api import check_target_values
 
 
 class GraphedMicroStep:
@@ -44,7 +48,7 @@ class GraphedMicroStep:
             raise RuntimeError(
                 "GraphedMicroStep needs a CUDA device (CUDA graphs); run the eager step on CPU"
             )
-        self.model, self.loss_fn, self.warmup = model, loss_fn, warmup
+        self.loss_fn, self.warmup = loss_fn, warmup
         self.vocab_size, self.ignore_index = vocab_size, ignore_index
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._graphs: dict[tuple, tuple] = {}
@@ -53,30 +57,16 @@ class GraphedMicroStep:
         for name, t in (("input_ids", input_ids), ("targets", targets), ("seq_idx", seq_idx)):
             if t is not None and not t.is_cuda:
                 raise ValueError(f"{name} must be a CUDA tensor for a CUDA-graph step, got device {t.device}")
-        if targets.shape != input_ids.shape or (seq_idx is not None and seq_idx.shape != input_ids.shape):
+        if targets.shape != input_ids.shape:
             raise ValueError(
-                f"input_ids {tuple(input_ids.shape)}, targets {tuple(targets.shape)} and seq_idx "
-                f"{None if seq_idx is None else tuple(seq_idx.shape)} must have one shape (batch, seqlen)"
+                f"input_ids {tuple(input_ids.shape)} and targets {tuple(targets.shape)} must have one shape "
+                "(batch, seqlen)"
             )
-        # the model and the loss cannot check values inside a replay: one sync for all, on the way in
-        ok = torch.zeros((), dtype=torch.bool, device=input_ids.device)
-        bad_ids = bad_targets = bad_seq = ok
-        if seq_idx is not None and seq_idx.shape[1] > 1:
-            bad_seq = (seq_idx[:, 1:] < seq_idx[:, :-1]).any()
+        # the model's and the loss's own value checks, which cannot run inside a replay
+        check_seq_idx(seq_idx, *input_ids.shape, input_ids.device)
         if self.vocab_size is not None:
-            bad_ids = ((input_ids < 0) | (input_ids >= self.vocab_size)).any()
-            valid = targets != self.ignore_index
-            bad_targets = (valid & ((targets < 0) | (targets >= self.vocab_size))).any()
-        flags = torch.stack([bad_ids, bad_targets, bad_seq]).tolist()
-        if flags[0]:
-            raise ValueError(f"input_ids must lie in [0, vocab_size={self.vocab_size})")
-        if flags[1]:
-            raise ValueError(
-                f"targets must lie in [0, vocab_size={self.vocab_size}) or equal "
-                f"ignore_index={self.ignore_index}"
-            )
-        if flags[2]:
-            raise ValueError("seq_idx must be non-decreasing along the sequence (one id per packed document)")
+            check_token_ids(input_ids, self.vocab_size)
+            check_target_values(targets, self.ignore_index, self.vocab_size)
 
     def _run(self, scale, input_ids, targets, seq_idx) -> torch.Tensor:
         loss = self.loss_fn(input_ids, targets, seq_idx)

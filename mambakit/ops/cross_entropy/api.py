@@ -97,7 +97,7 @@ def linear_cross_entropy(
     if chunk_size is None:
         chunk_size = default_chunk_size(vocab_size)
     check_positive_int("chunk_size", chunk_size)
-    _check_target_values(targets, ignore_index, vocab_size)
+    check_target_values(targets, ignore_index, vocab_size)
     name = resolve_backend(backend, dev, _IMPLEMENTED)
     hidden, targets = hidden.reshape(-1, d_model), targets.reshape(-1)  # (N, d_model), (N,)
     loss = _impl(name).linear_cross_entropy_impl(
@@ -106,7 +106,8 @@ def linear_cross_entropy(
     return loss.reshape(lead) if reduction == "none" else loss
 
 
-def _check_target_values(targets: torch.Tensor, ignore_index: int, vocab_size: int) -> None:
+def check_target_values(targets: torch.Tensor, ignore_index: int, vocab_size: int) -> None:
+    """targets' values lie in [0, vocab_size) or equal ignore_index (unchecked where they cannot be read)."""
     if values_unreadable(targets):
         return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
