@@ -107,3 +107,14 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     tmp.replace(path)
     print(f"wrote {path}")
+
+
+def cuda_kernel_totals(prof) -> dict[str, tuple[int, float]]:
+    """kernel name -> (launches, device microseconds) over a finished torch.profiler run."""
+    totals: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            entry = totals.setdefault(ev.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += ev.device_time
+    return {name: (int(n), us) for name, (n, us) in totals.items()}

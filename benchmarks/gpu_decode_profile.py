@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from mambakit.inference.cuda_graph import CUDAGraphDecoder  # noqa: E402
 from mambakit.models.lm import LanguageModel  # noqa: E402
 from mambakit.models.presets import preset  # noqa: E402
 
-from _common import environment, print_table, write_json  # noqa: E402
+from _common import cuda_kernel_totals, environment, print_table, write_json  # noqa: E402
 
 
 def replay_ms(dec: CUDAGraphDecoder, tokens: torch.Tensor, iters: int) -> float:
@@ -44,12 +43,7 @@ def kernels_per_step(dec: CUDAGraphDecoder, steps: int) -> dict[str, tuple[float
         for _ in range(steps):
             dec.graph.replay()
         torch.cuda.synchronize()
-    acc: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
-            acc[ev.name][0] += 1
-            acc[ev.name][1] += ev.device_time
-    return {k: (v[0] / steps, v[1] / steps) for k, v in acc.items()}
+    return {k: (n / steps, us / steps) for k, (n, us) in cuda_kernel_totals(prof).items()}
 
 
 def main() -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from mambakit.training.cuda_graph import GraphedMicroStep  # noqa: E402
 from mambakit.training.loss import lm_loss  # noqa: E402
 from mambakit.training.optim import param_groups  # noqa: E402
 
-from _common import environment, print_table, write_json  # noqa: E402
+from _common import cuda_kernel_totals, environment, print_table, write_json  # noqa: E402
 
 
 def bench(
@@ -142,11 +141,7 @@ def kernel_profile(step, ids: torch.Tensor, top: int, steps: int = 2) -> dict:
         for _ in range(steps):
             step(ids)
         torch.cuda.synchronize()
-    acc: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
-            acc[ev.name][0] += 1
-            acc[ev.name][1] += ev.device_time
+    acc = cuda_kernel_totals(prof)
     ranked = sorted(acc.items(), key=lambda kv: -kv[1][1])
     out = {name[:160]: [n / steps, round(us / steps / 1e3, 3)] for name, (n, us) in ranked[:top]}
     out["(all kernels)"] = [
