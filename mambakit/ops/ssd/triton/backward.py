@@ -1,5 +1,6 @@
-"""Launches the SSD backward: `bwd_state` (reverse pass over chunks), then the three chunk kernels of
-`bwd_chunk`, then O(batch * seqlen * nheads) PyTorch glue for the scalar-per-position gradients
+"""Launches the SSD backward: `bwd_state` and `state_passing` (reverse pass over chunks), then the
+three chunk kernels of `bwd_chunk`, then O(batch * seqlen * nheads) PyTorch glue for the
+scalar-per-position gradients
 (the in-chunk reverse cumsum that turns d cs into d(delta * A), and dt through softplus/clamp).
 
 Recomputation: nothing of size (chunk x chunk) is stored by the forward. The backward recomputes
@@ -25,6 +26,7 @@ from mambakit.ops.ssd.triton.bwd_chunk import chunk_bwd_dB_kernel, chunk_bwd_dC_
 from mambakit.ops.ssd.triton.bwd_state import chunk_state_bwd_kernel
 from mambakit.ops.ssd.triton.chunk_cb import chunk_cb, use_cb
 from mambakit.ops.ssd.triton.forward import state_launch
+from mambakit.ops.ssd.triton.state_passing import state_passing
 
 
 def heads_per_program(heads_per_group: int, programs: int) -> int:
@@ -81,22 +83,24 @@ def ssd_backward(
         dy = dyf * zf * sig  # kept in float32: the kernels round tiles to x's dtype only for tl.dot
     dy = dy.contiguous()
 
-    # 1. reverse pass over chunks: G[c] (grad of chunk c's own state), d initial_state, d cs_end shares
-    st = state_launch(x, nheads, headdim, dstate)
+    # 1. gradients of the states: what each chunk's outputs read from its entering state (all chunks
+    # in parallel), then the reverse pass over chunks: G[c] (grad of chunk c's own state), d
+    # initial_state and the shares of d cs_end
+    st = state_launch(x, batch * nchunks * nheads, headdim, dstate, "bwd")
     npn = math.ceil(headdim / st["BLOCK_P"]) * math.ceil(dstate / st["BLOCK_N"])
     G = torch.empty_like(states)
     dh0 = torch.empty_like(final)
-    dcs_end = torch.empty(batch, nheads, nchunks, npn, device=dev, dtype=acc)
     dfinal_c = None if dfinal is None else dfinal.to(acc).contiguous()
     block_q = pow2_at_least(chunk_size)
-    chunk_state_bwd_kernel[(npn, batch, nheads)](
-        dy, C, seq_idx, cs, states, dfinal_c,
-        G, dh0, dcs_end,
+    chunk_state_bwd_kernel[(npn, batch * nchunks, nheads)](
+        dy, C, seq_idx, cs,
+        G,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg,
         *dy.stride(), *C.stride(), *seq_strides,
-        HAS_DFINAL=dfinal_c is not None, HAS_SEQ=seq_idx is not None,
+        HAS_SEQ=seq_idx is not None,
         BLOCK_Q=block_q, SUB=min(64, block_q), PREC=prec, DOT_F32=f32, **st,
     )  # fmt: skip
+    dcs_end = state_passing(G, cs, seq_idx, chunk_size, dfinal_c, dh0, reverse=True, states=states)
 
     # 2. per-chunk gradients
     block_p = pow2_at_least(headdim)

@@ -1,15 +1,14 @@
-"""Forward pass 1 of 3: dt processing, in-chunk cumulative decay and the states entering each chunk.
+"""Forward pass 1 of 3: dt processing, in-chunk cumulative decay and each chunk's own state.
 
-One program owns a (headdim block x dstate block) tile of one (batch, head) state and walks the chunks
-in order: for chunk c it stores the state entering c, then adds c's own contribution
-    S_local[c] = sum_s exp(cs_end - cs_s) * delta_s * x_s B_s^T        (tl.dot, tensor cores)
-after decaying the running state by exp(cs_end). Fusing the chunk states with the state passing means
-the per-chunk local states never go to memory: only the entering states (kept for the output pass and
-for backward) are written. Programs with tile (0, 0) also write delta and the in-chunk cumsum cs of
-delta * A, which the output pass and backward read. A chunk is walked SUB rows at a time, twice: first
-for its total decay cs_end (dt only), then for its contribution.
-With seq_idx, only the last document of a chunk contributes to the state leaving it, and the
-incoming state survives a chunk only if no document boundary falls inside it (or at its start).
+One program owns a (headdim block x dstate block) tile of one (batch, chunk, head) and computes what
+the chunk adds to the state by itself,
+    L[c] = sum_s exp(cs_end - cs_s) * delta_s * x_s B_s^T        (tl.dot, tensor cores),
+writing it where `state_passing` then turns it, in place, into the state entering c. Programs with
+tile (0, 0) also write delta and the in-chunk cumsum cs of delta * A, which the passing, the output
+pass and backward read. A chunk is walked SUB rows at a time, twice: first for its total decay cs_end
+(dt only), then for its contribution. With seq_idx, only the last document of a chunk contributes.
+All chunks run in parallel (batch * nchunks * nheads programs at a whole-state tile); only the light
+elementwise passing is sequential over chunks.
 """
 
 from __future__ import annotations
@@ -22,20 +21,21 @@ from mambakit.ops.ssd.triton._common import process_dt
 
 @triton.jit
 def chunk_state_fwd_kernel(
-    x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, seq_ptr, h0_ptr,
-    delta_ptr, cs_ptr, states_ptr, final_ptr,
+    x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, seq_ptr,
+    delta_ptr, cs_ptr, states_ptr,
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group, dt_min, dt_max,
     sx_b, sx_l, sx_h, sx_p,
     sdt_b, sdt_l, sdt_h,
     sB_b, sB_l, sB_g, sB_n,
     ss_b, ss_l,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-    HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
     BLOCK_Q: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     pid_pn = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1) // nchunks
+    c = tl.program_id(1) % nchunks
     h = tl.program_id(2)
     npb = tl.cdiv(headdim, BLOCK_P)
     pb = pid_pn % npb
@@ -53,73 +53,61 @@ def chunk_state_fwd_kernel(
     pmask = offs_p < headdim
     nmask = offs_n < dstate
     pn_mask = pmask[:, None] & nmask[None, :]
-    # states / final / h0 are contiguous (batch, [nchunks,] nheads, headdim, dstate)
+    # states is contiguous (batch, nchunks, nheads, headdim, dstate)
     pn_off = offs_p[:, None] * dstate + offs_n[None, :]
 
     A = tl.load(A_ptr + h).to(ACC)
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(bias_ptr + h).to(ACC)
-    if HAS_INIT:
-        s = tl.load(h0_ptr + (b * nheads + h) * headdim * dstate + pn_off, mask=pn_mask, other=0.0).to(ACC)
-    else:
-        s = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC)
     dcs_base = (b * nheads + h) * seqlen  # delta / cs are (batch, nheads, seqlen)
+    start = c * chunk_size
+    last = tl.minimum(start + chunk_size, seqlen) - 1
+    # pass 1: the chunk's total log-decay, summed by sub-block exactly as pass 2 accumulates it
+    cs_end = 0.0
+    for sb in tl.static_range(0, BLOCK_Q, SUB):
+        q = sb + offs_s
+        t = start + q
+        qmask = (q < chunk_size) & (t < seqlen)
+        dt = tl.load(dt_ptr + b * sdt_b + t * sdt_l + h * sdt_h, mask=qmask, other=0.0).to(ACC)
+        delta = tl.where(qmask, process_dt(dt, bias, SOFTPLUS, HAS_LIMIT, dt_min, dt_max), 0.0)
+        cs_end += tl.sum(delta * A, axis=0)
+    if HAS_SEQ:
+        seq_end = tl.load(seq_ptr + b * ss_b + last * ss_l)
 
-    for c in range(nchunks):
-        start = c * chunk_size
-        last = tl.minimum(start + chunk_size, seqlen) - 1
-        # pass 1: the chunk's total log-decay, summed by sub-block exactly as pass 2 accumulates it
-        cs_end = 0.0
-        for sb in tl.static_range(0, BLOCK_Q, SUB):
-            q = sb + offs_s
-            t = start + q
-            qmask = (q < chunk_size) & (t < seqlen)
-            dt = tl.load(dt_ptr + b * sdt_b + t * sdt_l + h * sdt_h, mask=qmask, other=0.0).to(ACC)
-            delta = tl.where(qmask, process_dt(dt, bias, SOFTPLUS, HAS_LIMIT, dt_min, dt_max), 0.0)
-            cs_end += tl.sum(delta * A, axis=0)
-        decay = tl.exp(cs_end)
+    # pass 2: the chunk's own contribution, SUB rows at a time (small operand tiles, so that a whole
+    # dstate fits one tile and x is read once)
+    carry = 0.0
+    local = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC)
+    for sb in tl.static_range(0, BLOCK_Q, SUB):
+        q = sb + offs_s
+        t = start + q
+        qmask = (q < chunk_size) & (t < seqlen)
+        dt = tl.load(dt_ptr + b * sdt_b + t * sdt_l + h * sdt_h, mask=qmask, other=0.0).to(ACC)
+        delta = tl.where(qmask, process_dt(dt, bias, SOFTPLUS, HAS_LIMIT, dt_min, dt_max), 0.0)
+        a = delta * A
+        cs = carry + tl.cumsum(a, axis=0)
+        carry += tl.sum(a, axis=0)
+        writer = qmask & ((offs_s * 0 + pid_pn) == 0)  # one tile per (batch, chunk, head) writes delta, cs
+        tl.store(delta_ptr + dcs_base + t, delta, mask=writer)
+        tl.store(cs_ptr + dcs_base + t, cs, mask=writer)
+        w = tl.exp(cs_end - cs) * delta
         if HAS_SEQ:
-            seq_end = tl.load(seq_ptr + b * ss_b + last * ss_l)
-            seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(start - 1, 0) * ss_l)
-            decay = tl.where(seq_end == seq_prev, decay, 0.0)
+            seq = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=qmask, other=0)
+            w = tl.where(seq == seq_end, w, 0.0)
+        w = tl.where(qmask, w, 0.0)
+        x = tl.load(
+            x_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
+            mask=qmask[:, None] & pmask[None, :],
+            other=0.0,
+        )
+        Bt = tl.load(
+            B_ptr + b * sB_b + t[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
+            mask=qmask[:, None] & nmask[None, :],
+            other=0.0,
+        )
+        xw = (x.to(ACC) * w[:, None]).to(XDT).to(DOT)
+        local += tl.dot(tl.trans(xw), Bt.to(XDT).to(DOT), input_precision=PREC).to(ACC)
 
-        st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
-        tl.store(states_ptr + st_off + pn_off, s, mask=pn_mask)
-
-        # pass 2: the chunk's own contribution, SUB rows at a time (small tiles: x is read once per
-        # program even with a whole dstate per tile, and registers stay free)
-        carry = 0.0
-        local = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC)
-        for sb in tl.static_range(0, BLOCK_Q, SUB):
-            q = sb + offs_s
-            t = start + q
-            qmask = (q < chunk_size) & (t < seqlen)
-            dt = tl.load(dt_ptr + b * sdt_b + t * sdt_l + h * sdt_h, mask=qmask, other=0.0).to(ACC)
-            delta = tl.where(qmask, process_dt(dt, bias, SOFTPLUS, HAS_LIMIT, dt_min, dt_max), 0.0)
-            a = delta * A
-            cs = carry + tl.cumsum(a, axis=0)
-            carry += tl.sum(a, axis=0)
-            writer = qmask & ((offs_s * 0 + pid_pn) == 0)  # one tile per (batch, head) writes delta, cs
-            tl.store(delta_ptr + dcs_base + t, delta, mask=writer)
-            tl.store(cs_ptr + dcs_base + t, cs, mask=writer)
-            w = tl.exp(cs_end - cs) * delta
-            if HAS_SEQ:
-                seq = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=qmask, other=0)
-                w = tl.where(seq == seq_end, w, 0.0)
-            w = tl.where(qmask, w, 0.0)
-            x = tl.load(
-                x_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
-                mask=qmask[:, None] & pmask[None, :],
-                other=0.0,
-            )
-            Bt = tl.load(
-                B_ptr + b * sB_b + t[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
-                mask=qmask[:, None] & nmask[None, :],
-                other=0.0,
-            )
-            xw = (x.to(ACC) * w[:, None]).to(XDT).to(DOT)
-            local += tl.dot(tl.trans(xw), Bt.to(XDT).to(DOT), input_precision=PREC).to(ACC)
-        s = decay * s + local
-
-    tl.store(final_ptr + (b * nheads + h) * headdim * dstate + pn_off, s, mask=pn_mask)
+    st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
+    tl.store(states_ptr + st_off + pn_off, local, mask=pn_mask)

@@ -1,5 +1,6 @@
-"""Launches the SSD forward: `chunk_state` (states entering each chunk), `chunk_cb` (C B^T per group,
-when heads share groups) and `chunk_scan` (outputs).
+"""Launches the SSD forward: `chunk_state` (each chunk's own state, all chunks in parallel),
+`state_passing` (turns those into the states entering each chunk), `chunk_cb` (C B^T per group, when
+heads share groups) and `chunk_scan` (outputs).
 
 Prediction, at the benchmark anchor (batch 4, nheads 64, headdim 64, ngroups 1, dstate 128, chunk 256,
 bf16 x/B/C, fp32 dt) and seqlen L = 8192 (32 chunks, 8192 (batch, chunk, head) triples):
@@ -21,6 +22,7 @@ bf16 x/B/C, fp32 dt) and seqlen L = 8192 (32 chunks, 8192 (batch, chunk, head) t
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -34,33 +36,40 @@ from mambakit.ops.ssd.triton._common import (
 from mambakit.ops.ssd.triton.chunk_cb import chunk_cb, use_cb
 from mambakit.ops.ssd.triton.chunk_scan import chunk_scan_fwd_kernel
 from mambakit.ops.ssd.triton.chunk_state import chunk_state_fwd_kernel
+from mambakit.ops.ssd.triton.state_passing import state_passing
 
 
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def state_launch(x: torch.Tensor, nheads: int, headdim: int, dstate: int) -> dict:
-    """Tiles and warps of the sequential state programs (`chunk_state`, `bwd_state`).
+def state_launch(x: torch.Tensor, programs: int, headdim: int, dstate: int, which: str = "fwd") -> dict:
+    """Tiles and warps of the per-chunk state programs (`chunk_state`, `bwd_state`); `programs` is
+    how many (batch, chunk, head) triples they cover.
 
     They walk a chunk SUB = 64 rows at a time, so operand tiles stay small and a (64 x dstate) state
-    tile fits one program (each x or dy tile is then read once), unless the grid (batch * nheads *
-    tiles) would leave most of the GPU idle (few heads, e.g. one long sequence): then smaller tiles.
+    tile fits one program (each x or dy tile is then read once), unless the grid (programs * tiles)
+    would leave most of the GPU idle (a short sequence with few heads): then smaller tiles.
     fp32/fp64 exact products run on CUDA cores, which need more registers: (32 x 32) tiles, no
     software pipelining. Register and shared-memory use checked by compiling for sm_90 (no spills).
+    `MAMBAKIT_SSD_STATE_FWD_CONFIG` / `MAMBAKIT_SSD_STATE_BWD_CONFIG` ("BLOCK_P,BLOCK_N,num_warps,
+    num_stages") fix the launch of the forward / backward state program (tile sweeps, debugging).
     """
+    env = os.environ.get(f"MAMBAKIT_SSD_STATE_{which.upper()}_CONFIG")
+    if env:
+        bp, bn, warps, stages = (int(v) for v in env.split(","))
+        return {"BLOCK_P": bp, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
     wide = x.element_size() <= 2
     bp = min(64 if wide else 32, pow2_at_least(headdim))
     bn = min(128 if wide else 32, pow2_at_least(dstate))
-    while x.shape[0] * nheads * math.ceil(headdim / bp) * math.ceil(dstate / bn) < 256 and max(bp, bn) > 16:
+    while programs * math.ceil(headdim / bp) * math.ceil(dstate / bn) < 512 and max(bp, bn) > 16:
         if bn >= bp:
             bn //= 2
         else:
             bp //= 2
     # Two pipeline stages for 16-bit inputs: Triton 3.6 on the H100 gave the default three 233,472 bytes
     # of shared memory at (64 x 128) tiles, over the 232,448-byte limit (2026-11-23).
-    launch = {"BLOCK_P": bp, "BLOCK_N": bn, "num_warps": 8, "num_stages": 2 if wide else 1}
-    return launch
+    return {"BLOCK_P": bp, "BLOCK_N": bn, "num_warps": 4, "num_stages": 2 if wide else 1}
 
 
 def ssd_forward(
@@ -101,18 +110,19 @@ def ssd_forward(
     f32 = dot_in_fp32(x.dtype)
     has_limit = tuple(dt_limit) != (0.0, math.inf)
 
-    st = state_launch(x, nheads, headdim, dstate)
-    grid = (math.ceil(headdim / st["BLOCK_P"]) * math.ceil(dstate / st["BLOCK_N"]), batch, nheads)
+    st = state_launch(x, batch * nchunks * nheads, headdim, dstate)
+    grid = (math.ceil(headdim / st["BLOCK_P"]) * math.ceil(dstate / st["BLOCK_N"]), batch * nchunks, nheads)
     chunk_state_fwd_kernel[grid](
-        x, dt, A, dt_bias, B, seq_idx, h0,
-        delta, cs, states, final,
+        x, dt, A, dt_bias, B, seq_idx,
+        delta, cs, states,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, nheads // ngroups,
         float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
         *x.stride(), *dt.stride(), *B.stride(), *seq_strides,
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
-        HAS_SEQ=seq_idx is not None, HAS_INIT=h0 is not None,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit, HAS_SEQ=seq_idx is not None,
         BLOCK_Q=block_q, SUB=min(64, block_q), PREC=prec, DOT_F32=f32, **st,
     )  # fmt: skip
+    # each chunk's own state becomes, in place, the state entering it
+    state_passing(states, cs, seq_idx, chunk_size, h0, final)
 
     y = torch.empty_like(x)
     y_pre = torch.empty_like(x) if z is not None else None

@@ -1,0 +1,118 @@
+"""Tile sweep of the SSD state programs (`chunk_state_fwd`, `chunk_state_bwd`) at the anchor shape.
+
+Each program walks all chunks of one (batch, head) tile in order, so the tile size sets how many
+programs run at once (batch * nheads * tiles): the default (64 x 128) tile gives 256 programs at the
+anchor, two per SM. Smaller tiles give more programs to hide load latency, at the cost of re-reading
+x (or dy) and B (or C) once per tile. For each "BLOCK_P,BLOCK_N,num_warps,num_stages" config this
+prints the kernel's GPU time (torch.profiler, mean of 10 calls) and the largest relative difference of
+the SSD result from the default config's (a config changes only the summation order).
+
+    python benchmarks/gpu_ssd_tiles.py --out results/gpu_ssd_tiles.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_ssd import ANCHOR, make_inputs, rel_err, run_ssd  # noqa: E402
+
+from _common import cuda_kernel_totals, environment, print_table, write_json  # noqa: E402
+
+CONFIGS = [
+    "64,128,8,2", "64,128,4,2", "64,64,8,2", "64,64,4,2", "64,64,4,3", "64,32,4,2", "64,32,4,3",
+    "64,32,2,2", "32,64,4,2", "32,32,4,2", "32,32,2,2", "64,16,2,2", "32,128,4,2", "16,128,4,2",
+]  # fmt: skip
+
+
+def kernel_us(fn, name: str, reps: int = 10) -> float:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    totals = cuda_kernel_totals(prof)
+    us = [t for k, (_, t) in totals.items() if name in k]
+    return sum(us) / reps if us else float("nan")
+
+
+def sweep(which: str, seqlen: int, configs: list[str]) -> list[dict]:
+    a = ANCHOR
+    shape = (a["batch"], seqlen, a["nheads"], a["headdim"], a["ngroups"], a["dstate"])
+    ins = make_inputs(*shape, requires_grad=which == "bwd")
+    gy = torch.randn(a["batch"], seqlen, a["nheads"], a["headdim"], device="cuda", dtype=torch.bfloat16)
+    var = f"MAMBAKIT_SSD_STATE_{which.upper()}_CONFIG"
+
+    def run():
+        if which == "fwd":
+            with torch.no_grad():
+                return (run_ssd("triton", ins, a["chunk"]),)
+        for v in ins.values():
+            v.grad = None
+        run_ssd("triton", ins, a["chunk"]).backward(gy)
+        return tuple(v.grad for v in ins.values())
+
+    os.environ.pop(var, None)
+    ref = [t.clone() for t in run()]
+    kernel = "chunk_state_fwd" if which == "fwd" else "chunk_state_bwd"
+    rows = []
+    for cfg in configs:
+        os.environ[var] = cfg
+        try:
+            out = run()
+            err = max(rel_err(o, r) for o, r in zip(out, ref))
+            finite = all(bool(torch.isfinite(o).all()) for o in out)
+            rows.append({"which": which, "seqlen": seqlen, "config": cfg, "kernel_us": kernel_us(run, kernel),
+                         "max_rel_diff_vs_default": err, "finite": finite})  # fmt: skip
+        except Exception as e:  # e.g. out of shared memory for a large tile with 3 stages
+            traceback.print_exc()
+            error = f"{type(e).__name__}: {e}"[:200]
+            rows.append({"which": which, "seqlen": seqlen, "config": cfg, "error": error})
+        print(rows[-1], flush=True)
+    os.environ.pop(var, None)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--which", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
+    parser.add_argument("--configs", nargs="+", default=CONFIGS)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_ssd_tiles.py needs a CUDA device")
+    torch.manual_seed(0)
+    rows = []
+    for which in args.which:
+        for seqlen in args.seqlens:
+            rows += sweep(which, seqlen, args.configs)
+    print_table(
+        ["pass", "seqlen", "BLOCK_P,BLOCK_N,warps,stages", "kernel us", "max rel diff", "error"],
+        [
+            [
+                r["which"],
+                r["seqlen"],
+                r["config"],
+                r.get("kernel_us"),
+                r.get("max_rel_diff_vs_default"),
+                r.get("error", ""),
+            ]
+            for r in rows
+        ],  # fmt: skip
+    )
+    if args.out:
+        write_json(args.out, {"env": environment(), "anchor": ANCHOR, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
