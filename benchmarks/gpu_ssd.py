@@ -214,6 +214,19 @@ def kernel_breakdown(seqlen: int) -> list[dict]:
     return rows[:15]
 
 
+def tuned_configs() -> dict:
+    """The tile config the autotuner chose for each per-chunk SSD kernel (at the last tuned shape)."""
+    from mambakit.ops.ssd.triton import bwd_chunk, chunk_scan
+
+    kernels = {
+        "chunk_scan_fwd": chunk_scan.chunk_scan_fwd_kernel,
+        "chunk_bwd_dx": bwd_chunk.chunk_bwd_dx_kernel,
+        "chunk_bwd_dB": bwd_chunk.chunk_bwd_dB_kernel,
+        "chunk_bwd_dC": bwd_chunk.chunk_bwd_dC_kernel,
+    }
+    return {name: str(getattr(k, "best_config", None)) for name, k in kernels.items()}
+
+
 def million_tokens() -> dict:
     seqlen = 1 << 20
     ins = make_inputs(1, seqlen, 8, 64, 1, 128)
@@ -294,6 +307,7 @@ def main() -> None:
     if args.breakdown:
         try:
             breakdown = kernel_breakdown(args.breakdown)
+            print("tuned tiles:", tuned_configs())
             print(f"Triton forward+backward at seqlen {args.breakdown}, GPU time per kernel:")
             print_table(
                 ["kernel", "ms", "launches"],

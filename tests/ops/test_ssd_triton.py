@@ -151,6 +151,21 @@ def test_half_precision_matches_reference_on_upcast_inputs(dtype):
     compare(ins, 3e-2, upcast_ref=True, chunk_size=32, dt_softplus=True)
 
 
+@pytest.mark.parametrize("tiles", [(32, 16), (64, 32)], ids=["rows32-cols16", "rows64-cols32"])
+def test_row_blocks_taller_than_column_blocks(monkeypatch, tiles):
+    """The chunk kernels with BLOCK_M > BLOCK_K, as GPU tuning may pick: several column blocks per
+    diagonal block (the output pass's general path), with seq_idx, D and a partial last chunk."""
+    from mambakit.ops.ssd.triton import backward as sb
+    from mambakit.ops.ssd.triton import forward as sf
+
+    fixed = {"BLOCK_M": tiles[0], "BLOCK_K": tiles[1]}
+    monkeypatch.setattr(sf, "chunk_tiles", lambda block_q: fixed)
+    monkeypatch.setattr(sb, "chunk_tiles", lambda block_q: fixed)
+    ins = make_inputs(2, 100, 4, 8, 2, 16, seed=7)
+    seq = torch.tensor([[0] * 30 + [1] * 50 + [2] * 20, [0] * 100], device=DEV)
+    compare(ins, 1e-4, chunk_size=64, dt_softplus=True, seq_idx=seq)
+
+
 def test_result_does_not_depend_on_chunk_size():
     ins = make_inputs(1, 40, 2, 8, 1, 16, seed=5)
     y16, f16 = ssd(**ins, chunk_size=16, dt_softplus=True, return_final_state=True, backend="triton")

@@ -122,7 +122,10 @@ def ssd_forward(
         BLOCK_Q=block_q, SUB=min(64, block_q), PREC=prec, DOT_F32=f32, **st,
     )  # fmt: skip
     # each chunk's own state becomes, in place, the state entering it
-    state_passing(states, cs, seq_idx, chunk_size, h0, final)
+    states_in = states
+    if x.element_size() == 2:  # the output pass rounds states to x's dtype anyway: a copy in it
+        states_in = torch.empty(states.shape, device=dev, dtype=x.dtype)
+    state_passing(states, cs, seq_idx, chunk_size, h0, final, half=None if states_in is states else states_in)
 
     y = torch.empty_like(x)
     y_pre = torch.empty_like(x) if z is not None else None
@@ -139,7 +142,7 @@ def ssd_forward(
 
     cb = chunk_cb(B, C, chunk_size, x.dtype) if use_cb(nheads, ngroups) else None
     chunk_scan_fwd_kernel[grid](
-        x, B, C, z, D, seq_idx, delta, cs, states, cb,
+        x, B, C, z, D, seq_idx, delta, cs, states_in, cb,
         y, y_pre,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, nheads // ngroups, tune_bucket(x),
         *x.stride(), *B.stride(), *C.stride(), *z_strides, *y.stride(), *seq_strides,
