@@ -154,13 +154,21 @@ def test_half_precision_matches_reference_on_upcast_inputs(dtype):
 @pytest.mark.parametrize("tiles", [(32, 16), (64, 32)], ids=["rows32-cols16", "rows64-cols32"])
 def test_row_blocks_taller_than_column_blocks(monkeypatch, tiles):
     """The chunk kernels with BLOCK_M > BLOCK_K, as GPU tuning may pick: several column blocks per
-    diagonal block (the output pass's general path), with seq_idx, D and a partial last chunk."""
+    diagonal block (the output pass's general path), with seq_idx, D and a partial last chunk. On a
+    GPU the kernels launch without their autotuner here, so that the tiles can be pinned."""
+    from triton.runtime.autotuner import Autotuner
+
     from mambakit.ops.ssd.triton import backward as sb
     from mambakit.ops.ssd.triton import forward as sf
 
     fixed = {"BLOCK_M": tiles[0], "BLOCK_K": tiles[1]}
     monkeypatch.setattr(sf, "chunk_tiles", lambda block_q: fixed)
     monkeypatch.setattr(sb, "chunk_tiles", lambda block_q: fixed)
+    for module, name in [(sf, "chunk_scan_fwd_kernel"), (sb, "chunk_bwd_dx_kernel"),
+                         (sb, "chunk_bwd_dB_kernel"), (sb, "chunk_bwd_dC_kernel")]:  # fmt: skip
+        kernel = getattr(module, name)
+        if isinstance(kernel, Autotuner):  # on a GPU: the JIT function it wraps
+            monkeypatch.setattr(module, name, kernel.fn)
     ins = make_inputs(2, 100, 4, 8, 2, 16, seed=7)
     seq = torch.tensor([[0] * 30 + [1] * 50 + [2] * 20, [0] * 100], device=DEV)
     compare(ins, 1e-4, chunk_size=64, dt_softplus=True, seq_idx=seq)

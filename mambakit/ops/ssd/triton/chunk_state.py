@@ -5,8 +5,8 @@ the chunk adds to the state by itself,
     L[c] = sum_s exp(cs_end - cs_s) * delta_s * x_s B_s^T        (tl.dot, tensor cores),
 writing it where `state_passing` then turns it, in place, into the state entering c. Programs with
 tile (0, 0) also write delta and the in-chunk cumsum cs of delta * A, which the passing, the output
-pass and backward read. A chunk is walked SUB rows at a time, twice: first for its total decay cs_end
-(dt only), then for its contribution. With seq_idx, only the last document of a chunk contributes.
+pass and backward read. A chunk is walked SUB rows at a time, once. With seq_idx, only the last
+document of a chunk contributes.
 All chunks run in parallel (batch * nchunks * nheads programs at a whole-state tile); only the light
 elementwise passing is sequential over chunks.
 """
@@ -63,21 +63,13 @@ def chunk_state_fwd_kernel(
     dcs_base = (b * nheads + h) * seqlen  # delta / cs are (batch, nheads, seqlen)
     start = c * chunk_size
     last = tl.minimum(start + chunk_size, seqlen) - 1
-    # pass 1: the chunk's total log-decay, summed by sub-block exactly as pass 2 accumulates it
-    cs_end = 0.0
-    for sb in tl.static_range(0, BLOCK_Q, SUB):
-        q = sb + offs_s
-        t = start + q
-        qmask = (q < chunk_size) & (t < seqlen)
-        dt = tl.load(dt_ptr + b * sdt_b + t * sdt_l + h * sdt_h, mask=qmask, other=0.0).to(ACC)
-        delta = tl.where(qmask, process_dt(dt, bias, SOFTPLUS, HAS_LIMIT, dt_min, dt_max), 0.0)
-        cs_end += tl.sum(delta * A, axis=0)
     if HAS_SEQ:
         seq_end = tl.load(seq_ptr + b * ss_b + last * ss_l)
 
-    # pass 2: the chunk's own contribution, SUB rows at a time (small operand tiles, so that a whole
-    # dstate fits one tile and x is read once)
-    carry = 0.0
+    # SUB rows at a time (small operand tiles, so that a whole dstate fits one tile and x is read once).
+    # Each sub-block's rows are weighted by their decay to the sub-block's end, and the sum so far
+    # decays by the sub-block's total: one pass, and every factor is <= 1 (no overflow).
+    carry = 0.0  # cs at the end of the previous sub-block
     local = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC)
     for sb in tl.static_range(0, BLOCK_Q, SUB):
         q = sb + offs_s
@@ -87,11 +79,12 @@ def chunk_state_fwd_kernel(
         delta = tl.where(qmask, process_dt(dt, bias, SOFTPLUS, HAS_LIMIT, dt_min, dt_max), 0.0)
         a = delta * A
         cs = carry + tl.cumsum(a, axis=0)
-        carry += tl.sum(a, axis=0)
+        sb_total = tl.sum(a, axis=0)
         writer = qmask & ((offs_s * 0 + pid_pn) == 0)  # one tile per (batch, chunk, head) writes delta, cs
         tl.store(delta_ptr + dcs_base + t, delta, mask=writer)
         tl.store(cs_ptr + dcs_base + t, cs, mask=writer)
-        w = tl.exp(cs_end - cs) * delta
+        w = tl.exp(carry + sb_total - cs) * delta
+        carry += sb_total
         if HAS_SEQ:
             seq = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=qmask, other=0)
             w = tl.where(seq == seq_end, w, 0.0)
@@ -107,7 +100,8 @@ def chunk_state_fwd_kernel(
             other=0.0,
         )
         xw = (x.to(ACC) * w[:, None]).to(XDT).to(DOT)
-        local += tl.dot(tl.trans(xw), Bt.to(XDT).to(DOT), input_precision=PREC).to(ACC)
+        part = tl.dot(tl.trans(xw), Bt.to(XDT).to(DOT), input_precision=PREC).to(ACC)
+        local = local * tl.exp(sb_total) + part
 
     st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
     tl.store(states_ptr + st_off + pn_off, local, mask=pn_mask)
