@@ -1,4 +1,4 @@
-"""Launches the SSD backward: `bwd_state` and `state_passing` (reverse pass over chunks), then the
+"""Launches the SSD backward: `chunk_state_bwd` and `state_passing` (reverse pass over chunks), then the
 three chunk kernels of `bwd_chunk`, then O(batch * seqlen * nheads) PyTorch glue for the
 scalar-per-position gradients
 (the in-chunk reverse cumsum that turns d cs into d(delta * A), and dt through softplus/clamp).
@@ -23,8 +23,8 @@ from mambakit.ops.ssd.triton._common import (
     tune_bucket,
 )
 from mambakit.ops.ssd.triton.bwd_chunk import chunk_bwd_dB_kernel, chunk_bwd_dC_kernel, chunk_bwd_dx_kernel
-from mambakit.ops.ssd.triton.bwd_state import chunk_state_bwd_kernel
 from mambakit.ops.ssd.triton.chunk_cb import chunk_cb, use_cb
+from mambakit.ops.ssd.triton.chunk_state import chunk_state_bwd_kernel
 from mambakit.ops.ssd.triton.forward import state_launch
 from mambakit.ops.ssd.triton.state_passing import state_passing
 
@@ -93,8 +93,7 @@ def ssd_backward(
     dfinal_c = None if dfinal is None else dfinal.to(acc).contiguous()
     block_q = pow2_at_least(chunk_size)
     chunk_state_bwd_kernel[(npn, batch * nchunks, nheads)](
-        dy, C, seq_idx, cs,
-        G,
+        dy, C, cs, seq_idx, G,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg,
         *dy.stride(), *C.stride(), *seq_strides,
         HAS_SEQ=seq_idx is not None,

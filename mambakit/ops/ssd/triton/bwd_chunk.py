@@ -2,7 +2,7 @@
 
 With L_ts = exp(cs_t - cs_s) for s <= t in one chunk (and one document), dy the gradient of y before
 the z gate, S the state entering the chunk and G the gradient of what the chunk adds to the state
-leaving it (from `bwd_state`):
+leaving it (from `chunk_state_bwd` and the reverse `state_passing`):
   dx kernel, rows s of one head (what position s influenced):
     dxdt_s = sum_{t >= s} (C_t . B_s) L_ts dy_t + exp(cs_end - cs_s) G B_s
     dx_s = delta_s dxdt_s + D dy_s;   ddelta_s (direct) = x_s . dxdt_s

@@ -1,6 +1,6 @@
-"""Launches the SSD forward: `chunk_state` (each chunk's own state, all chunks in parallel),
-`state_passing` (turns those into the states entering each chunk), `chunk_cb` (C B^T per group, when
-heads share groups) and `chunk_scan` (outputs).
+"""Launches the SSD forward: `chunk_state` (delta and cs, then each chunk's own state, all chunks in
+parallel), `state_passing` (turns those into the states entering each chunk), `chunk_cb` (C B^T per
+group, when heads share groups) and `chunk_scan` (outputs).
 
 Prediction, at the benchmark anchor (batch 4, nheads 64, headdim 64, ngroups 1, dstate 128, chunk 256,
 bf16 x/B/C, fp32 dt) and seqlen L = 8192 (32 chunks, 8192 (batch, chunk, head) triples):
@@ -35,7 +35,7 @@ from mambakit.ops.ssd.triton._common import (
 )
 from mambakit.ops.ssd.triton.chunk_cb import chunk_cb, use_cb
 from mambakit.ops.ssd.triton.chunk_scan import chunk_scan_fwd_kernel
-from mambakit.ops.ssd.triton.chunk_state import chunk_state_fwd_kernel
+from mambakit.ops.ssd.triton.chunk_state import chunk_cumsum_kernel, chunk_state_fwd_kernel
 from mambakit.ops.ssd.triton.state_passing import state_passing
 
 
@@ -44,7 +44,7 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def state_launch(x: torch.Tensor, programs: int, headdim: int, dstate: int, which: str = "fwd") -> dict:
-    """Tiles and warps of the per-chunk state programs (`chunk_state`, `bwd_state`); `programs` is
+    """Tiles and warps of the per-chunk state programs (`chunk_state`); `programs` is
     how many (batch, chunk, head) triples they cover.
 
     They walk a chunk SUB = 64 rows at a time, so operand tiles stay small and a (64 x dstate) state
@@ -110,22 +110,25 @@ def ssd_forward(
     f32 = dot_in_fp32(x.dtype)
     has_limit = tuple(dt_limit) != (0.0, math.inf)
 
+    block_h = min(16, pow2_at_least(nheads, low=1))
+    chunk_cumsum_kernel[(batch * nchunks, math.ceil(nheads / block_h))](
+        dt, A, dt_bias, delta, cs,
+        seqlen, nheads, chunk_size, nchunks, float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
+        *dt.stride(),
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
+        BLOCK_Q=block_q, BLOCK_H=block_h,
+    )  # fmt: skip
     st = state_launch(x, batch * nchunks * nheads, headdim, dstate)
     grid = (math.ceil(headdim / st["BLOCK_P"]) * math.ceil(dstate / st["BLOCK_N"]), batch * nchunks, nheads)
     chunk_state_fwd_kernel[grid](
-        x, dt, A, dt_bias, B, seq_idx,
-        delta, cs, states,
+        x, B, cs, delta, seq_idx, states,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, nheads // ngroups,
-        float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
-        *x.stride(), *dt.stride(), *B.stride(), *seq_strides,
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit, HAS_SEQ=seq_idx is not None,
+        *x.stride(), *B.stride(), *seq_strides,
+        HAS_SEQ=seq_idx is not None,
         BLOCK_Q=block_q, SUB=min(64, block_q), PREC=prec, DOT_F32=f32, **st,
     )  # fmt: skip
     # each chunk's own state becomes, in place, the state entering it
-    states_in = states
-    if x.element_size() == 2:  # the output pass rounds states to x's dtype anyway: a copy in it
-        states_in = torch.empty(states.shape, device=dev, dtype=x.dtype)
-    state_passing(states, cs, seq_idx, chunk_size, h0, final, half=None if states_in is states else states_in)
+    state_passing(states, cs, seq_idx, chunk_size, h0, final)
 
     y = torch.empty_like(x)
     y_pre = torch.empty_like(x) if z is not None else None
@@ -142,7 +145,7 @@ def ssd_forward(
 
     cb = chunk_cb(B, C, chunk_size, x.dtype) if use_cb(nheads, ngroups) else None
     chunk_scan_fwd_kernel[grid](
-        x, B, C, z, D, seq_idx, delta, cs, states_in, cb,
+        x, B, C, z, D, seq_idx, delta, cs, states, cb,
         y, y_pre,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, nheads // ngroups, tune_bucket(x),
         *x.stride(), *B.stride(), *C.stride(), *z_strides, *y.stride(), *seq_strides,

@@ -10,7 +10,7 @@ decay_c * <out[c], S_c> (the gradient of chunk c's total log-decay through the c
 
 Everything here is elementwise over the (headdim x dstate) state, so each program owns a flat block of
 it for one (batch, head) and only streams: the per-chunk terms are computed before, in parallel over
-chunks, by tensor-core kernels (`chunk_state`, `bwd_state`). Splitting the work this way replaced one
+chunks, by tensor-core kernels (`chunk_state`). Splitting the work this way replaced one
 program per (batch, head) tile walking all chunks with tensor-core work in between, which left the GPU
 latency-bound (256 programs at the benchmark anchor).
 """
@@ -26,11 +26,11 @@ import triton.language as tl
 
 @triton.jit
 def state_passing_kernel(
-    buf_ptr, cs_ptr, seq_ptr, init_ptr, last_ptr, states_ptr, share_ptr, half_ptr,
+    buf_ptr, cs_ptr, seq_ptr, init_ptr, last_ptr, states_ptr, share_ptr,
     seqlen, nheads, size, chunk_size, nchunks,
     ss_b, ss_l,
     HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, HAS_SHARE: tl.constexpr,
-    HAS_HALF: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = tl.program_id(1)
@@ -71,8 +71,6 @@ def state_passing_kernel(
             decay = tl.where(seq_end == seq_prev, decay, 0.0)
         off = ((b * nchunks + c) * nheads + h) * size + offs
         tl.store(buf_ptr + off, s, mask=mask)
-        if HAS_HALF:
-            tl.store(half_ptr + off, s.to(half_ptr.dtype.element_ty), mask=mask)
         if HAS_SHARE:
             S_c = tl.load(states_ptr + off, mask=mask, other=0.0)
             tl.store(share_ptr + (bh * nchunks + c) * nblocks + pid, decay * tl.sum(s * S_c, axis=0))
@@ -98,16 +96,13 @@ def state_passing(
     last: torch.Tensor,
     reverse: bool = False,
     states: torch.Tensor | None = None,
-    half: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Run the pass in place over `buf` (batch, nchunks, nheads, headdim, dstate), contiguous.
 
     cs: (batch, nheads, seqlen) in-chunk cumulative log-decays; init / last: (batch, nheads, headdim,
     dstate) start value (None = zeros) and where the value after the last step goes. With `states`
     (the forward's entering states, backward only) returns the shares of d cs_end,
-    (batch, nheads, nchunks, blocks), to be summed over the last axis; else None. `half`, shaped like
-    buf in a 16-bit dtype, also receives every out[c] rounded to it (the forward's output pass rounds
-    the states to x's dtype for the tensor cores anyway, and reads half the bytes this way).
+    (batch, nheads, nchunks, blocks), to be summed over the last axis; else None.
     """
     batch, nchunks, nheads, headdim, dstate = buf.shape
     size = headdim * dstate
@@ -119,9 +114,9 @@ def state_passing(
         share = torch.empty(batch, nheads, nchunks, nblocks, device=buf.device, dtype=buf.dtype)
     seq_strides = (0, 0) if seq_idx is None else seq_idx.stride()
     state_passing_kernel[(nblocks, batch, nheads)](
-        buf, cs, seq_idx, init, last, states, share, half,
+        buf, cs, seq_idx, init, last, states, share,
         seqlen, nheads, size, chunk_size, nchunks, *seq_strides,
         HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None, REVERSE=reverse, HAS_SHARE=share is not None,
-        HAS_HALF=half is not None, BLOCK=block, num_warps=max(1, min(4, block // 256)),
+        BLOCK=block, num_warps=max(1, min(4, block // 256)),
     )  # fmt: skip
     return share
