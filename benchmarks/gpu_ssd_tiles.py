@@ -1,9 +1,10 @@
 """Tile sweep of the SSD state programs (`chunk_state_fwd`, `chunk_state_bwd`) at the anchor shape.
 
-Each program walks all chunks of one (batch, head) tile in order, so the tile size sets how many
-programs run at once (batch * nheads * tiles): the default (64 x 128) tile gives 256 programs at the
-anchor, two per SM. Smaller tiles give more programs to hide load latency, at the cost of re-reading
-x (or dy) and B (or C) once per tile. For each "BLOCK_P,BLOCK_N,num_warps,num_stages" config this
+Each program computes one (headdim block x dstate block) tile of one chunk's state (forward) or of the
+gradient its outputs send to the entering state (backward); the tile sets how many programs run and
+how often x (or dy) and B (or C) are re-read. (Before 2026-12-01's sixth session each program walked
+all chunks of one (batch, head) tile in order; the sweep of those is call 1 in
+`benchmarks/results/h200-2026-12-01f/`.) For each "BLOCK_P,BLOCK_N,num_warps,num_stages" config this
 prints the kernel's GPU time (torch.profiler, mean of 10 calls) and the largest relative difference of
 the SSD result from the default config's (a config changes only the summation order).
 

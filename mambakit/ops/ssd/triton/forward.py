@@ -10,13 +10,14 @@ bf16 x/B/C, fp32 dt) and seqlen L = 8192 (32 chunks, 8192 (batch, chunk, head) t
   recomputing it per head would add ~43 G on the causal half). Useful total ~140 GFLOP, ~0.14 ms at
   H100's ~990 bf16 TFLOP/s.
   Bytes: x 268 MB read twice (state pass, output pass), y 268 MB written, B and C 17 MB, dt 8 MB, delta
-  and cs 17 MB, C B^T 17 MB (bf16) written then read (mostly from L2); states entering chunks (fp32)
-  268 MB written then read once: ~1.4 GB moved, ~0.45 ms at 3 TB/s. The unavoidable part (x, y, B, C,
-  dt) is 0.55 GB, a floor of ~0.19 ms.
+  and cs 17 MB, C B^T 17 MB (bf16) written then read (mostly from L2); the fp32 chunk states 268 MB
+  written by `chunk_state`, read and rewritten in place by `state_passing`, then read by `chunk_scan`:
+  ~1.9 GB moved, ~0.45 ms at 4.2 TB/s. The unavoidable part (x, y, B, C, dt) is 0.55 GB, a floor of
+  ~0.13 ms.
   Bars: <= 0.5 ms forward and <= 2.5 ms forward+backward at L = 8192 (official Triton kernels: 1.29 ms
-  and 5.79 ms; flash-linear-attention's chunk_simple_gla forward 0.43 ms at L = 2048). Expected here:
-  ~0.5 ms forward, bound by the fp32 state traffic and the second read of x; forward+backward ~2-2.5
-  ms (the backward moves ~4 GB: states, their gradients, x and dy several times).
+  and 5.79 ms). Measured on the H200 (2026-12-01, docs/benchmarks.md): 1.13 ms forward, of which
+  chunk_scan 0.69, chunk_state 0.26 and the passing ~0.17 ms; chunk_scan is latency-bound (short
+  programs, dependent loads), not bound by its bytes.
 """
 
 from __future__ import annotations
