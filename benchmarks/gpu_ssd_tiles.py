@@ -5,7 +5,8 @@ gradient its outputs send to the entering state (backward); the tile sets how ma
 how often x (or dy) and B (or C) are re-read. (Before 2026-12-01's sixth session each program walked
 all chunks of one (batch, head) tile in order; the sweep of those is call 1 in
 `benchmarks/results/h200-2026-12-01f/`.) For each "BLOCK_P,BLOCK_N,num_warps,num_stages" config this
-prints the kernel's GPU time (torch.profiler, mean of 10 calls) and the largest relative difference of
+prints the kernel's GPU time (torch.profiler, mean of 10 calls; `--which passing` sweeps the state
+elements per program of the forward `state_passing` instead) and the largest relative difference of
 the SSD result from the default config's (a config changes only the summation order).
 
     python benchmarks/gpu_ssd_tiles.py --out results/gpu_ssd_tiles.json
@@ -51,10 +52,10 @@ def sweep(which: str, seqlen: int, configs: list[str]) -> list[dict]:
     shape = (a["batch"], seqlen, a["nheads"], a["headdim"], a["ngroups"], a["dstate"])
     ins = make_inputs(*shape, requires_grad=which == "bwd")
     gy = torch.randn(a["batch"], seqlen, a["nheads"], a["headdim"], device="cuda", dtype=torch.bfloat16)
-    var = f"MAMBAKIT_SSD_STATE_{which.upper()}_CONFIG"
+    var = "MAMBAKIT_SSD_PASSING_BLOCK" if which == "passing" else f"MAMBAKIT_SSD_STATE_{which.upper()}_CONFIG"
 
     def run():
-        if which == "fwd":
+        if which != "bwd":
             with torch.no_grad():
                 return (run_ssd("triton", ins, a["chunk"]),)
         for v in ins.values():
@@ -64,7 +65,7 @@ def sweep(which: str, seqlen: int, configs: list[str]) -> list[dict]:
 
     os.environ.pop(var, None)
     ref = [t.clone() for t in run()]
-    kernel = "chunk_state_fwd" if which == "fwd" else "chunk_state_bwd"
+    kernel = {"fwd": "chunk_state_fwd", "bwd": "chunk_state_bwd", "passing": "state_passing"}[which]
     rows = []
     for cfg in configs:
         os.environ[var] = cfg
@@ -83,12 +84,41 @@ def sweep(which: str, seqlen: int, configs: list[str]) -> list[dict]:
     return rows
 
 
+def chunk_breakdown(seqlen: int, chunks: list[int]) -> list[dict]:
+    """Forward GPU time per kernel at the anchor for several chunk sizes (what the output pass's cost
+    does as its blocks shrink: fewer column blocks per row block, more chunk states)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    a = ANCHOR
+    ins = make_inputs(a["batch"], seqlen, a["nheads"], a["headdim"], a["ngroups"], a["dstate"])
+    rows = []
+    for chunk in chunks:
+        with torch.no_grad():
+            for _ in range(3):  # compile and tune outside the profile
+                run_ssd("triton", ins, chunk)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    run_ssd("triton", ins, chunk)
+                torch.cuda.synchronize()
+        totals = {k: round(us / 10, 1) for k, (_, us) in cuda_kernel_totals(prof).items()}
+        rows.append({"seqlen": seqlen, "chunk": chunk, "total_us": round(sum(totals.values()), 1),
+                     "kernels_us": totals})  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--which", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
+    parser.add_argument("--which", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd", "passing"])
     parser.add_argument("--configs", nargs="+", default=CONFIGS)
+    parser.add_argument(
+        "--passing-blocks", nargs="+", default=["128", "256", "512", "1024", "2048", "4096"],
+        help="state elements per program of the forward state_passing (--which passing)",
+    )  # fmt: skip
     parser.add_argument("--out", default=None)
+    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[], help="forward breakdown per chunk")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_ssd_tiles.py needs a CUDA device")
@@ -96,7 +126,7 @@ def main() -> None:
     rows = []
     for which in args.which:
         for seqlen in args.seqlens:
-            rows += sweep(which, seqlen, args.configs)
+            rows += sweep(which, seqlen, args.passing_blocks if which == "passing" else args.configs)
     print_table(
         ["pass", "seqlen", "BLOCK_P,BLOCK_N,warps,stages", "kernel us", "max rel diff", "error"],
         [
@@ -111,8 +141,9 @@ def main() -> None:
             for r in rows
         ],  # fmt: skip
     )
+    chunks = [r for seqlen in args.seqlens for r in chunk_breakdown(seqlen, args.chunk_sizes)]
     if args.out:
-        write_json(args.out, {"env": environment(), "anchor": ANCHOR, "rows": rows})
+        write_json(args.out, {"env": environment(), "anchor": ANCHOR, "rows": rows, "chunk_sizes": chunks})
 
 
 if __name__ == "__main__":

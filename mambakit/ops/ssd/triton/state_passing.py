@@ -18,6 +18,7 @@ latency-bound (256 programs at the benchmark anchor).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -80,7 +81,11 @@ def state_passing_kernel(
 
 def passing_blocks(batch: int, nheads: int, size: int) -> int:
     """Elements of the state per program: 1024 where that still gives >= 2048 programs, else fewer
-    (down to 128), so that few (batch, head) pairs (one long sequence) still fill the GPU."""
+    (down to 128), so that few (batch, head) pairs (one long sequence) still fill the GPU.
+    `MAMBAKIT_SSD_PASSING_BLOCK` fixes it (a power of two >= 128; tile sweeps)."""
+    env = os.environ.get("MAMBAKIT_SSD_PASSING_BLOCK")
+    if env:
+        return int(env)
     block = 1024
     while block > 128 and batch * nheads * math.ceil(size / block) < 2048:
         block //= 2
@@ -117,6 +122,6 @@ def state_passing(
         buf, cs, seq_idx, init, last, states, share,
         seqlen, nheads, size, chunk_size, nchunks, *seq_strides,
         HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None, REVERSE=reverse, HAS_SHARE=share is not None,
-        BLOCK=block, num_warps=max(1, min(4, block // 256)),
+        BLOCK=block, num_warps=max(1, min(8, block // 256)),
     )  # fmt: skip
     return share
