@@ -154,8 +154,8 @@ def test_half_precision_matches_reference_on_upcast_inputs(dtype):
 @pytest.mark.parametrize("tiles", [(32, 16), (64, 32)], ids=["rows32-cols16", "rows64-cols32"])
 def test_row_blocks_taller_than_column_blocks(monkeypatch, tiles):
     """The chunk kernels with BLOCK_M > BLOCK_K, as GPU tuning may pick: several column blocks per
-    diagonal block (the output pass's general path), with seq_idx, D and a partial last chunk. On a
-    GPU the kernels launch without their autotuner here, so that the tiles can be pinned."""
+    row block, with seq_idx, D and a partial last chunk. On a GPU the kernels launch without their
+    autotuner here, so that the tiles can be pinned."""
     from triton.runtime.autotuner import Autotuner
 
     from mambakit.ops.ssd.triton import backward as sb

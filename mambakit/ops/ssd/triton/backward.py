@@ -1,7 +1,7 @@
 """Launches the SSD backward: `chunk_state_bwd` and `state_passing` (reverse pass over chunks), then the
 three chunk kernels of `bwd_chunk`, then O(batch * seqlen * nheads) PyTorch glue for the
-scalar-per-position gradients
-(the in-chunk reverse cumsum that turns d cs into d(delta * A), and dt through softplus/clamp).
+scalar-per-position gradients (the in-chunk reverse cumsum that turns d cs into d(delta * A), and dt
+through softplus/clamp).
 
 Recomputation: nothing of size (chunk x chunk) is stored by the forward. The backward recomputes
 C B^T once per (chunk, group) in fp32 (`chunk_cb`, when heads share groups), and the decay matrix and

@@ -41,7 +41,7 @@ def chunk_scan_fwd_kernel(
     b = tl.program_id(2) // nchunks
     c = tl.program_id(2) % nchunks
     g = h // heads_per_group
-    ACC = cs_ptr.dtype.element_ty
+    ACC = states_ptr.dtype.element_ty
     XDT = x_ptr.dtype.element_ty  # tensor-core operand dtype
     DOT = XDT
     if DOT_F32:  # see _common.dot_in_fp32: operands still rounded to XDT first, as on a GPU
@@ -77,49 +77,62 @@ def chunk_scan_fwd_kernel(
         other=0.0,
     )  # (BLOCK_N, BLOCK_P): S^T
     scale = tl.exp(cs_r)
-    seq_r = r  # unused without seq_idx (a placeholder of the right shape for the helper)
     if HAS_SEQ:
         seq_r = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=rmask, other=0)
         seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(start - 1, 0) * ss_l)
         scale = tl.where(seq_r == seq_prev, scale, 0.0)
     acc = tl.dot(Cr, S.to(XDT).to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
 
-    # the chunk itself, causal: columns of earlier row blocks need no causal mask; the diagonal block
-    # (columns = this block's rows when BLOCK_K == BLOCK_M) also gives x's rows for the D term
+    # the chunk itself: causal, so only columns up to this row block's end
+    hi = tl.minimum((m + 1) * BLOCK_M, chunk_len)
     cb_base = ((b * nchunks + c) * (nheads // heads_per_group) + g) * chunk_size * chunk_size
-    diag = m * BLOCK_M
-    for k0 in range(0, diag, BLOCK_K):
-        acc, xs = _scores_times_x(
-            acc, k0 + tl.arange(0, BLOCK_K), r, rmask, cs_r, seq_r, Cr, start, chunk_len, b, h, g, cb_base,
-            x_ptr, B_ptr, cb_ptr, cs_ptr, delta_ptr, seq_ptr, dcs_base, chunk_size,
-            sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l, offs_p, pmask, offs_n, nmask,
-            False, HAS_SEQ, USE_CB, PREC, XDT, DOT, ACC,
-        )  # fmt: skip
+    for k0 in range(0, hi, BLOCK_K):
+        s_idx = k0 + tl.arange(0, BLOCK_K)
+        smask = s_idx < chunk_len
+        ts = start + s_idx
+        if USE_CB:  # shared by the heads of the group, from `chunk_cb`
+            cb = tl.load(
+                cb_ptr + cb_base + r[:, None] * chunk_size + s_idx[None, :],
+                mask=rmask[:, None] & smask[None, :],
+                other=0.0,
+            ).to(ACC)
+        else:
+            Bs = (
+                tl.load(
+                    B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
+                    mask=smask[:, None] & nmask[None, :],
+                    other=0.0,
+                )
+                .to(XDT)
+                .to(DOT)
+            )
+            cb = tl.dot(Cr, tl.trans(Bs), input_precision=PREC).to(ACC)  # (BLOCK_M, BLOCK_K)
+        cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
+        delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
+        keep = (r[:, None] >= s_idx[None, :]) & smask[None, :]
+        if HAS_SEQ:
+            seq_s = tl.load(seq_ptr + b * ss_b + ts * ss_l, mask=smask, other=0)
+            keep = keep & (seq_r[:, None] == seq_s[None, :])
+        L = tl.exp(tl.where(keep, cs_r[:, None] - cs_s[None, :], float("-inf")))
+        scores = cb * L * delta_s[None, :]
+        xs = (
+            tl.load(
+                x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
+                mask=smask[:, None] & pmask[None, :],
+                other=0.0,
+            )
+            .to(XDT)
+            .to(DOT)
+        )
+        acc += tl.dot(scores.to(XDT).to(DOT), xs, input_precision=PREC).to(ACC)
+
     io_mask = rmask[:, None] & pmask[None, :]
-    if BLOCK_K == BLOCK_M:
-        acc, xs = _scores_times_x(
-            acc, r, r, rmask, cs_r, seq_r, Cr, start, chunk_len, b, h, g, cb_base,
-            x_ptr, B_ptr, cb_ptr, cs_ptr, delta_ptr, seq_ptr, dcs_base, chunk_size,
-            sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l, offs_p, pmask, offs_n, nmask,
-            True, HAS_SEQ, USE_CB, PREC, XDT, DOT, ACC,
-        )  # fmt: skip
-        if HAS_D:
-            Dp = tl.load(D_ptr + h * headdim + offs_p, mask=pmask, other=0.0).to(ACC)  # D: (nheads, headdim)
-            acc += xs.to(ACC) * Dp[None, :]
-    else:
-        hi = tl.minimum((m + 1) * BLOCK_M, chunk_len)
-        for k0 in range(diag, hi, BLOCK_K):
-            acc, xs = _scores_times_x(
-                acc, k0 + tl.arange(0, BLOCK_K), r, rmask, cs_r, seq_r, Cr, start, chunk_len, b, h, g,
-                cb_base, x_ptr, B_ptr, cb_ptr, cs_ptr, delta_ptr, seq_ptr, dcs_base, chunk_size,
-                sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l, offs_p, pmask, offs_n, nmask,
-                True, HAS_SEQ, USE_CB, PREC, XDT, DOT, ACC,
-            )  # fmt: skip
-        if HAS_D:
-            x_off = b * sx_b + t[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p
-            xr = tl.load(x_ptr + x_off, mask=io_mask, other=0.0).to(ACC)
-            Dp = tl.load(D_ptr + h * headdim + offs_p, mask=pmask, other=0.0).to(ACC)
-            acc += xr * Dp[None, :]
+    if HAS_D:
+        xr = tl.load(
+            x_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p, mask=io_mask, other=0.0
+        ).to(ACC)
+        Dp = tl.load(D_ptr + h * headdim + offs_p, mask=pmask, other=0.0).to(ACC)  # D as (nheads, headdim)
+        acc += xr * Dp[None, :]
     y_off = b * sy_b + t[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p
     if HAS_Z:
         tl.store(ypre_ptr + y_off, acc.to(ypre_ptr.dtype.element_ty), mask=io_mask)
@@ -128,50 +141,3 @@ def chunk_scan_fwd_kernel(
         ).to(ACC)
         acc = acc * zr * tl.sigmoid(zr)
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=io_mask)
-
-
-@triton.jit
-def _scores_times_x(
-    acc, s_idx, r, rmask, cs_r, seq_r, Cr, start, chunk_len, b, h, g, cb_base,
-    x_ptr, B_ptr, cb_ptr, cs_ptr, delta_ptr, seq_ptr, dcs_base, chunk_size,
-    sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l, offs_p, pmask, offs_n, nmask,
-    CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr, PREC: tl.constexpr,
-    XDT: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
-    """acc += (C B^T * decay * delta)[rows r, columns s_idx] @ x[s_idx]; also returns the x tile."""
-    smask = s_idx < chunk_len
-    ts = start + s_idx
-    if USE_CB:  # shared by the heads of the group, from `chunk_cb`
-        cb = tl.load(
-            cb_ptr + cb_base + r[:, None] * chunk_size + s_idx[None, :],
-            mask=rmask[:, None] & smask[None, :],
-            other=0.0,
-        ).to(ACC)
-    else:
-        Bs = (
-            tl.load(
-                B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
-                mask=smask[:, None] & nmask[None, :],
-                other=0.0,
-            )
-            .to(XDT)
-            .to(DOT)
-        )
-        cb = tl.dot(Cr, tl.trans(Bs), input_precision=PREC).to(ACC)  # (BLOCK_M, BLOCK_K)
-    cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
-    delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
-    keep = smask[None, :] & rmask[:, None]
-    if CAUSAL:
-        keep = keep & (r[:, None] >= s_idx[None, :])
-    if HAS_SEQ:
-        seq_s = tl.load(seq_ptr + b * ss_b + ts * ss_l, mask=smask, other=0)
-        keep = keep & (seq_r[:, None] == seq_s[None, :])
-    L = tl.exp(tl.where(keep, cs_r[:, None] - cs_s[None, :], float("-inf")))
-    scores = cb * L * delta_s[None, :]
-    xs = tl.load(
-        x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
-        mask=smask[:, None] & pmask[None, :],
-        other=0.0,
-    )
-    acc += tl.dot(scores.to(XDT).to(DOT), xs.to(XDT).to(DOT), input_precision=PREC).to(ACC)
-    return acc, xs
