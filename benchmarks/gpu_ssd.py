@@ -219,7 +219,7 @@ def tuned_configs() -> dict:
     from mambakit.ops.ssd.triton import bwd_chunk, chunk_scan
 
     kernels = {
-        "chunk_scan_fwd": chunk_scan.chunk_scan_fwd_kernel,
+        "chunk_scan_fwd": chunk_scan.chunk_scan_fwd_tuned,
         "chunk_bwd_dx": bwd_chunk.chunk_bwd_dx_kernel,
         "chunk_bwd_dB": bwd_chunk.chunk_bwd_dB_kernel,
         "chunk_bwd_dC": bwd_chunk.chunk_bwd_dC_kernel,

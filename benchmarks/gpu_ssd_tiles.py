@@ -6,7 +6,8 @@ how often x (or dy) and B (or C) are re-read. (Before 2026-12-01's sixth session
 all chunks of one (batch, head) tile in order; the sweep of those is call 1 in
 `benchmarks/results/h200-2026-12-01f/`.) For each "BLOCK_P,BLOCK_N,num_warps,num_stages" config this
 prints the kernel's GPU time (torch.profiler, mean of 10 calls; `--which passing` sweeps the state
-elements per program of the forward `state_passing` instead) and the largest relative difference of
+elements per program of the forward `state_passing` instead, `--which scan` the output pass's
+"SUB,num_warps,num_stages") and the largest relative difference of
 the SSD result from the default config's (a config changes only the summation order).
 
     python benchmarks/gpu_ssd_tiles.py --out results/gpu_ssd_tiles.json
@@ -52,7 +53,9 @@ def sweep(which: str, seqlen: int, configs: list[str]) -> list[dict]:
     shape = (a["batch"], seqlen, a["nheads"], a["headdim"], a["ngroups"], a["dstate"])
     ins = make_inputs(*shape, requires_grad=which == "bwd")
     gy = torch.randn(a["batch"], seqlen, a["nheads"], a["headdim"], device="cuda", dtype=torch.bfloat16)
-    var = "MAMBAKIT_SSD_PASSING_BLOCK" if which == "passing" else f"MAMBAKIT_SSD_STATE_{which.upper()}_CONFIG"
+    var = {"passing": "MAMBAKIT_SSD_PASSING_BLOCK", "scan": "MAMBAKIT_SSD_SCAN_CONFIG"}.get(
+        which, f"MAMBAKIT_SSD_STATE_{which.upper()}_CONFIG"
+    )
 
     def run():
         if which != "bwd":
@@ -65,7 +68,12 @@ def sweep(which: str, seqlen: int, configs: list[str]) -> list[dict]:
 
     os.environ.pop(var, None)
     ref = [t.clone() for t in run()]
-    kernel = {"fwd": "chunk_state_fwd", "bwd": "chunk_state_bwd", "passing": "state_passing"}[which]
+    kernel = {
+        "fwd": "chunk_state_fwd",
+        "bwd": "chunk_state_bwd",
+        "passing": "state_passing",
+        "scan": "chunk_scan_fwd",
+    }[which]
     rows = []
     for cfg in configs:
         os.environ[var] = cfg
@@ -111,11 +119,18 @@ def chunk_breakdown(seqlen: int, chunks: list[int]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--which", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd", "passing"])
+    parser.add_argument(
+        "--which", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd", "passing", "scan"]
+    )
     parser.add_argument("--configs", nargs="+", default=CONFIGS)
     parser.add_argument(
         "--passing-blocks", nargs="+", default=["128", "256", "512", "1024", "2048", "4096"],
         help="state elements per program of the forward state_passing (--which passing)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scan-configs", nargs="+",
+        default=["64,8,2", "64,4,2", "64,8,1", "64,4,1", "64,8,3", "32,4,2", "128,8,2"],
+        help="SUB,num_warps,num_stages of the forward output pass (--which scan)",
     )  # fmt: skip
     parser.add_argument("--out", default=None)
     parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[], help="forward breakdown per chunk")
@@ -126,9 +141,10 @@ def main() -> None:
     rows = []
     for which in args.which:
         for seqlen in args.seqlens:
-            rows += sweep(which, seqlen, args.passing_blocks if which == "passing" else args.configs)
+            configs = {"passing": args.passing_blocks, "scan": args.scan_configs}.get(which, args.configs)
+            rows += sweep(which, seqlen, configs)
     print_table(
-        ["pass", "seqlen", "BLOCK_P,BLOCK_N,warps,stages", "kernel us", "max rel diff", "error"],
+        ["pass", "seqlen", "config", "kernel us", "max rel diff", "error"],
         [
             [
                 r["which"],

@@ -64,14 +64,20 @@ def run(ins, backend, upcast=False, **kw):
 
 
 def compare(ins, tol, upcast_ref=False, **kw):
-    y_r, f_r, g_r = run(ins, "reference", upcast=upcast_ref, **kw)
+    """Triton against the reference run in float64 (the truth, so that the reference's own fp32
+    rounding does not count against the kernels) or, with upcast_ref, in float32 on upcast inputs."""
+    ref_ins = ins if upcast_ref else {k: None if v is None else v.double() for k, v in ins.items()}
+    y_r, f_r, g_r = run(ref_ins, "reference", upcast=upcast_ref, **kw)
     y_t, f_t, g_t = run(ins, "triton", **kw)
     assert y_t.dtype == ins["x"].dtype
     assert_close(y_t, y_r, tol, "y")
     assert_close(f_t, f_r, tol, "final_state")
     assert set(g_t) == set(g_r)
     for name in g_r:
-        assert_close(g_t[name], g_r[name], tol, f"grad of {name}")
+        # d A sums d(delta A) * delta over every position, and those terms cancel largely: on inputs
+        # hypothesis found, even the fp32 reference is 6e-5 (relative) off float64 there, the kernels
+        # 1.1e-4 (2026-12-01), so its tolerance is three times the others'.
+        assert_close(g_t[name], g_r[name], tol * (3 if name == "A" else 1), f"grad of {name}")
 
 
 CASES = [
@@ -151,20 +157,25 @@ def test_half_precision_matches_reference_on_upcast_inputs(dtype):
     compare(ins, 3e-2, upcast_ref=True, chunk_size=32, dt_softplus=True)
 
 
-@pytest.mark.parametrize("tiles", [(32, 16), (64, 32)], ids=["rows32-cols16", "rows64-cols32"])
-def test_row_blocks_taller_than_column_blocks(monkeypatch, tiles):
-    """The chunk kernels with BLOCK_M > BLOCK_K, as GPU tuning may pick: several column blocks per
-    row block, with seq_idx, D and a partial last chunk. On a GPU the kernels launch without their
-    autotuner here, so that the tiles can be pinned."""
+@pytest.mark.parametrize(
+    "tiles",
+    [(32, 16, 16), (64, 32, 32), (32, 16, 64)],
+    ids=["rows32-cols16-sub16", "rows64-cols32-sub32", "sub64"],
+)
+def test_pinned_tiles_with_documents_and_partial_chunks(monkeypatch, tiles):
+    """The backward chunk kernels with BLOCK_M > BLOCK_K, as GPU tuning may pick (several column
+    blocks per row block), and the output pass stepping 16, 32 or 64 rows at a time (carrying the
+    state across 4, 2 or no sub-blocks of a chunk), with seq_idx boundaries inside sub-blocks, D and
+    a partial last chunk. On a GPU the kernels launch without their autotuner here, so that the
+    tiles can be pinned."""
     from triton.runtime.autotuner import Autotuner
 
     from mambakit.ops.ssd.triton import backward as sb
-    from mambakit.ops.ssd.triton import forward as sf
 
     fixed = {"BLOCK_M": tiles[0], "BLOCK_K": tiles[1]}
-    monkeypatch.setattr(sf, "chunk_tiles", lambda block_q: fixed)
     monkeypatch.setattr(sb, "chunk_tiles", lambda block_q: fixed)
-    for module, name in [(sf, "chunk_scan_fwd_kernel"), (sb, "chunk_bwd_dx_kernel"),
+    monkeypatch.setenv("MAMBAKIT_SSD_SCAN_CONFIG", f"{tiles[2]},4,2")
+    for module, name in [(sb, "chunk_bwd_dx_kernel"),
                          (sb, "chunk_bwd_dB_kernel"), (sb, "chunk_bwd_dC_kernel")]:  # fmt: skip
         kernel = getattr(module, name)
         if isinstance(kernel, Autotuner):  # on a GPU: the JIT function it wraps

@@ -142,7 +142,6 @@ def test_mamba2_training_step_in_bounds(bounds, monkeypatch, tiles):
     for the conv and norm backward (132 SMs, as an H100) and the given SSD tiles."""
     co = importlib.import_module("mambakit.ops.conv1d.triton.ops")
     no = importlib.import_module("mambakit.ops.norm.triton.ops")
-    sf = importlib.import_module("mambakit.ops.ssd.triton.forward")
     sb = importlib.import_module("mambakit.ops.ssd.triton.backward")
     from mambakit.layers.mamba2 import Mamba2
 
@@ -171,9 +170,10 @@ def test_mamba2_training_step_in_bounds(bounds, monkeypatch, tiles):
 
     monkeypatch.setattr(co, "conv_bwd", gpu_conv_bwd)
     monkeypatch.setattr(co, "conv_fwd", interpreted_conv_fwd)
+    # the output pass steps 64 rows at a time, as its GPU default does, or 32 with the 32 x 32 tiles
+    monkeypatch.setenv("MAMBAKIT_SSD_SCAN_CONFIG", "64,4,2" if tiles is None else f"{tiles[0]},4,2")
     if tiles is not None:
         fixed = {"BLOCK_M": tiles[0], "BLOCK_K": tiles[1]}
-        monkeypatch.setattr(sf, "chunk_tiles", lambda block_q: fixed)
         monkeypatch.setattr(sb, "chunk_tiles", lambda block_q: fixed)
 
     torch.manual_seed(0)

@@ -1,27 +1,66 @@
-"""Forward pass 3 of 3: the output of every chunk, in parallel over (batch, chunk, head, row block).
+"""Forward pass 3 of 3: the output of every chunk, one program per (batch, chunk, head, headdim block).
 
-For rows t of chunk c (in-chunk cumulative decay cs, state S entering c from `chunk_state`):
+For rows t of chunk c (in-chunk cumulative decay cs, state S entering c from `state_passing`):
     y_t = exp(cs_t) * C_t S^T                                                (the past, via the state)
         + sum_{s <= t in c} (C_t . B_s) * exp(cs_t - cs_s) * delta_s * x_s    (the chunk, quadratic form)
         + D * x_t ;   y_t *= silu(z_t) when z is given.
-C B^T is recomputed per head instead of being stored per group: it costs tensor-core time that is
-cheaper than writing and re-reading a (chunk x chunk) matrix per (chunk, group). With seq_idx, the
-state term applies only to rows still in the document the state belongs to, and the quadratic term
-only to pairs in one document.
+The program walks its chunk SUB rows at a time and carries the state across those sub-blocks, so
+only the sub-block on the diagonal is done in the quadratic form:
+    y_t = exp(cs_t - cs_ref) * C_t R^T + sum_{s <= t in the sub-block} (...)
+    R <- exp(cs_e - cs_ref) * R + sum_{s in the sub-block} exp(cs_e - cs_s) * delta_s * x_s B_s^T
+with R = S and cs_ref = 0 at the chunk start and e the sub-block's last row (then cs_ref = cs_e).
+All exponents are differences cs_later - cs_earlier, as in the one-level form. This replaced one
+program per (row block, chunk, head) reading the state and the (chunk x chunk) C B^T from memory:
+at the benchmark anchor that was 32,768 short programs, latency-bound (0.69 ms of a 1.13 ms
+forward on the H200). Here S is read once per chunk, x once, and C B^T is only formed for the
+diagonal sub-block, from the B rows the state update reads anyway.
+With seq_idx, R belongs to the document of its reference row: rows of a later document get no state
+term, the update drops R when the sub-block ends in another document, and pairs (and state terms)
+only count within one document.
 """
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
-from mambakit.ops.ssd.triton._common import chunk_tuned
+from mambakit.ops.ssd.triton._common import interpreting, pow2_at_least
+
+SCAN_CONFIGS = [(64, 8, 2), (64, 4, 2), (64, 8, 1), (32, 4, 2), (64, 8, 3)]  # (SUB, warps, stages)
 
 
-@chunk_tuned
+def _prune(configs, named_args, **kwargs):
+    """fp32/fp64 operands multiply on CUDA cores: 32-row steps (registers); 16-bit ones take 64.
+    Small problems take the first config without a tuning run (see `tune_bucket`)."""
+    wide = named_args["x_ptr"].element_size() <= 2
+    keep = [c for c in configs if (c.kwargs["SUB"] >= 64) == wide] or configs
+    # steps taller than the chunk only compute masked rows
+    fits = [c for c in keep if c.kwargs["SUB"] <= pow2_at_least(named_args["chunk_size"])]
+    keep = fits or sorted(configs, key=lambda c: c.kwargs["SUB"])[:1]
+    if named_args["tune_bucket"] == 0:
+        return keep[:1]
+    return keep
+
+
+def scan_launch() -> tuple:
+    """The kernel to launch and its launch arguments: on a GPU the autotuned kernel (the first of
+    SCAN_CONFIGS is the untuned default), unless `MAMBAKIT_SSD_SCAN_CONFIG` ("SUB,num_warps,
+    num_stages") fixes one config (tile sweeps, debugging). Under the interpreter 16-row steps, so
+    that the tests' small chunks carry the state across several sub-blocks."""
+    env = os.environ.get("MAMBAKIT_SSD_SCAN_CONFIG")
+    if env:
+        sub, warps, stages = (int(v) for v in env.split(","))
+        return chunk_scan_fwd_kernel, {"SUB": sub, "num_warps": warps, "num_stages": stages}
+    if interpreting():
+        return chunk_scan_fwd_kernel, {"SUB": 16}
+    return chunk_scan_fwd_tuned, {}
+
+
 @triton.jit
 def chunk_scan_fwd_kernel(
-    x_ptr, B_ptr, C_ptr, z_ptr, D_ptr, seq_ptr, delta_ptr, cs_ptr, states_ptr, cb_ptr,
+    x_ptr, B_ptr, C_ptr, z_ptr, D_ptr, seq_ptr, delta_ptr, cs_ptr, states_ptr,
     y_ptr, ypre_ptr,
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group, tune_bucket,
     sx_b, sx_l, sx_h, sx_p,
@@ -30,16 +69,15 @@ def chunk_scan_fwd_kernel(
     sz_b, sz_l, sz_h, sz_p,
     sy_b, sy_l, sy_h, sy_p,
     ss_b, ss_l,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
+    SUB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     npb = tl.cdiv(headdim, BLOCK_P)
     h = tl.program_id(0) // npb
     pb = tl.program_id(0) % npb
-    m = tl.program_id(1)
-    b = tl.program_id(2) // nchunks
-    c = tl.program_id(2) % nchunks
+    b = tl.program_id(1) // nchunks
+    c = tl.program_id(1) % nchunks
     g = h // heads_per_group
     ACC = states_ptr.dtype.element_ty
     XDT = x_ptr.dtype.element_ty  # tensor-core operand dtype
@@ -49,95 +87,97 @@ def chunk_scan_fwd_kernel(
     start = c * chunk_size
     chunk_len = tl.minimum(chunk_size, seqlen - start)
 
-    r = m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows, as in-chunk positions
+    offs_q = tl.arange(0, SUB)
     offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
-    rmask = r < chunk_len
     pmask = offs_p < headdim
     nmask = offs_n < dstate
-    t = start + r
     dcs_base = (b * nheads + h) * seqlen
+    if HAS_D:
+        Dp = tl.load(D_ptr + h * headdim + offs_p, mask=pmask, other=0.0).to(ACC)  # D as (nheads, headdim)
 
-    cs_r = tl.load(cs_ptr + dcs_base + t, mask=rmask, other=0.0)
-    Cr = (
-        tl.load(
-            C_ptr + b * sC_b + t[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
-            mask=rmask[:, None] & nmask[None, :],
-            other=0.0,
-        )
-        .to(XDT)
-        .to(DOT)
-    )
-
-    # the past, through the state entering this chunk
     st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
-    S = tl.load(
+    R = tl.load(
         states_ptr + st_off + offs_p[None, :] * dstate + offs_n[:, None],
         mask=pmask[None, :] & nmask[:, None],
         other=0.0,
-    )  # (BLOCK_N, BLOCK_P): S^T
-    scale = tl.exp(cs_r)
+    )  # (BLOCK_N, BLOCK_P): S^T, the state entering the chunk
+    cs_ref = (start * 0).to(ACC)  # a scalar of the loop-carried type
     if HAS_SEQ:
-        seq_r = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=rmask, other=0)
-        seq_prev = tl.load(seq_ptr + b * ss_b + tl.maximum(start - 1, 0) * ss_l)
-        scale = tl.where(seq_r == seq_prev, scale, 0.0)
-    acc = tl.dot(Cr, S.to(XDT).to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
+        seq_ref = tl.load(seq_ptr + b * ss_b + tl.maximum(start - 1, 0) * ss_l)
 
-    # the chunk itself: causal, so only columns up to this row block's end
-    hi = tl.minimum((m + 1) * BLOCK_M, chunk_len)
-    cb_base = ((b * nchunks + c) * (nheads // heads_per_group) + g) * chunk_size * chunk_size
-    for k0 in range(0, hi, BLOCK_K):
-        s_idx = k0 + tl.arange(0, BLOCK_K)
-        smask = s_idx < chunk_len
-        ts = start + s_idx
-        if USE_CB:  # shared by the heads of the group, from `chunk_cb`
-            cb = tl.load(
-                cb_ptr + cb_base + r[:, None] * chunk_size + s_idx[None, :],
-                mask=rmask[:, None] & smask[None, :],
+    for q0 in range(0, chunk_len, SUB):
+        r = q0 + offs_q
+        rmask = r < chunk_len
+        t = start + r
+        cs_r = tl.load(cs_ptr + dcs_base + t, mask=rmask, other=0.0)
+        delta_r = tl.load(delta_ptr + dcs_base + t, mask=rmask, other=0.0)
+        Cr = tl.load(
+            C_ptr + b * sC_b + t[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
+            mask=rmask[:, None] & nmask[None, :],
+            other=0.0,
+        ).to(XDT).to(DOT)  # fmt: skip
+        Br = tl.load(
+            B_ptr + b * sB_b + t[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
+            mask=rmask[:, None] & nmask[None, :],
+            other=0.0,
+        ).to(XDT).to(DOT)  # fmt: skip
+        xr = tl.load(
+            x_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
+            mask=rmask[:, None] & pmask[None, :],
+            other=0.0,
+        )
+
+        # the past, through the carried state
+        scale = tl.exp(cs_r - cs_ref)
+        if HAS_SEQ:
+            seq_r = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=rmask, other=0)
+            scale = tl.where(seq_r == seq_ref, scale, 0.0)
+        acc = tl.dot(Cr, R.to(XDT).to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
+
+        # the diagonal sub-block, in the quadratic form
+        cb = tl.dot(Cr, tl.trans(Br), input_precision=PREC).to(ACC)  # (SUB, SUB)
+        keep = (offs_q[:, None] >= offs_q[None, :]) & rmask[None, :]
+        if HAS_SEQ:
+            keep = keep & (seq_r[:, None] == seq_r[None, :])
+        L = tl.exp(tl.where(keep, cs_r[:, None] - cs_r[None, :], float("-inf")))
+        scores = cb * L * delta_r[None, :]
+        xd = xr.to(XDT).to(DOT)
+        acc += tl.dot(scores.to(XDT).to(DOT), xd, input_precision=PREC).to(ACC)
+
+        io_mask = rmask[:, None] & pmask[None, :]
+        if HAS_D:
+            acc += xr.to(ACC) * Dp[None, :]
+        y_off = b * sy_b + t[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p
+        if HAS_Z:
+            tl.store(ypre_ptr + y_off, acc.to(ypre_ptr.dtype.element_ty), mask=io_mask)
+            zr = tl.load(
+                z_ptr + b * sz_b + t[:, None] * sz_l + h * sz_h + offs_p[None, :] * sz_p,
+                mask=io_mask,
                 other=0.0,
             ).to(ACC)
-        else:
-            Bs = (
-                tl.load(
-                    B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
-                    mask=smask[:, None] & nmask[None, :],
-                    other=0.0,
-                )
-                .to(XDT)
-                .to(DOT)
-            )
-            cb = tl.dot(Cr, tl.trans(Bs), input_precision=PREC).to(ACC)  # (BLOCK_M, BLOCK_K)
-        cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
-        delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
-        keep = (r[:, None] >= s_idx[None, :]) & smask[None, :]
-        if HAS_SEQ:
-            seq_s = tl.load(seq_ptr + b * ss_b + ts * ss_l, mask=smask, other=0)
-            keep = keep & (seq_r[:, None] == seq_s[None, :])
-        L = tl.exp(tl.where(keep, cs_r[:, None] - cs_s[None, :], float("-inf")))
-        scores = cb * L * delta_s[None, :]
-        xs = (
-            tl.load(
-                x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
-                mask=smask[:, None] & pmask[None, :],
-                other=0.0,
-            )
-            .to(XDT)
-            .to(DOT)
-        )
-        acc += tl.dot(scores.to(XDT).to(DOT), xs, input_precision=PREC).to(ACC)
+            acc = acc * zr * tl.sigmoid(zr)
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=io_mask)
 
-    io_mask = rmask[:, None] & pmask[None, :]
-    if HAS_D:
-        xr = tl.load(
-            x_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p, mask=io_mask, other=0.0
-        ).to(ACC)
-        Dp = tl.load(D_ptr + h * headdim + offs_p, mask=pmask, other=0.0).to(ACC)  # D as (nheads, headdim)
-        acc += xr * Dp[None, :]
-    y_off = b * sy_b + t[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p
-    if HAS_Z:
-        tl.store(ypre_ptr + y_off, acc.to(ypre_ptr.dtype.element_ty), mask=io_mask)
-        zr = tl.load(
-            z_ptr + b * sz_b + t[:, None] * sz_l + h * sz_h + offs_p[None, :] * sz_p, mask=io_mask, other=0.0
-        ).to(ACC)
-        acc = acc * zr * tl.sigmoid(zr)
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=io_mask)
+        # carry the state to the sub-block's last row (not needed after the chunk's last sub-block)
+        if q0 + SUB < chunk_len:
+            e = q0 + SUB - 1
+            cs_e = tl.load(cs_ptr + dcs_base + start + e)
+            w = tl.exp(cs_e - cs_r) * delta_r
+            decay = tl.exp(cs_e - cs_ref)
+            if HAS_SEQ:
+                seq_e = tl.load(seq_ptr + b * ss_b + (start + e) * ss_l)
+                w = tl.where(seq_r == seq_e, w, 0.0)
+                decay = tl.where(seq_e == seq_ref, decay, 0.0)
+                seq_ref = seq_e
+            w = tl.where(rmask, w, 0.0)
+            xw = (xr.to(ACC) * w[:, None]).to(XDT).to(DOT)
+            R = R * decay + tl.dot(tl.trans(Br), xw, input_precision=PREC).to(ACC)
+            cs_ref = cs_e
+
+
+chunk_scan_fwd_tuned = triton.autotune(
+    configs=[triton.Config({"SUB": q}, num_warps=w, num_stages=n) for q, w, n in SCAN_CONFIGS],
+    key=["nheads", "headdim", "dstate", "chunk_size", "tune_bucket"],
+    prune_configs_by={"early_config_prune": _prune},
+)(chunk_scan_fwd_kernel)

@@ -28,14 +28,12 @@ import os
 import torch
 
 from mambakit.ops.ssd.triton._common import (
-    chunk_tiles,
     dot_in_fp32,
     dot_precision,
     pow2_at_least,
     tune_bucket,
 )
-from mambakit.ops.ssd.triton.chunk_cb import chunk_cb, use_cb
-from mambakit.ops.ssd.triton.chunk_scan import chunk_scan_fwd_kernel
+from mambakit.ops.ssd.triton.chunk_scan import scan_launch
 from mambakit.ops.ssd.triton.chunk_state import chunk_cumsum_kernel, chunk_state_fwd_kernel
 from mambakit.ops.ssd.triton.state_passing import state_passing
 
@@ -134,23 +132,14 @@ def ssd_forward(
     y = torch.empty_like(x)
     y_pre = torch.empty_like(x) if z is not None else None
     block_p = min(64, pow2_at_least(headdim))
-    block_n = pow2_at_least(dstate)
     z_strides = (0, 0, 0, 0) if z is None else z.stride()
-
-    def grid(meta):
-        return (
-            nheads * math.ceil(headdim / block_p),
-            math.ceil(chunk_size / meta["BLOCK_M"]),
-            batch * nchunks,
-        )
-
-    cb = chunk_cb(B, C, chunk_size, x.dtype) if use_cb(nheads, ngroups) else None
-    chunk_scan_fwd_kernel[grid](
-        x, B, C, z, D, seq_idx, delta, cs, states, cb,
+    scan_kernel, scan_args = scan_launch()
+    scan_kernel[(nheads * math.ceil(headdim / block_p), batch * nchunks)](
+        x, B, C, z, D, seq_idx, delta, cs, states,
         y, y_pre,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, nheads // ngroups, tune_bucket(x),
         *x.stride(), *B.stride(), *C.stride(), *z_strides, *y.stride(), *seq_strides,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=cb is not None,
-        BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32, **chunk_tiles(block_q),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None,
+        BLOCK_P=block_p, BLOCK_N=pow2_at_least(dstate), PREC=prec, DOT_F32=f32, **scan_args,
     )  # fmt: skip
     return y, y_pre, final, states, delta, cs
