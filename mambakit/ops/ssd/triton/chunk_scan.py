@@ -28,7 +28,10 @@ import triton.language as tl
 
 from mambakit.ops.ssd.triton._common import interpreting, pow2_at_least
 
-SCAN_CONFIGS = [(64, 8, 2), (64, 4, 2), (64, 8, 1), (32, 4, 2), (64, 8, 3)]  # (SUB, warps, stages)
+# (SUB, warps, stages). fp32 steps take one stage: Triton 3.6 on the H200 gave wrong results for
+# 16-bit inputs at (32, 4, 2) (the original kernel, with the state as the second operand; right at
+# one stage), so stepping under 64 rows is kept to the fp32 configs, where it was right either way.
+SCAN_CONFIGS = [(64, 4, 2), (64, 4, 1), (64, 8, 2), (64, 4, 3), (32, 4, 1)]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -36,9 +39,8 @@ def _prune(configs, named_args, **kwargs):
     Small problems take the first config without a tuning run (see `tune_bucket`)."""
     wide = named_args["x_ptr"].element_size() <= 2
     keep = [c for c in configs if (c.kwargs["SUB"] >= 64) == wide] or configs
-    # steps taller than the chunk only compute masked rows
-    fits = [c for c in keep if c.kwargs["SUB"] <= pow2_at_least(named_args["chunk_size"])]
-    keep = fits or sorted(configs, key=lambda c: c.kwargs["SUB"])[:1]
+    if not wide:  # steps taller than the chunk only compute masked rows
+        keep = [c for c in keep if c.kwargs["SUB"] <= pow2_at_least(named_args["chunk_size"])] or keep
     if named_args["tune_bucket"] == 0:
         return keep[:1]
     return keep
@@ -47,12 +49,14 @@ def _prune(configs, named_args, **kwargs):
 def scan_launch() -> tuple:
     """The kernel to launch and its launch arguments: on a GPU the autotuned kernel (the first of
     SCAN_CONFIGS is the untuned default), unless `MAMBAKIT_SSD_SCAN_CONFIG` ("SUB,num_warps,
-    num_stages") fixes one config (tile sweeps, debugging). Under the interpreter 16-row steps, so
-    that the tests' small chunks carry the state across several sub-blocks."""
+    num_stages" and optionally ",BLOCK_P", the headdim columns a program) fixes one config (tile
+    sweeps, debugging). Under the interpreter 16-row steps, so that the tests' small chunks carry
+    the state across several sub-blocks."""
     env = os.environ.get("MAMBAKIT_SSD_SCAN_CONFIG")
     if env:
-        sub, warps, stages = (int(v) for v in env.split(","))
-        return chunk_scan_fwd_kernel, {"SUB": sub, "num_warps": warps, "num_stages": stages}
+        sub, warps, stages, *block_p = (int(v) for v in env.split(","))
+        args = {"SUB": sub, "num_warps": warps, "num_stages": stages}
+        return chunk_scan_fwd_kernel, args | ({"BLOCK_P": block_p[0]} if block_p else {})
     if interpreting():
         return chunk_scan_fwd_kernel, {"SUB": 16}
     return chunk_scan_fwd_tuned, {}
@@ -96,12 +100,16 @@ def chunk_scan_fwd_kernel(
     if HAS_D:
         Dp = tl.load(D_ptr + h * headdim + offs_p, mask=pmask, other=0.0).to(ACC)  # D as (nheads, headdim)
 
+    # Everything is computed transposed, (headdim, rows): the state R^T (headdim, dstate) is then the
+    # first operand of both products that read or update it, which Hopper's wgmma takes from
+    # registers; as the second operand it went through shared memory every sub-block (a third of
+    # the kernel's time on the H200, 2026-12-01).
     st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
-    R = tl.load(
-        states_ptr + st_off + offs_p[None, :] * dstate + offs_n[:, None],
-        mask=pmask[None, :] & nmask[:, None],
+    RT = tl.load(
+        states_ptr + st_off + offs_p[:, None] * dstate + offs_n[None, :],
+        mask=pmask[:, None] & nmask[None, :],
         other=0.0,
-    )  # (BLOCK_N, BLOCK_P): S^T, the state entering the chunk
+    )  # (BLOCK_P, BLOCK_N): the state entering the chunk
     cs_ref = (start * 0).to(ACC)  # a scalar of the loop-carried type
     if HAS_SEQ:
         seq_ref = tl.load(seq_ptr + b * ss_b + tl.maximum(start - 1, 0) * ss_l)
@@ -122,42 +130,39 @@ def chunk_scan_fwd_kernel(
             mask=rmask[:, None] & nmask[None, :],
             other=0.0,
         ).to(XDT).to(DOT)  # fmt: skip
-        xr = tl.load(
-            x_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
-            mask=rmask[:, None] & pmask[None, :],
-            other=0.0,
-        )
+        io_mask = pmask[:, None] & rmask[None, :]
+        xT = tl.load(
+            x_ptr + b * sx_b + t[None, :] * sx_l + h * sx_h + offs_p[:, None] * sx_p, mask=io_mask, other=0.0
+        )  # (BLOCK_P, SUB)
 
         # the past, through the carried state
         scale = tl.exp(cs_r - cs_ref)
         if HAS_SEQ:
             seq_r = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=rmask, other=0)
             scale = tl.where(seq_r == seq_ref, scale, 0.0)
-        acc = tl.dot(Cr, R.to(XDT).to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
+        accT = tl.dot(RT.to(XDT).to(DOT), tl.trans(Cr), input_precision=PREC).to(ACC) * scale[None, :]
 
-        # the diagonal sub-block, in the quadratic form
-        cb = tl.dot(Cr, tl.trans(Br), input_precision=PREC).to(ACC)  # (SUB, SUB)
-        keep = (offs_q[:, None] >= offs_q[None, :]) & rmask[None, :]
+        # the diagonal sub-block, in the quadratic form: [s, t] = (B_s . C_t) exp(cs_t - cs_s) delta_s
+        cbT = tl.dot(Br, tl.trans(Cr), input_precision=PREC).to(ACC)  # (SUB, SUB)
+        keep = (offs_q[None, :] >= offs_q[:, None]) & rmask[:, None]
         if HAS_SEQ:
             keep = keep & (seq_r[:, None] == seq_r[None, :])
-        L = tl.exp(tl.where(keep, cs_r[:, None] - cs_r[None, :], float("-inf")))
-        scores = cb * L * delta_r[None, :]
-        xd = xr.to(XDT).to(DOT)
-        acc += tl.dot(scores.to(XDT).to(DOT), xd, input_precision=PREC).to(ACC)
+        LT = tl.exp(tl.where(keep, cs_r[None, :] - cs_r[:, None], float("-inf")))
+        scoresT = cbT * LT * delta_r[:, None]
+        accT += tl.dot(xT.to(XDT).to(DOT), scoresT.to(XDT).to(DOT), input_precision=PREC).to(ACC)
 
-        io_mask = rmask[:, None] & pmask[None, :]
         if HAS_D:
-            acc += xr.to(ACC) * Dp[None, :]
-        y_off = b * sy_b + t[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p
+            accT += xT.to(ACC) * Dp[:, None]
+        y_off = b * sy_b + t[None, :] * sy_l + h * sy_h + offs_p[:, None] * sy_p
         if HAS_Z:
-            tl.store(ypre_ptr + y_off, acc.to(ypre_ptr.dtype.element_ty), mask=io_mask)
-            zr = tl.load(
-                z_ptr + b * sz_b + t[:, None] * sz_l + h * sz_h + offs_p[None, :] * sz_p,
+            tl.store(ypre_ptr + y_off, accT.to(ypre_ptr.dtype.element_ty), mask=io_mask)
+            zT = tl.load(
+                z_ptr + b * sz_b + t[None, :] * sz_l + h * sz_h + offs_p[:, None] * sz_p,
                 mask=io_mask,
                 other=0.0,
             ).to(ACC)
-            acc = acc * zr * tl.sigmoid(zr)
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=io_mask)
+            accT = accT * zT * tl.sigmoid(zT)
+        tl.store(y_ptr + y_off, accT.to(y_ptr.dtype.element_ty), mask=io_mask)
 
         # carry the state to the sub-block's last row (not needed after the chunk's last sub-block)
         if q0 + SUB < chunk_len:
@@ -171,8 +176,8 @@ def chunk_scan_fwd_kernel(
                 decay = tl.where(seq_e == seq_ref, decay, 0.0)
                 seq_ref = seq_e
             w = tl.where(rmask, w, 0.0)
-            xw = (xr.to(ACC) * w[:, None]).to(XDT).to(DOT)
-            R = R * decay + tl.dot(tl.trans(Br), xw, input_precision=PREC).to(ACC)
+            xwT = (xT.to(ACC) * w[None, :]).to(XDT).to(DOT)
+            RT = RT * decay + tl.dot(xwT, Br, input_precision=PREC).to(ACC)
             cs_ref = cs_e
 
 

@@ -131,9 +131,9 @@ def ssd_forward(
 
     y = torch.empty_like(x)
     y_pre = torch.empty_like(x) if z is not None else None
-    block_p = min(64, pow2_at_least(headdim))
     z_strides = (0, 0, 0, 0) if z is None else z.stride()
     scan_kernel, scan_args = scan_launch()
+    block_p = scan_args.pop("BLOCK_P", min(64, pow2_at_least(headdim)))
     scan_kernel[(nheads * math.ceil(headdim / block_p), batch * nchunks)](
         x, B, C, z, D, seq_idx, delta, cs, states,
         y, y_pre,
