@@ -5,6 +5,8 @@ shapes stay tiny; the `gpu` tests check long sequences against the chunked PyTor
 from __future__ import annotations
 
 import math
+import os
+from unittest import mock
 
 import pytest
 import torch
@@ -80,6 +82,17 @@ def compare(ins, tol, upcast_ref=False, **kw):
         assert_close(g_t[name], g_r[name], tol * (3 if name == "A" else 1), f"grad of {name}")
 
 
+PATHS = ["chunked", "sequential"]
+
+
+@pytest.fixture(params=PATHS)
+def fwd_path(request, monkeypatch):
+    """Both forward paths: per-chunk states then all chunks' outputs in parallel, or one program
+    per (batch, head) walking the chunks in order."""
+    monkeypatch.setenv("MAMBAKIT_SSD_FWD_PATH", request.param)
+    return request.param
+
+
 CASES = [
     # batch, seqlen, nheads, headdim, ngroups, dstate, chunk, options
     (1, 1, 2, 8, 1, 8, 16, {}),
@@ -92,7 +105,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_l{}_h{}_p{}_g{}_n{}_q{}".format(*c[:7]))
-def test_forward_backward_match_reference_fp32(case):
+def test_forward_backward_match_reference_fp32(case, fwd_path):
     batch, seqlen, nheads, headdim, ngroups, dstate, chunk, opts = case
     ins = make_inputs(
         batch, seqlen, nheads, headdim, ngroups, dstate, D_shape="head" if seqlen % 2 else "head_dim"
@@ -112,33 +125,37 @@ def test_forward_backward_match_reference_fp32(case):
     dstate=st.integers(3, 12),
     chunk=st.sampled_from([7, 16, 24, 300]),
     seed=st.integers(0, 2**16),
+    path=st.sampled_from(PATHS),
 )
-def test_odd_shapes_match_reference(batch, seqlen, heads_per_group, ngroups, headdim, dstate, chunk, seed):
+def test_odd_shapes_match_reference(
+    batch, seqlen, heads_per_group, ngroups, headdim, dstate, chunk, seed, path
+):
     """Sizes that are not powers of two, chunks of 7 positions, and a chunk above the kernels' 256."""
     ins = make_inputs(batch, seqlen, heads_per_group * ngroups, headdim, ngroups, dstate, seed=seed)
-    compare(ins, 1e-4, chunk_size=chunk, dt_softplus=True)
+    with mock.patch.dict(os.environ, {"MAMBAKIT_SSD_FWD_PATH": path}):
+        compare(ins, 1e-4, chunk_size=chunk, dt_softplus=True)
 
 
-def test_optional_inputs_absent():
+def test_optional_inputs_absent(fwd_path):
     ins = make_inputs(1, 40, 2, 8, 1, 16, D_shape=None, z=False, bias=False, h0=False)
     compare(ins, 1e-4, chunk_size=16, dt_softplus=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-def test_seq_idx_resets_state_at_document_boundaries(dtype):
+def test_seq_idx_resets_state_at_document_boundaries(dtype, fwd_path):
     ins = make_inputs(2, 40, 4, 8, 2, 16, seed=1)
     # boundaries inside a chunk, exactly at a chunk start (16, 32), and a one-token document
     seq = torch.tensor([[0] * 7 + [1] * 9 + [2] * 16 + [3] + [4] * 7, [0] * 40], dtype=dtype, device=DEV)
     compare(ins, 1e-4, chunk_size=16, dt_softplus=True, seq_idx=seq)
 
 
-def test_cu_seqlens_with_per_sequence_states():
+def test_cu_seqlens_with_per_sequence_states(fwd_path):
     cu = torch.tensor([0, 5, 21, 40], dtype=torch.int32, device=DEV)
     ins = make_inputs(1, 40, 2, 8, 1, 16, nstates=3, seed=2)
     compare(ins, 1e-4, chunk_size=16, dt_softplus=True, cu_seqlens=cu)
 
 
-def test_cu_seqlens_without_states_equals_separate_sequences():
+def test_cu_seqlens_without_states_equals_separate_sequences(fwd_path):
     cu = torch.tensor([0, 11, 40], dtype=torch.int64, device=DEV)
     ins = make_inputs(1, 40, 2, 8, 1, 16, h0=False, seed=3)
     kw = dict(chunk_size=16, dt_softplus=True)
@@ -149,7 +166,7 @@ def test_cu_seqlens_without_states_equals_separate_sequences():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_matches_reference_on_upcast_inputs(dtype):
+def test_half_precision_matches_reference_on_upcast_inputs(dtype, fwd_path):
     ins = make_inputs(2, 40, 4, 16, 2, 16, dtype=dtype, seed=4)
     ins["initial_state"] = ins["initial_state"].to(
         dtype
@@ -162,7 +179,7 @@ def test_half_precision_matches_reference_on_upcast_inputs(dtype):
     [(32, 16, 16), (64, 32, 32), (32, 16, 64)],
     ids=["rows32-cols16-sub16", "rows64-cols32-sub32", "sub64"],
 )
-def test_pinned_tiles_with_documents_and_partial_chunks(monkeypatch, tiles):
+def test_pinned_tiles_with_documents_and_partial_chunks(monkeypatch, tiles, fwd_path):
     """The backward chunk kernels with BLOCK_M > BLOCK_K, as GPU tuning may pick (several column
     blocks per row block), and the output pass stepping 16, 32 or 64 rows at a time (carrying the
     state across 4, 2 or no sub-blocks of a chunk), with seq_idx boundaries inside sub-blocks, D and
@@ -193,7 +210,7 @@ def test_result_does_not_depend_on_chunk_size():
     assert_close(f16, f64, 1e-5, "final_state")
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(fwd_path):
     ins = make_inputs(1, 5, 2, 4, 1, 4, dtype=torch.float64, seed=6)
     ins = {k: v.double().requires_grad_(True) for k, v in ins.items()}
     seq = torch.tensor([[0, 0, 0, 1, 1]], device=DEV)
@@ -300,7 +317,7 @@ def test_bad_arguments_name_the_argument():
 @pytest.mark.gpu
 @pytest.mark.parametrize("seqlen", [4096, 16384])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_long_sequences_match_torch_backend_on_gpu(seqlen, dtype):
+def test_long_sequences_match_torch_backend_on_gpu(seqlen, dtype, fwd_path):
     ins = make_inputs(2, seqlen, 8, 64, 2, 64, dtype=dtype, seed=10)
     seq = (torch.arange(seqlen, device=DEV) // 3000)[None].expand(2, seqlen).contiguous()
     kw = dict(chunk_size=256, dt_softplus=True, seq_idx=seq)

@@ -42,6 +42,10 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+# set from the H200 crossover measured on 2026-12-01 (docs/benchmarks.md)
+SEQUENTIAL_MIN_PER_SM = 1.0
+
+
 def state_launch(x: torch.Tensor, programs: int, headdim: int, dstate: int, which: str = "fwd") -> dict:
     """Tiles and warps of the per-chunk state programs (`chunk_state`); `programs` is
     how many (batch, chunk, head) triples they cover.
@@ -69,6 +73,22 @@ def state_launch(x: torch.Tensor, programs: int, headdim: int, dstate: int, whic
     # Two pipeline stages for 16-bit inputs: Triton 3.6 on the H100 gave the default three 233,472 bytes
     # of shared memory at (64 x 128) tiles, over the 232,448-byte limit (2026-11-23).
     return {"BLOCK_P": bp, "BLOCK_N": bn, "num_warps": 4, "num_stages": 2 if wide else 1}
+
+
+def sequential_forward(programs: int, device: torch.device) -> bool:
+    """Whether the output pass walks all chunks itself (`chunk_scan`'s sequential path): when its
+    (batch, head, headdim block) programs fill the GPU, at least `SEQUENTIAL_MIN_PER_SM` per
+    multiprocessor. `MAMBAKIT_SSD_FWD_PATH` = "sequential" or "chunked" forces a path (benchmarks,
+    tests: on a CPU, under Triton's interpreter, the chunked path is the default)."""
+    forced = os.environ.get("MAMBAKIT_SSD_FWD_PATH")
+    if forced:
+        if forced not in ("sequential", "chunked"):
+            raise ValueError(f"MAMBAKIT_SSD_FWD_PATH must be 'sequential' or 'chunked', got {forced!r}")
+        return forced == "sequential"
+    if device.type != "cuda":
+        return False
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return programs >= SEQUENTIAL_MIN_PER_SM * sms
 
 
 def ssd_forward(
@@ -117,29 +137,37 @@ def ssd_forward(
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
         BLOCK_Q=block_q, BLOCK_H=block_h,
     )  # fmt: skip
-    st = state_launch(x, batch * nchunks * nheads, headdim, dstate)
-    grid = (math.ceil(headdim / st["BLOCK_P"]) * math.ceil(dstate / st["BLOCK_N"]), batch * nchunks, nheads)
-    chunk_state_fwd_kernel[grid](
-        x, B, cs, delta, seq_idx, states,
-        seqlen, nheads, headdim, dstate, chunk_size, nchunks, nheads // ngroups,
-        *x.stride(), *B.stride(), *seq_strides,
-        HAS_SEQ=seq_idx is not None,
-        BLOCK_Q=block_q, SUB=min(64, block_q), PREC=prec, DOT_F32=f32, **st,
-    )  # fmt: skip
-    # each chunk's own state becomes, in place, the state entering it
-    state_passing(states, cs, seq_idx, chunk_size, h0, final)
-
-    y = torch.empty_like(x)
-    y_pre = torch.empty_like(x) if z is not None else None
     z_strides = (0, 0, 0, 0) if z is None else z.stride()
     scan_kernel, scan_args = scan_launch()
     block_p = scan_args.pop("BLOCK_P", min(64, pow2_at_least(headdim)))
-    scan_kernel[(nheads * math.ceil(headdim / block_p), batch * nchunks)](
-        x, B, C, z, D, seq_idx, delta, cs, states,
+    columns = nheads * math.ceil(headdim / block_p)
+    sequential = sequential_forward(batch * columns, x.device)
+    if not sequential:
+        st = state_launch(x, batch * nchunks * nheads, headdim, dstate)
+        grid = (
+            math.ceil(headdim / st["BLOCK_P"]) * math.ceil(dstate / st["BLOCK_N"]),
+            batch * nchunks,
+            nheads,
+        )
+        chunk_state_fwd_kernel[grid](
+            x, B, cs, delta, seq_idx, states,
+            seqlen, nheads, headdim, dstate, chunk_size, nchunks, nheads // ngroups,
+            *x.stride(), *B.stride(), *seq_strides,
+            HAS_SEQ=seq_idx is not None,
+            BLOCK_Q=block_q, SUB=min(64, block_q), PREC=prec, DOT_F32=f32, **st,
+        )  # fmt: skip
+        # each chunk's own state becomes, in place, the state entering it
+        state_passing(states, cs, seq_idx, chunk_size, h0, final)
+
+    y = torch.empty_like(x)
+    y_pre = torch.empty_like(x) if z is not None else None
+    scan_kernel[(columns, batch if sequential else batch * nchunks)](
+        x, B, C, z, D, seq_idx, delta, cs, states, h0, final,
         y, y_pre,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, nheads // ngroups, tune_bucket(x),
         *x.stride(), *B.stride(), *C.stride(), *z_strides, *y.stride(), *seq_strides,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, HAS_INIT=h0 is not None,
+        SEQUENTIAL=sequential,
         BLOCK_P=block_p, BLOCK_N=pow2_at_least(dstate), PREC=prec, DOT_F32=f32, **scan_args,
     )  # fmt: skip
     return y, y_pre, final, states, delta, cs
