@@ -144,9 +144,7 @@ def chunk_scan_fwd_kernel(
         RT = tl.load(
             states_ptr + ((b * nchunks + c_lo) * nheads + h) * headdim * dstate + pn_off, mask=pn_mask
         )
-    seq_ref = 0
-    seq_r = 0
-    seq_e = 0
+    seq_ref = 0  # stays 0 without seq_idx (then unused)
     if HAS_SEQ:  # the document the state belongs to
         seq_ref = tl.load(seq_ptr + b * ss_b + tl.maximum(c_lo * chunk_size - 1, 0) * ss_l)
 
@@ -186,6 +184,8 @@ def chunk_scan_fwd_kernel(
             if HAS_SEQ:
                 seq_r = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=rmask, other=0)
                 scale = tl.where(seq_r == seq_ref, scale, 0.0)
+            else:
+                seq_r = cs_r  # unused stand-in
             accT = tl.dot(RT.to(XDT).to(DOT), tl.trans(Cr), input_precision=PREC).to(ACC) * scale[None, :]
 
             # the diagonal sub-block, quadratic: [s, t] = (B_s . C_t) exp(cs_t - cs_s) delta_s
@@ -218,6 +218,7 @@ def chunk_scan_fwd_kernel(
             if carry:
                 e = tl.minimum(q0 + SUB, chunk_len) - 1
                 cs_e = tl.load(cs_ptr + dcs_base + start + e)
+                seq_e = cs_e  # unused stand-in without seq_idx
                 if HAS_SEQ:
                     seq_e = tl.load(seq_ptr + b * ss_b + (start + e) * ss_l)
                 RT = _carry_state(RT, xT, Br, cs_r, delta_r, rmask, seq_r, cs_ref, seq_ref, cs_e, seq_e,

@@ -42,8 +42,9 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-# set from the H200 crossover measured on 2026-12-01 (docs/benchmarks.md)
-SEQUENTIAL_MIN_PER_SM = 1.0
+# From the H200 crossover at seqlen 8192 (`benchmarks/gpu_ssd_paths.py`, 2026-12-01): the sequential
+# forward was faster from 0.48 programs per multiprocessor up (0.64 -> 0.48 ms), slower at 0.24.
+SEQUENTIAL_MIN_PER_SM = 0.4
 
 
 def state_launch(x: torch.Tensor, programs: int, headdim: int, dstate: int, which: str = "fwd") -> dict:
