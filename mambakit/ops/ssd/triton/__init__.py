@@ -1,7 +1,8 @@
 """Triton backend of SSD (Mamba-2): chunked forward and backward kernels and the one-token step.
 
 Files by pass: `chunk_state.py` (delta, cs and per-chunk states, forward and backward),
-`state_passing.py` (the sequential pass over chunks), `chunk_scan.py` (outputs), `backward.py` and
+`state_passing.py` (the pass over chunks), `chunk_scan.py` (outputs; on the sequential forward path
+also the states), `forward.py` (which path, the launches), `backward.py` and
 `bwd_chunk.py` (per-chunk gradients), `state_update.py` (decoding step), `autograd.py`
 (torch.library custom ops, so that torch.compile can trace models that use them). Triton itself is
 imported only when a kernel is first needed, so importing this package never fails on a machine

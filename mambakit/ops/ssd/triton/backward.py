@@ -126,7 +126,7 @@ def ssd_backward(
     def grid_dx(meta):
         return (math.ceil(chunk_size / meta["BLOCK_M"]), batch * nchunks, nheads)
 
-    cb = chunk_cb(B, C, chunk_size, x.dtype, exact=True) if use_cb(nheads, ngroups) else None
+    cb = chunk_cb(B, C, chunk_size, x.dtype) if use_cb(nheads, ngroups) else None
     chunk_bwd_dx_kernel[grid_dx](
         x, B, C, D, seq_idx, delta, cs, G, dy, cb,
         dx, ddelta, dcs_col, dcs_st, dD_parts,

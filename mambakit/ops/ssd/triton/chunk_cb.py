@@ -2,11 +2,10 @@
 of the group multiplies by its own decays.
 
 When several heads share a group (Mamba-2 commonly has one group for 64 heads), reading this matrix
-is cheaper than each head recomputing it from B: a (64 x 64) block is 8 KB in bf16, while B's
-(64 x dstate) rows are 16 KB at dstate 128 and cost a tensor-core product on top. The output and
-the backward's dx kernel read it; the upper blocks are computed too (cheap) and masked by the readers.
-Stored in x's dtype for the forward (bf16 scores are rounded to bf16 before the tensor cores anyway),
-in float32 for the backward.
+is cheaper than each head recomputing it from B: a (64 x 64) block is 16 KB in fp32, while B's
+(64 x dstate) rows are 16 KB at dstate 128 and cost a tensor-core product on top. The backward's dx
+kernel reads it; the upper blocks are computed too (cheap) and masked by the reader. The forward
+does not use it: its output pass forms only the diagonal blocks, from the B rows it reads anyway.
 """
 
 from __future__ import annotations
@@ -81,18 +80,16 @@ def use_cb(nheads: int, ngroups: int) -> bool:
     return nheads // ngroups >= 2
 
 
-def chunk_cb(
-    B: torch.Tensor, C: torch.Tensor, chunk_size: int, x_dtype: torch.dtype, exact: bool = False
-) -> torch.Tensor:
+def chunk_cb(B: torch.Tensor, C: torch.Tensor, chunk_size: int, x_dtype: torch.dtype) -> torch.Tensor:
     """(batch, nchunks, ngroups, chunk_size, chunk_size) with [.., t, s] = C_t . B_s inside each chunk
-    (rows and columns past the sequence's end hold zeros), in x's dtype, or in float32 with `exact`.
+    (rows and columns past the sequence's end hold zeros), in float32 (float64 for float64 x).
 
-    The backward needs `exact`: its d cs is a difference of row and column sums that cancel largely,
-    and only products rounded the same way on both sides (fp32 tl.dot results) cancel cleanly.
+    The backward needs float32 products: its d cs is a difference of row and column sums that cancel
+    largely, and only products rounded the same way on both sides (fp32 tl.dot results) cancel cleanly.
     """
     batch, seqlen, ngroups, dstate = B.shape
     nchunks = math.ceil(seqlen / chunk_size)
-    dtype = torch.float64 if x_dtype == torch.float64 else torch.float32 if exact else x_dtype
+    dtype = torch.float64 if x_dtype == torch.float64 else torch.float32
     cb = torch.empty(batch, nchunks, ngroups, chunk_size, chunk_size, device=B.device, dtype=dtype)
     # fp32/fp64 operands multiply on CUDA cores: smaller blocks, more warps (no register spills on sm_90)
     wide = B.element_size() <= 2

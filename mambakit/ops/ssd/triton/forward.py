@@ -1,23 +1,25 @@
-"""Launches the SSD forward: `chunk_state` (delta and cs, then each chunk's own state, all chunks in
-parallel), `state_passing` (turns those into the states entering each chunk), `chunk_cb` (C B^T per
-group, when heads share groups) and `chunk_scan` (outputs).
+"""Launches the SSD forward, on one of two paths:
+  chunked:    `chunk_cumsum` (delta and cs), `chunk_state_fwd` (each chunk's own state, all chunks in
+              parallel), `state_passing` (those become the states entering each chunk) and
+              `chunk_scan` (outputs, one program per (batch, chunk, head));
+  sequential: `chunk_cumsum`, then `chunk_scan` with one program per (batch, head) walking the chunks
+              in order and carrying the state (it writes the chunk states and the final state).
+`sequential_forward` picks one: the sequential path when its programs fill the GPU.
 
-Prediction, at the benchmark anchor (batch 4, nheads 64, headdim 64, ngroups 1, dstate 128, chunk 256,
-bf16 x/B/C, fp32 dt) and seqlen L = 8192 (32 chunks, 8192 (batch, chunk, head) triples):
-  FLOPs (one multiply-add = 2): chunk states Q*P*N*2 = 4.2 M per triple -> 34 G; state-to-output
-  C S^T Q*N*P*2 -> 34 G; intra-chunk scores x values Q*Q*P*2 -> 69 G (half of it above the diagonal,
-  skipped); C B^T per group 2.1 G (computed once per group by `chunk_cb` and read by every head:
-  recomputing it per head would add ~43 G on the causal half). Useful total ~140 GFLOP, ~0.14 ms at
-  H100's ~990 bf16 TFLOP/s.
-  Bytes: x 268 MB read twice (state pass, output pass), y 268 MB written, B and C 17 MB, dt 8 MB, delta
-  and cs 17 MB, C B^T 17 MB (bf16) written then read (mostly from L2); the fp32 chunk states 268 MB
-  written by `chunk_state`, read and rewritten in place by `state_passing`, then read by `chunk_scan`:
-  ~1.9 GB moved, ~0.45 ms at 4.2 TB/s. The unavoidable part (x, y, B, C, dt) is 0.55 GB, a floor of
-  ~0.13 ms.
+At the benchmark anchor (batch 4, nheads 64, headdim 64, ngroups 1, dstate 128, chunk 256, bf16
+x/B/C, fp32 dt) and seqlen L = 8192:
+  FLOPs (one multiply-add = 2), per 64-row step of the output pass: the state term C R^T, the
+  diagonal block's C B^T and scores x values, and the state update x^T B: ~3.7 MFLOP, 128 steps per
+  (batch, head) -> ~120 GFLOP; the chunked path's `chunk_state` adds 34 G. ~0.12 ms at the H100's
+  ~990 bf16 TFLOP/s.
+  Bytes: x 268 MB read (twice on the chunked path), y 268 MB written, B and C 17 MB (read per head,
+  mostly from L2), dt, delta and cs 25 MB, the fp32 states entering each chunk 268 MB written (the
+  chunked path also writes each chunk's own state and rewrites it in place). The unavoidable part
+  (x, y, B, C, dt) is 0.55 GB, a floor of ~0.13 ms.
   Bars: <= 0.5 ms forward and <= 2.5 ms forward+backward at L = 8192 (official Triton kernels: 1.29 ms
-  and 5.79 ms). Measured on the H200 (2026-12-01, docs/benchmarks.md): 1.13 ms forward, of which
-  chunk_scan 0.69, chunk_state 0.26 and the passing ~0.17 ms; chunk_scan is latency-bound (short
-  programs, dependent loads), not bound by its bytes.
+  and 5.79 ms). Measured on the H200 (2026-12-01, docs/benchmarks.md): 0.65 ms on the sequential
+  path (1.03 on the chunked one), almost all of it `chunk_scan`: 256 programs of 128 dependent steps,
+  ~4.9 us a step, latency-bound rather than bound by FLOPs or bytes.
 """
 
 from __future__ import annotations
