@@ -202,6 +202,16 @@ def test_pinned_tiles_with_documents_and_partial_chunks(monkeypatch, tiles, fwd_
     compare(ins, 1e-4, chunk_size=64, dt_softplus=True, seq_idx=seq)
 
 
+@pytest.mark.parametrize("config", ["16,4,1,16", "32,4,1,16"], ids=["sub16", "sub32"])
+def test_output_pass_with_several_headdim_blocks(monkeypatch, fwd_path, config):
+    """The output pass split over headdim blocks (BLOCK_P 16 of headdim 40: three programs a head,
+    the last partial), with documents, D per (head, headdim), z and initial states."""
+    monkeypatch.setenv("MAMBAKIT_SSD_SCAN_CONFIG", config)
+    ins = make_inputs(2, 70, 4, 40, 2, 16, D_shape="head_dim", seed=8)
+    seq = torch.tensor([[0] * 20 + [1] * 50, [0] * 69 + [1]], device=DEV)
+    compare(ins, 1e-4, chunk_size=32, dt_softplus=True, seq_idx=seq)
+
+
 def test_result_does_not_depend_on_chunk_size():
     ins = make_inputs(1, 40, 2, 8, 1, 16, seed=5)
     y16, f16 = ssd(**ins, chunk_size=16, dt_softplus=True, return_final_state=True, backend="triton")
