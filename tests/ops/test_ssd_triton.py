@@ -82,14 +82,22 @@ def compare(ins, tol, upcast_ref=False, **kw):
         assert_close(g_t[name], g_r[name], tol * (3 if name == "A" else 1), f"grad of {name}")
 
 
-PATHS = ["chunked", "sequential"]
+# (forward path, backward path)
+PATHS = {"chunked": ("chunked", "chunked"), "sequential": ("sequential", "chunked"),
+         "bwd-sequential": ("chunked", "sequential")}  # fmt: skip
 
 
-@pytest.fixture(params=PATHS)
+def path_env(name: str) -> dict:
+    fwd, bwd = PATHS[name]
+    return {"MAMBAKIT_SSD_FWD_PATH": fwd, "MAMBAKIT_SSD_BWD_PATH": bwd}
+
+
+@pytest.fixture(params=list(PATHS))
 def fwd_path(request, monkeypatch):
-    """Both forward paths: per-chunk states then all chunks' outputs in parallel, or one program
-    per (batch, head) walking the chunks in order."""
-    monkeypatch.setenv("MAMBAKIT_SSD_FWD_PATH", request.param)
+    """Both forward paths (per-chunk states then all chunks' outputs in parallel, or one program per
+    (batch, head) walking the chunks in order), and the opt-in sequential backward."""
+    for var, value in path_env(request.param).items():
+        monkeypatch.setenv(var, value)
     return request.param
 
 
@@ -125,14 +133,14 @@ def test_forward_backward_match_reference_fp32(case, fwd_path):
     dstate=st.integers(3, 12),
     chunk=st.sampled_from([7, 16, 24, 300]),
     seed=st.integers(0, 2**16),
-    path=st.sampled_from(PATHS),
+    path=st.sampled_from(list(PATHS)),
 )
 def test_odd_shapes_match_reference(
     batch, seqlen, heads_per_group, ngroups, headdim, dstate, chunk, seed, path
 ):
     """Sizes that are not powers of two, chunks of 7 positions, and a chunk above the kernels' 256."""
     ins = make_inputs(batch, seqlen, heads_per_group * ngroups, headdim, ngroups, dstate, seed=seed)
-    with mock.patch.dict(os.environ, {"MAMBAKIT_SSD_FWD_PATH": path}):
+    with mock.patch.dict(os.environ, path_env(path)):
         compare(ins, 1e-4, chunk_size=chunk, dt_softplus=True)
 
 

@@ -11,6 +11,7 @@ x dy^T in registers, from x, B, C, delta, cs and the chunk states.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +24,20 @@ from mambakit.ops.ssd.triton._common import (
     tune_bucket,
 )
 from mambakit.ops.ssd.triton.bwd_chunk import chunk_bwd_dB_kernel, chunk_bwd_dC_kernel, chunk_bwd_dx_kernel
+from mambakit.ops.ssd.triton.bwd_seq import sequential_backward
 from mambakit.ops.ssd.triton.chunk_cb import chunk_cb, use_cb
 from mambakit.ops.ssd.triton.chunk_state import chunk_state_bwd_kernel
 from mambakit.ops.ssd.triton.forward import state_launch
 from mambakit.ops.ssd.triton.state_passing import state_passing
+
+
+def backward_path() -> str:
+    """ "chunked" (the default) or, with `MAMBAKIT_SSD_BWD_PATH=sequential`, the sequential backward of
+    `bwd_seq.py` (opt-in until it is measured on a GPU)."""
+    path = os.environ.get("MAMBAKIT_SSD_BWD_PATH", "chunked")
+    if path not in ("sequential", "chunked"):
+        raise ValueError(f"MAMBAKIT_SSD_BWD_PATH must be 'sequential' or 'chunked', got {path!r}")
+    return path
 
 
 def heads_per_program(heads_per_group: int, programs: int) -> int:
@@ -82,6 +93,12 @@ def ssd_backward(
         dz = (dyf * y_pre.to(acc) * sig * (1 + zf * (1 - sig))).to(z.dtype)
         dy = dyf * zf * sig  # kept in float32: the kernels round tiles to x's dtype only for tl.dot
     dy = dy.contiguous()
+    if backward_path() == "sequential":
+        dx, ddelta, da, dB, dC, dD, dh0 = sequential_backward(
+            dy, dfinal, x, B, C, chunk_size, D, seq_idx, states, delta, cs
+        )
+        ddt, dA, dbias = dt_chain(ddelta, da, delta, A, dt, dt_bias, dt_softplus, dt_limit)
+        return dx, ddt, dA, dB, dC, dD, dz, dbias, (dh0 if has_initial_state else None)
 
     # 1. gradients of the states: what each chunk's outputs read from its entering state (all chunks
     # in parallel), then the reverse pass over chunks: G[c] (grad of chunk c's own state), d
@@ -163,12 +180,27 @@ def ssd_backward(
     dcs[:, :, ends] += dcs_end.sum(-1) + st_sums
     da = F.pad(dcs, (0, pad)).view(batch, nheads, nchunks, chunk_size)
     da = da.flip(-1).cumsum(-1).flip(-1).reshape(batch, nheads, -1)[..., :seqlen]
-    ddelta = ddelta + da * A.to(acc)[None, :, None]
+    ddt, dA, dbias = dt_chain(ddelta, da, delta, A, dt, dt_bias, dt_softplus, dt_limit)
+    return dx, ddt, dA, dB, dC, dD, dz, dbias, (dh0 if has_initial_state else None)
+
+
+def dt_chain(
+    ddelta: torch.Tensor,
+    da: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    dt: torch.Tensor,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+    dt_limit: tuple[float, float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(ddt, dA, ddt_bias) from the direct d delta and d a (a = delta * A), both (batch, nheads, seqlen)
+    float32: dt -> delta by hand (autograd is off inside a custom op), with the same derivative rules
+    as PyTorch's softplus (threshold 20) and clamp (gradient passes on the closed interval)."""
+    ddelta = ddelta + da * A.to(da.dtype)[None, :, None]
     dA = (da * delta).sum((0, 2)).to(A.dtype)
     ddelta = ddelta.transpose(1, 2)  # (batch, seqlen, nheads)
-    # dt -> delta by hand (autograd is off inside a custom op); same derivative rules as PyTorch's
-    # softplus (threshold 20) and clamp (gradient passes on the closed interval)
-    v = dt.to(acc) if dt_bias is None else dt.to(acc) + dt_bias.to(acc)
+    v = dt.to(da.dtype) if dt_bias is None else dt.to(da.dtype) + dt_bias.to(da.dtype)
     u = F.softplus(v) if dt_softplus else v
     if tuple(dt_limit) != (0.0, math.inf):
         ddelta = ddelta * ((u >= dt_limit[0]) & (u <= dt_limit[1]))
@@ -176,4 +208,4 @@ def ssd_backward(
         ddelta = ddelta * torch.where(v > 20.0, 1.0, torch.sigmoid(v))
     ddt = ddelta.to(dt.dtype)
     dbias = None if dt_bias is None else ddelta.sum((0, 1)).to(dt_bias.dtype)
-    return dx, ddt, dA, dB, dC, dD, dz, dbias, (dh0 if has_initial_state else None)
+    return ddt, dA, dbias
