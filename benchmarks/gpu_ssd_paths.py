@@ -5,7 +5,8 @@ multiprocessor. It sets where `forward.SEQUENTIAL_MIN_PER_SM` puts the switch.
 
 Shapes as the benchmark anchor otherwise (headdim 64, ngroups 1, dstate 128, chunk 256, bf16 x/B/C,
 fp32 dt, D, dt_bias, softplus). Forward and forward+backward medians (ms, triton.testing.do_bench)
-per path, with the relative max difference of y between the paths.
+per path, with the relative max difference of y between the forward paths, and of every gradient
+between the opt-in sequential backward (`MAMBAKIT_SSD_BWD_PATH=sequential`) and the chunked one.
 
     python benchmarks/gpu_ssd_paths.py --out results/gpu_ssd_paths.json
 """
@@ -27,14 +28,20 @@ from _common import environment, print_table, write_json  # noqa: E402
 GRIDS = [(4, 64), (8, 24), (2, 64), (1, 132), (1, 64), (2, 16), (1, 8)]  # (batch, nheads)
 
 
-def time_path(path: str, ins: dict, gy: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-    os.environ["MAMBAKIT_SSD_FWD_PATH"] = path
-    with torch.no_grad():
-        y = run_ssd("triton", ins, ANCHOR["chunk"])
-        fwd = bench(lambda: run_ssd("triton", ins, ANCHOR["chunk"]))
+def time_path(fwd: str, bwd: str, ins: dict, gy: torch.Tensor) -> tuple[list[torch.Tensor], float, float]:
+    """(y and the gradients of every input), forward ms, forward+backward ms on the given paths."""
+    os.environ["MAMBAKIT_SSD_FWD_PATH"] = fwd
+    os.environ["MAMBAKIT_SSD_BWD_PATH"] = bwd
     leaves = list(ins.values())
+    for v in leaves:
+        v.grad = None
+    y = run_ssd("triton", ins, ANCHOR["chunk"])
+    y.backward(gy)
+    outs = [y.detach()] + [v.grad.clone() for v in leaves]
+    with torch.no_grad():
+        fwd_ms = bench(lambda: run_ssd("triton", ins, ANCHOR["chunk"]))
     fwd_bwd = bench(lambda: run_ssd("triton", ins, ANCHOR["chunk"]).backward(gy), grad_to_none=leaves)
-    return y, fwd, fwd_bwd
+    return outs, fwd_ms, fwd_bwd
 
 
 def main() -> None:
@@ -56,34 +63,31 @@ def main() -> None:
                 batch, seqlen, nheads, a["headdim"], a["ngroups"], a["dstate"], requires_grad=True
             )
             gy = torch.randn(batch, seqlen, nheads, a["headdim"], device="cuda", dtype=torch.bfloat16)
-            y_c, fwd_c, fb_c = time_path("chunked", ins, gy)
-            y_s, fwd_s, fb_s = time_path("sequential", ins, gy)
+            out_c, fwd_c, fb_c = time_path("chunked", "chunked", ins, gy)
+            out_s, fwd_s, fb_s = time_path("sequential", "chunked", ins, gy)
+            out_b, _, fb_b = time_path("sequential", "sequential", ins, gy)
             os.environ.pop("MAMBAKIT_SSD_FWD_PATH")
+            os.environ.pop("MAMBAKIT_SSD_BWD_PATH")
             rows.append({
                 "batch": batch, "nheads": nheads, "seqlen": seqlen, "programs_per_sm": batch * nheads / sms,
                 "chunked_fwd_ms": fwd_c, "sequential_fwd_ms": fwd_s,
-                "chunked_fwd_bwd_ms": fb_c, "sequential_fwd_bwd_ms": fb_s,
-                "y_rel_diff": rel_err(y_s, y_c),
+                "chunked_fwd_bwd_ms": fb_c, "sequential_fwd_bwd_ms": fb_s, "sequential_bwd_fwd_bwd_ms": fb_b,
+                "y_rel_diff": rel_err(out_s[0], out_c[0]),
+                "grads_rel_diff_sequential_bwd": max(rel_err(g, r) for g, r in zip(out_b[1:], out_c[1:])),
             })  # fmt: skip
             print(rows[-1], flush=True)
             del ins, gy
             torch.cuda.empty_cache()
     print_table(
-        ["batch x heads", "seqlen", "per SM", "fwd chunked", "fwd seq", "f+b chunked", "f+b seq", "y diff"],
+        ["batch x heads", "seqlen", "per SM", "fwd chunked", "fwd seq", "f+b chunked", "f+b seq",
+         "f+b seq, seq bwd", "y diff", "grad diff, seq bwd"],
         [
-            [
-                f"{r['batch']}x{r['nheads']}",
-                r["seqlen"],
-                r["programs_per_sm"],
-                r["chunked_fwd_ms"],
-                r["sequential_fwd_ms"],
-                r["chunked_fwd_bwd_ms"],
-                r["sequential_fwd_bwd_ms"],
-                r["y_rel_diff"],
-            ]
+            [f"{r['batch']}x{r['nheads']}", r["seqlen"], r["programs_per_sm"], r["chunked_fwd_ms"],
+             r["sequential_fwd_ms"], r["chunked_fwd_bwd_ms"], r["sequential_fwd_bwd_ms"],
+             r["sequential_bwd_fwd_bwd_ms"], r["y_rel_diff"], r["grads_rel_diff_sequential_bwd"]]
             for r in rows
-        ],  # fmt: skip
-    )
+        ],
+    )  # fmt: skip
     if args.out:
         write_json(args.out, {"env": environment(), "anchor": ANCHOR, "sms": sms, "rows": rows})
 
