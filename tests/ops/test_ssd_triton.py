@@ -189,10 +189,10 @@ def test_half_precision_matches_reference_on_upcast_inputs(dtype, fwd_path):
 )
 def test_pinned_tiles_with_documents_and_partial_chunks(monkeypatch, tiles, fwd_path):
     """The backward chunk kernels with BLOCK_M > BLOCK_K, as GPU tuning may pick (several column
-    blocks per row block), and the output pass stepping 16, 32 or 64 rows at a time (carrying the
-    state across 4, 2 or no sub-blocks of a chunk), with seq_idx boundaries inside sub-blocks, D and
-    a partial last chunk. On a GPU the kernels launch without their autotuner here, so that the
-    tiles can be pinned."""
+    blocks per row block), and the output pass and the sequential backward stepping 16, 32 or 64
+    rows at a time (carrying the state across 4, 2 or no sub-blocks of a chunk), with seq_idx
+    boundaries inside sub-blocks, D and a partial last chunk. On a GPU the kernels launch without
+    their autotuner here, so that the tiles can be pinned."""
     from triton.runtime.autotuner import Autotuner
 
     from mambakit.ops.ssd.triton import backward as sb
@@ -200,6 +200,7 @@ def test_pinned_tiles_with_documents_and_partial_chunks(monkeypatch, tiles, fwd_
     fixed = {"BLOCK_M": tiles[0], "BLOCK_K": tiles[1]}
     monkeypatch.setattr(sb, "chunk_tiles", lambda block_q: fixed)
     monkeypatch.setenv("MAMBAKIT_SSD_SCAN_CONFIG", f"{tiles[2]},4,2")
+    monkeypatch.setenv("MAMBAKIT_SSD_BWD_SEQ_CONFIG", f"{tiles[2]},4,1")  # the same steps backward
     for module, name in [(sb, "chunk_bwd_dx_kernel"),
                          (sb, "chunk_bwd_dB_kernel"), (sb, "chunk_bwd_dC_kernel")]:  # fmt: skip
         kernel = getattr(module, name)

@@ -24,6 +24,7 @@ formulas matched autograd to ~1e-15 (2026-12-01).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -221,6 +222,18 @@ def ssd_bwd_seq_kernel(
         tl.store(dD_ptr + bh * headdim + offs_p, dD, mask=pmask)
 
 
+def launch_config() -> tuple[int, int, int]:
+    """(SUB, num_warps, num_stages): `MAMBAKIT_SSD_BWD_SEQ_CONFIG="SUB,num_warps,num_stages"`, else 16-row
+    steps under the interpreter (so that the tests' chunks hold several) and (64, 8, 1) on a GPU, an
+    untuned first choice: the program holds two (headdim x dstate) fp32 states and several
+    (SUB x SUB) fp32 tiles at once."""
+    env = os.environ.get("MAMBAKIT_SSD_BWD_SEQ_CONFIG")
+    if env:
+        sub, warps, stages = (int(v) for v in env.split(","))
+        return sub, warps, stages
+    return (16, 4, 1) if interpreting() else (64, 8, 1)
+
+
 def sequential_backward(
     dy: torch.Tensor,
     dfinal: torch.Tensor | None,
@@ -242,7 +255,7 @@ def sequential_backward(
     nchunks = math.ceil(seqlen / chunk_size)
     acc = states.dtype
     dev = x.device
-    sub = 16 if interpreting() else 64
+    sub, warps, stages = launch_config()
     block_p, block_n = pow2_at_least(headdim), pow2_at_least(dstate)
     nsub = math.ceil(chunk_size / sub)
     scratch = torch.empty(batch * nheads * nsub * block_p * block_n, device=dev, dtype=acc)
@@ -262,7 +275,7 @@ def sequential_backward(
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *seq_strides,
         HAS_D=D is not None, HAS_SEQ=seq_idx is not None, HAS_DFINAL=dfinal_c is not None,
         SUB=sub, BLOCK_P=block_p, BLOCK_N=block_n, PREC=dot_precision(x.dtype), DOT_F32=dot_in_fp32(x.dtype),
-        num_warps=4, num_stages=1,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return (
         dx, ddelta, da, dB.to(B.dtype), dC.to(C.dtype), None if dD is None else dD.sum(0).to(D.dtype), dh0,
