@@ -136,10 +136,13 @@ def test_conv_forward_every_autotune_config_in_bounds(bounds):
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("tiles", [None, (32, 32)], ids=["default-tiles", "tiles-32x32"])
+@pytest.mark.parametrize(
+    "tiles", [None, (32, 32), "sequential"], ids=["default-tiles", "tiles-32x32", "sequential-paths"]
+)
 def test_mamba2_training_step_in_bounds(bounds, monkeypatch, tiles):
     """A layer's forward and backward at the default run's shapes, with the GPU path's program counts
-    for the conv and norm backward (132 SMs, as an H100) and the given SSD tiles."""
+    for the conv and norm backward (132 SMs, as an H100) and the given SSD tiles, or the sequential
+    SSD forward and backward with their GPU step of 64 rows."""
     co = importlib.import_module("mambakit.ops.conv1d.triton.ops")
     no = importlib.import_module("mambakit.ops.norm.triton.ops")
     sb = importlib.import_module("mambakit.ops.ssd.triton.backward")
@@ -171,8 +174,13 @@ def test_mamba2_training_step_in_bounds(bounds, monkeypatch, tiles):
     monkeypatch.setattr(co, "conv_bwd", gpu_conv_bwd)
     monkeypatch.setattr(co, "conv_fwd", interpreted_conv_fwd)
     # the output pass steps 64 rows at a time, as its GPU default does, or 32 with the 32 x 32 tiles
-    monkeypatch.setenv("MAMBAKIT_SSD_SCAN_CONFIG", "64,4,2" if tiles is None else f"{tiles[0]},4,2")
-    if tiles is not None:
+    sequential = tiles == "sequential"
+    monkeypatch.setenv("MAMBAKIT_SSD_SCAN_CONFIG", "32,4,2" if tiles == (32, 32) else "64,4,2")
+    if sequential:
+        monkeypatch.setenv("MAMBAKIT_SSD_FWD_PATH", "sequential")
+        monkeypatch.setenv("MAMBAKIT_SSD_BWD_PATH", "sequential")
+        monkeypatch.setenv("MAMBAKIT_SSD_BWD_SEQ_CONFIG", "64,4,1")
+    elif tiles is not None:
         fixed = {"BLOCK_M": tiles[0], "BLOCK_K": tiles[1]}
         monkeypatch.setattr(sb, "chunk_tiles", lambda block_q: fixed)
 
@@ -185,8 +193,11 @@ def test_mamba2_training_step_in_bounds(bounds, monkeypatch, tiles):
     y.float().square().mean().backward()
     assert not bounds["bad"], sorted(bounds["bad"])
     ran = {"conv_fwd_kernel", "conv_bwd_kernel", "norm_fwd_kernel", "norm_bwd_kernel"}
-    ran |= {"chunk_state_fwd_kernel", "state_passing_kernel", "chunk_scan_fwd_kernel"}
-    ran |= {"chunk_cumsum_kernel", "chunk_state_bwd_kernel"}
-    ran |= {"chunk_bwd_dx_kernel", "chunk_bwd_dB_kernel", "chunk_bwd_dC_kernel"}
+    ran |= {"chunk_cumsum_kernel", "chunk_scan_fwd_kernel"}
+    if sequential:
+        ran |= {"ssd_bwd_seq_kernel"}
+    else:
+        ran |= {"chunk_state_fwd_kernel", "state_passing_kernel", "chunk_state_bwd_kernel"}
+        ran |= {"chunk_bwd_dx_kernel", "chunk_bwd_dB_kernel", "chunk_bwd_dC_kernel"}
     assert ran <= bounds["seen"], sorted(bounds["seen"])
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
