@@ -333,6 +333,15 @@ def test_bad_arguments_name_the_argument():
             ssd(**big, backend="triton")
 
 
+@pytest.mark.parametrize("var", ["MAMBAKIT_SSD_FWD_PATH", "MAMBAKIT_SSD_BWD_PATH"])
+def test_unknown_path_names_the_variable(monkeypatch, var):
+    ins = make_inputs(1, 8, 2, 8, 1, 8, h0=False)
+    ins["x"].requires_grad_(True)
+    monkeypatch.setenv(var, "parallel")
+    with pytest.raises(ValueError, match=var):
+        ssd(**ins, backend="triton").sum().backward()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("seqlen", [4096, 16384])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
