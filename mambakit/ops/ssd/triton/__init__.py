@@ -3,7 +3,8 @@
 Files by pass: `chunk_state.py` (delta, cs and per-chunk states, forward and backward),
 `state_passing.py` (the pass over chunks), `chunk_scan.py` (outputs; on the sequential forward path
 also the states), `forward.py` (which path, the launches), `backward.py` and
-`bwd_chunk.py` (per-chunk gradients), `state_update.py` (decoding step), `autograd.py`
+`bwd_chunk.py` (per-chunk gradients), `bwd_seq.py` (the opt-in sequential backward),
+`state_update.py` (decoding step), `autograd.py`
 (torch.library custom ops, so that torch.compile can trace models that use them). Triton itself is
 imported only when a kernel is first needed, so importing this package never fails on a machine
 without a GPU (or without Triton).
