@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from mambakit.ops.ssd.triton._common import dot_in_fp32, dot_precision, interpreting, pow2_at_least
+from mambakit.ops.ssd.triton.chunk_scan import carry_state
 
 
 @triton.jit
@@ -98,15 +99,12 @@ def ssd_bwd_seq_kernel(
             cs_r = tl.load(cs_ptr + dcs_base + t, mask=rmask, other=0.0)
             e = tl.minimum(k * SUB + SUB, chunk_len) - 1
             cs_e = tl.load(cs_ptr + dcs_base + start + e)
-            w = tl.exp(cs_e - cs_r) * tl.load(delta_ptr + dcs_base + t, mask=rmask, other=0.0)
-            decay = tl.exp(cs_e - cs_ref)
+            delta_r = tl.load(delta_ptr + dcs_base + t, mask=rmask, other=0.0)
+            seq_r = cs_r  # unused stand-ins without seq_idx
+            seq_e = cs_e
             if HAS_SEQ:
                 seq_r = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=rmask, other=0)
                 seq_e = tl.load(seq_ptr + b * ss_b + (start + e) * ss_l)
-                w = tl.where(seq_r == seq_e, w, 0.0)
-                decay = tl.where(seq_e == seq_ref, decay, 0.0)
-                seq_ref = seq_e
-            w = tl.where(rmask, w, 0.0)
             xT = tl.load(
                 x_ptr + b * sx_b + t[None, :] * sx_l + h * sx_h + offs_p[:, None] * sx_p,
                 mask=pmask[:, None] & rmask[None, :],
@@ -117,9 +115,12 @@ def ssd_bwd_seq_kernel(
                 mask=rmask[:, None] & nmask[None, :],
                 other=0.0,
             ).to(XDT).to(DOT)  # fmt: skip
-            xwT = (xT.to(ACC) * w[None, :]).to(XDT).to(DOT)
-            RT = RT * decay + tl.dot(xwT, Br, input_precision=PREC).to(ACC)
+            RT = carry_state(
+                RT, xT, Br, cs_r, delta_r, rmask, seq_r, cs_ref, seq_ref, cs_e, seq_e, HAS_SEQ, PREC
+            )
             cs_ref = cs_e
+            if HAS_SEQ:
+                seq_ref = seq_e
 
         # 2. the sub-blocks in reverse
         for kk in range(nsub_c):

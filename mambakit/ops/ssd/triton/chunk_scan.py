@@ -71,7 +71,7 @@ def scan_launch() -> tuple:
 
 
 @triton.jit
-def _carry_state(RT, xT, Br, cs_r, delta_r, rmask, seq_r, cs_ref, seq_ref, cs_e, seq_e,
+def carry_state(RT, xT, Br, cs_r, delta_r, rmask, seq_r, cs_ref, seq_ref, cs_e, seq_e,
                  HAS_SEQ: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """R^T (headdim, dstate) moved from the reference row to row e of the sub-block whose x^T
     (headdim, SUB), B (SUB, dstate), cs, delta and seq the arguments hold."""
@@ -221,7 +221,7 @@ def chunk_scan_fwd_kernel(
                 seq_e = cs_e  # unused stand-in without seq_idx
                 if HAS_SEQ:
                     seq_e = tl.load(seq_ptr + b * ss_b + (start + e) * ss_l)
-                RT = _carry_state(RT, xT, Br, cs_r, delta_r, rmask, seq_r, cs_ref, seq_ref, cs_e, seq_e,
+                RT = carry_state(RT, xT, Br, cs_r, delta_r, rmask, seq_r, cs_ref, seq_ref, cs_e, seq_e,
                                   HAS_SEQ, PREC)  # fmt: skip
                 cs_ref = cs_e
                 if HAS_SEQ:
