@@ -7,8 +7,8 @@ all chunks of one (batch, head) tile in order; the sweep of those is call 1 in
 `benchmarks/results/h200-2026-12-01f/`.) For each "BLOCK_P,BLOCK_N,num_warps,num_stages" config this
 prints the kernel's GPU time (torch.profiler, mean of 10 calls; `--which passing` sweeps the state
 elements per program of the forward `state_passing` instead, `--which scan` the output pass's
-"SUB,num_warps,num_stages") and the largest relative difference of
-the SSD result from the default config's (a config changes only the summation order).
+"SUB,num_warps,num_stages", `--which bwdseq` the opt-in sequential backward's) and the largest
+relative difference of the SSD result from the default config's (a config changes only the summation order).
 
     python benchmarks/gpu_ssd_tiles.py --out results/gpu_ssd_tiles.json
 """
@@ -51,14 +51,17 @@ def kernel_us(fn, name: str, reps: int = 10) -> float:
 def sweep(which: str, seqlen: int, configs: list[str]) -> list[dict]:
     a = ANCHOR
     shape = (a["batch"], seqlen, a["nheads"], a["headdim"], a["ngroups"], a["dstate"])
-    ins = make_inputs(*shape, requires_grad=which == "bwd")
+    grads = which in ("bwd", "bwdseq")
+    ins = make_inputs(*shape, requires_grad=grads)
     gy = torch.randn(a["batch"], seqlen, a["nheads"], a["headdim"], device="cuda", dtype=torch.bfloat16)
-    var = {"passing": "MAMBAKIT_SSD_PASSING_BLOCK", "scan": "MAMBAKIT_SSD_SCAN_CONFIG"}.get(
-        which, f"MAMBAKIT_SSD_STATE_{which.upper()}_CONFIG"
-    )
+    var = {
+        "passing": "MAMBAKIT_SSD_PASSING_BLOCK",
+        "scan": "MAMBAKIT_SSD_SCAN_CONFIG",
+        "bwdseq": "MAMBAKIT_SSD_BWD_SEQ_CONFIG",
+    }.get(which, f"MAMBAKIT_SSD_STATE_{which.upper()}_CONFIG")
 
     def run():
-        if which != "bwd":
+        if not grads:
             with torch.no_grad():
                 return (run_ssd("triton", ins, a["chunk"]),)
         for v in ins.values():
@@ -73,7 +76,10 @@ def sweep(which: str, seqlen: int, configs: list[str]) -> list[dict]:
         "bwd": "chunk_state_bwd",
         "passing": "state_passing",
         "scan": "chunk_scan_fwd",
+        "bwdseq": "ssd_bwd_seq_kernel",
     }[which]
+    if which == "bwdseq":  # opt-in
+        os.environ["MAMBAKIT_SSD_BWD_PATH"] = "sequential"
     rows = []
     for cfg in configs:
         os.environ[var] = cfg
@@ -89,6 +95,7 @@ def sweep(which: str, seqlen: int, configs: list[str]) -> list[dict]:
             rows.append({"which": which, "seqlen": seqlen, "config": cfg, "error": error})
         print(rows[-1], flush=True)
     os.environ.pop(var, None)
+    os.environ.pop("MAMBAKIT_SSD_BWD_PATH", None)
     return rows
 
 
@@ -120,7 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument(
-        "--which", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd", "passing", "scan"]
+        "--which", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd", "passing", "scan", "bwdseq"]
     )
     parser.add_argument("--configs", nargs="+", default=CONFIGS)
     parser.add_argument(
@@ -132,6 +139,10 @@ def main() -> None:
         default=["64,8,2", "64,4,2", "64,8,1", "64,4,1", "64,8,3", "32,4,2", "128,8,2"],
         help="SUB,num_warps,num_stages of the forward output pass (--which scan)",
     )  # fmt: skip
+    parser.add_argument(
+        "--bwdseq-configs", nargs="+", default=["64,8,1", "64,4,1", "32,4,1", "32,8,1", "64,8,2", "32,4,2"],
+        help="SUB,num_warps,num_stages of the sequential backward (--which bwdseq)",
+    )  # fmt: skip
     parser.add_argument("--out", default=None)
     parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[], help="forward breakdown per chunk")
     args = parser.parse_args()
@@ -141,7 +152,8 @@ def main() -> None:
     rows = []
     for which in args.which:
         for seqlen in args.seqlens:
-            configs = {"passing": args.passing_blocks, "scan": args.scan_configs}.get(which, args.configs)
+            configs = {"passing": args.passing_blocks, "scan": args.scan_configs}
+            configs = {**configs, "bwdseq": args.bwdseq_configs}.get(which, args.configs)
             rows += sweep(which, seqlen, configs)
     print_table(
         ["pass", "seqlen", "config", "kernel us", "max rel diff", "error"],

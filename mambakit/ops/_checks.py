@@ -21,13 +21,23 @@ def check_tensor(
     `dtypes` and on `device`. Returns `t` so a check can sit in an expression."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+    # plain loops and one read of each property: these checks run on every call of every op
+    dims = t.shape
+    ok = len(dims) == len(shape)
+    if ok:
+        for s, d in zip(shape, dims):
+            if s is not None and s != d:
+                ok = False
+                break
+    if not ok:
         want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+        raise ValueError(f"{name} must have shape {want}, got {tuple(dims)}")
     if t.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+    if device is not None:
+        where = t.device
+        if where != device:
+            raise ValueError(f"{name} is on {where} but the other inputs are on {device}")
     return t
 
 

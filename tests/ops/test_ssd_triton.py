@@ -245,6 +245,25 @@ def test_result_does_not_depend_on_chunk_size():
     assert_close(f16, f64, 1e-5, "final_state")
 
 
+def test_forward_without_grad_matches_the_differentiable_one(fwd_path):
+    """A forward nothing differentiates skips autograd and (on the sequential path) writing the chunk
+    states: y and the final state must not change, with documents and an initial state."""
+    ins = make_inputs(2, 45, 4, 8, 2, 16, seed=8)
+    seq = torch.tensor([[0] * 30 + [1] * 15, [0] * 45], device=DEV)
+    kw = dict(chunk_size=16, dt_softplus=True, seq_idx=seq, return_final_state=True, backend="triton")
+    with torch.no_grad():
+        y_n, f_n = ssd(**ins, **kw)
+    y_g, f_g = ssd(**{k: v.detach().requires_grad_(True) for k, v in ins.items()}, **kw)
+    assert not y_n.requires_grad and y_g.requires_grad
+    torch.testing.assert_close(y_n, y_g.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(f_n, f_g.detach(), rtol=0, atol=0)
+    y_r, f_r = ssd(
+        **{k: None if v is None else v.double() for k, v in ins.items()}, **kw | {"backend": "reference"}
+    )
+    assert_close(y_n, y_r, 1e-4, "y")
+    assert_close(f_n, f_r, 1e-4, "final_state")
+
+
 def test_gradcheck_float64(fwd_path):
     ins = make_inputs(1, 5, 2, 4, 1, 4, dtype=torch.float64, seed=6)
     ins = {k: v.double().requires_grad_(True) for k, v in ins.items()}

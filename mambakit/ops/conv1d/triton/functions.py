@@ -1,18 +1,19 @@
 """The conv1d Triton backend's entry points: custom ops (traceable by `torch.compile`) with autograd.
 
 `mambakit::causal_conv1d_fwd` / `_bwd` wrap the kernels; `mambakit::causal_conv1d_update` mutates the
-conv state in place. Optional results travel as empty tensors because custom ops cannot return None.
+conv state in place. Eager calls of the first two go through `EagerOp` (the same pieces without the
+dispatcher). Optional results travel as empty tensors because custom ops cannot return None.
 """
 
 from __future__ import annotations
 
 import torch
 
+from mambakit.ops._eager import EagerOp
 from mambakit.ops.conv1d.triton import ops
 
 
-@torch.library.custom_op("mambakit::causal_conv1d_fwd", mutates_args=())
-def _fwd_op(
+def _conv_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -24,6 +25,9 @@ def _fwd_op(
     return ops.conv_fwd(x, weight, bias, silu, initial_state, store_final, seq_idx)
 
 
+_fwd_op = torch.library.custom_op("mambakit::causal_conv1d_fwd", _conv_fwd, mutates_args=())
+
+
 @_fwd_op.register_fake
 def _(x, weight, bias, silu, initial_state, store_final, seq_idx):
     batch, _, dim = x.shape
@@ -31,8 +35,7 @@ def _(x, weight, bias, silu, initial_state, store_final, seq_idx):
     return torch.empty_like(x, memory_format=torch.contiguous_format), final
 
 
-@torch.library.custom_op("mambakit::causal_conv1d_bwd", mutates_args=())
-def _bwd_op(
+def _conv_bwd(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -44,6 +47,9 @@ def _bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dw, db, dinit = ops.conv_bwd(x, weight, bias, silu, initial_state, seq_idx, dout, dfinal)
     return dx, dw, x.new_empty(0) if db is None else db, x.new_empty(0) if dinit is None else dinit
+
+
+_bwd_op = torch.library.custom_op("mambakit::causal_conv1d_bwd", _conv_bwd, mutates_args=())
 
 
 @_bwd_op.register_fake
@@ -65,7 +71,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dfinal):
     x, weight, bias, initial_state, seq_idx = ctx.saved_tensors
     dfinal = dfinal if ctx.store_final else None
-    dx, dw, db, dinit = _bwd_op(x, weight, bias, ctx.silu, initial_state, seq_idx, dout, dfinal)
+    dx, dw, db, dinit = _bwd(x, weight, bias, ctx.silu, initial_state, seq_idx, dout, dfinal)
     return (
         dx,
         dw,
@@ -78,6 +84,8 @@ def _backward(ctx, dout, dfinal):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd = EagerOp(_fwd_op, _conv_fwd, _setup_context, _backward)
+_bwd = EagerOp(_bwd_op, _conv_bwd)
 
 
 @torch.library.custom_op("mambakit::causal_conv1d_update", mutates_args=("conv_state",))
@@ -103,7 +111,7 @@ def causal_conv1d_impl(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x (batch, seqlen, dim); weight (dim, width); initial_state (batch, dim, width - 1).
     Returns out (batch, seqlen, dim) in x's dtype and the final state (batch, dim, width - 1) or None."""
-    out, final = _fwd_op(x, weight, bias, activation == "silu", initial_state, return_final_state, seq_idx)
+    out, final = _fwd(x, weight, bias, activation == "silu", initial_state, return_final_state, seq_idx)
     return out, (final if return_final_state else None)
 
 

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mambakit.ops._launch import CachedTuning, next_power_of_2, sm_count
 from mambakit.ops.conv1d.triton.kernels import conv_bwd_kernel, conv_fwd_kernel, conv_update_kernel
 
 # (BLOCK_L, BLOCK_D, num_warps) candidates for the forward on a GPU, 32-64 elements a thread (96-163
@@ -28,9 +29,11 @@ _FWD_CONFIGS = [
         (16, 256, 4),
     ]
 ]
-_conv_fwd_tuned = triton.autotune(
-    _FWD_CONFIGS, key=["dim", "WIDTH", "HAS_SEQ", "HAS_INIT", "SILU", "SILU_GRAD", "HAS_BIAS", "ACC"]
-)(conv_fwd_kernel)
+_conv_fwd_tuned = CachedTuning(
+    triton.autotune(
+        _FWD_CONFIGS, key=["dim", "WIDTH", "HAS_SEQ", "HAS_INIT", "SILU", "SILU_GRAD", "HAS_BIAS", "ACC"]
+    )(conv_fwd_kernel)
+)
 
 
 def _interpreting() -> bool:
@@ -130,7 +133,7 @@ def conv_fwd(
 
 
 def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return sm_count(device)
 
 
 def _bwd_config() -> tuple[int, int, int, int]:
@@ -189,7 +192,7 @@ def conv_bwd(
     d_blocks = triton.cdiv(dim, block_d)
     iters = triton.cdiv(n_blocks, n_chunks)
     n_chunks = triton.cdiv(n_blocks, iters)
-    block_w = triton.next_power_of_2(width)
+    block_w = next_power_of_2(width)
     dw_part = torch.empty(batch * n_chunks, block_w, dim, dtype=acc, device=x.device)
     db_part = torch.empty(batch * n_chunks, dim, dtype=acc, device=x.device) if bias is not None else dw_part
     grid = (n_chunks, d_blocks, batch)
@@ -242,7 +245,7 @@ def conv_update(
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if batch == 0 or dim == 0:
         return out
-    block_d = 32 if _interpreting() else min(256, triton.next_power_of_2(dim))
+    block_d = 32 if _interpreting() else min(256, next_power_of_2(dim))
     grid = (batch, triton.cdiv(dim, block_d))
     conv_update_kernel[grid](
         x,

@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mambakit.ops._launch import next_power_of_2, sm_count
 from mambakit.ops.norm.triton.kernels import norm_bwd_kernel, norm_fwd_kernel
 
 # one (BLOCK_M, BLOCK_G) tile must fit in registers; wider groups would need a looped kernel
@@ -36,10 +37,10 @@ def _tiles(n_rows: int, group: int, per_thread: int) -> tuple[int, int, int]:
     elements a thread (32 forward, 16 backward keep the gated backward under ~170 registers on sm_90)."""
     if group > MAX_GROUP:
         raise ValueError(f"the Triton norms handle groups of at most {MAX_GROUP} channels, got {group}")
-    block_g = triton.next_power_of_2(group)
+    block_g = next_power_of_2(group)
     if _interpreting():
         return max(1, min(4, 1024 // block_g)), block_g, 4
-    block_m = max(1, min(16, (256 * per_thread) // block_g, triton.next_power_of_2(n_rows)))
+    block_m = max(1, min(16, (256 * per_thread) // block_g, next_power_of_2(n_rows)))
     warps = min(16, max(1, block_m * block_g // (32 * per_thread)))
     return block_m, block_g, warps
 
@@ -121,7 +122,7 @@ def norm_bwd(
     if _interpreting():
         n_progs = min(n_blocks, 2)  # still crosses a program boundary at test sizes
     else:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        sms = sm_count(x.device)
         # enough programs to fill the GPU, few enough that the partial dweight rows stay small
         n_progs = min(n_blocks, max(1, (8 * sms) // (dim // group)))
     iters = triton.cdiv(n_blocks, n_progs)

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mambakit.ops._launch import next_power_of_2
 from mambakit.ops.selective_scan.triton.chunk_combine import combine_chunks
 from mambakit.ops.selective_scan.triton.scan_fwd import (
     _acc_dtype,
@@ -366,8 +367,8 @@ def default_bwd_config(dim_per_group: int, dstate: int) -> tuple[int, int, int]:
         bl, bd, nw = (int(v) for v in env.split(","))
         return bl, bd, nw
     # Wider channel blocks and shorter tiles: the dB/dC partial buffers scale with dim / BLOCK_D.
-    block_n = triton.next_power_of_2(dstate)
-    block_d = max(1, min(32, 4096 // (8 * block_n), triton.next_power_of_2(dim_per_group)))
+    block_n = next_power_of_2(dstate)
+    block_d = max(1, min(32, 4096 // (8 * block_n), next_power_of_2(dim_per_group)))
     # H100 sweep at B4 L2048 D4096 N16 bf16 (2026-11-23, docs/benchmarks.md): (8, 32, 4) 7.5 ms was the
     # fastest of 7 tile settings; (16, 16, 8) 14.2 ms the slowest.
     return 8, block_d, 4
@@ -408,7 +409,7 @@ def selective_scan_bwd(
     acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
     dev = x.device
     block_l, block_d, num_warps = config or default_bwd_config(dim_per_group, dstate)
-    block_d = min(block_d, triton.next_power_of_2(dim_per_group))
+    block_d = min(block_d, next_power_of_2(dim_per_group))
     nblocks = triton.cdiv(dim_per_group, block_d)
     ntiles = triton.cdiv(seqlen, block_l)
     A = A.contiguous()
@@ -441,7 +442,7 @@ def selective_scan_bwd(
             dy.stride(0), dy.stride(1),
             HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, HAS_SEQ_IDX=seq_idx is not None,
             DT_SOFTPLUS=bool(dt_softplus), ACC=acc, BLOCK_L=block_l, BLOCK_D=block_d,
-            BLOCK_N=triton.next_power_of_2(dstate), num_warps=num_warps,
+            BLOCK_N=next_power_of_2(dstate), num_warps=num_warps,
         )  # fmt: skip
         state_in, carry_in = starts, chunk_carries(G, Q, dfinal)
     else:
@@ -465,7 +466,7 @@ def selective_scan_bwd(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
         HAS_H0=state_in is not None, HAS_DHT=carry_in is not None, HAS_SEQ_IDX=seq_idx is not None,
         DT_SOFTPLUS=bool(dt_softplus), ACC=acc, WRITE_DH0=h0 is not None,
-        BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(dstate),
+        BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_N=next_power_of_2(dstate),
         num_warps=num_warps,
     )  # fmt: skip
     dA, dB, dC, dD, ddt_bias, dh0 = reduce_partials(

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mambakit.ops._launch import next_power_of_2, sm_count
 from mambakit.ops.selective_scan.triton.chunk_combine import combine_chunks
 from mambakit.ops.selective_scan.triton.seq_fwd import _softplus, selective_scan_fwd_seq_kernel
 
@@ -177,15 +178,10 @@ def default_config(dim_per_group: int, dstate: int) -> tuple[int, int, int]:
     if env:
         bl, bd, nw = (int(v) for v in env.split(","))
         return bl, bd, nw
-    block_n = triton.next_power_of_2(dstate)
+    block_n = next_power_of_2(dstate)
     # Keep a (BLOCK_L, BLOCK_D, BLOCK_N) fp32 tile near 32 values per thread and per live tensor.
-    block_d = max(1, min(32, 4096 // (16 * block_n), triton.next_power_of_2(dim_per_group)))
+    block_d = max(1, min(32, 4096 // (16 * block_n), next_power_of_2(dim_per_group)))
     return 16, block_d, 4
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _seq_chunk_override_or_sms(
@@ -197,8 +193,7 @@ def _seq_chunk_override_or_sms(
         return max(1, int(env)), 0
     if x.device.type != "cuda":
         return 1, 0
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return None, _sm_count(index)
+    return None, sm_count(x.device)
 
 
 def default_seq_chunks(x: torch.Tensor, programs: int, seqlen: int, block_l: int) -> int:
@@ -260,7 +255,7 @@ def selective_scan_fwd(
         h = h0.to(state_dtype) if h0 is not None else torch.zeros(batch, dim, dstate, device=x.device)
         return y, h.to(state_dtype)
     block_l, block_d, num_warps = config or default_config(dim_per_group, dstate)
-    block_d = min(block_d, triton.next_power_of_2(dim_per_group))
+    block_d = min(block_d, next_power_of_2(dim_per_group))
     programs = batch * ngroups * triton.cdiv(dim_per_group, block_d)
     if kernel_choice() == "seq":
         if os.environ.get("MAMBAKIT_SCAN_BC_FP32", "0") == "1" and B.dtype != torch.float32:
@@ -311,7 +306,7 @@ def chunk_start_states(
     nchunks = triton.cdiv(seqlen, chunk_len)
     state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     block_l, block_d, num_warps = config
-    block_d = min(block_d, triton.next_power_of_2(dim // B.shape[2]))
+    block_d = min(block_d, next_power_of_2(dim // B.shape[2]))
     ends = torch.empty((batch, nchunks, dim, dstate), dtype=state_dtype, device=x.device)
     decays = torch.empty_like(ends)
     _launch(
@@ -369,7 +364,7 @@ def _launch(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, HAS_H0=h0 is not None,
         HAS_SEQ_IDX=seq_idx is not None, DT_SOFTPLUS=bool(dt_softplus), ACC=acc,
         WRITE_Y=write_y, WRITE_DECAY=decays is not None,
-        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(dstate), num_warps=num_warps,
+        BLOCK_D=block_d, BLOCK_N=next_power_of_2(dstate), num_warps=num_warps,
     )  # fmt: skip
     if seq:
         selective_scan_fwd_seq_kernel[grid](*args, **flags, NUM_STAGES=stages)

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mambakit.ops._launch import next_power_of_2
 from mambakit.ops.selective_scan.triton.scan_bwd import chunk_carries, grad_buffers, reduce_partials
 from mambakit.ops.selective_scan.triton.scan_fwd import (
     _acc_dtype,
@@ -449,9 +450,9 @@ def selective_scan_bwd_seq(
     block_d, num_warps, seg, preload = config or seq_bwd_config(dim_per_group)
     if seg not in (2, 4):
         raise ValueError(f"the segment length of the step-loop backward must be 2 or 4, got {seg}")
-    block_d = min(block_d, max(triton.next_power_of_2(dim_per_group), 16))
+    block_d = min(block_d, max(next_power_of_2(dim_per_group), 16))
     num_warps = max(1, min(num_warps, block_d // 32))
-    block_n = triton.next_power_of_2(dstate)
+    block_n = next_power_of_2(dstate)
     nblocks = triton.cdiv(dim_per_group, block_d)
     A = A.contiguous()
     D = D.contiguous() if D is not None else None

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mambakit.ops._launch import next_power_of_2
 from mambakit.ops.selective_scan.triton.scan_fwd import _softplus
 
 
@@ -92,12 +93,12 @@ def _state_update(
     dim_per_group = dim // ngroups
     acc = tl.float64 if torch.float64 in (state.dtype, x.dtype) else tl.float32
     y = torch.empty((batch, dim), dtype=x.dtype, device=x.device)
-    block_n = triton.next_power_of_2(dstate)
+    block_n = next_power_of_2(dstate)
     W = dt_proj_weight
     dt_rank = 0 if W is None else W.shape[1]
-    block_r = triton.next_power_of_2(max(dt_rank, 1))
+    block_r = next_power_of_2(max(dt_rank, 1))
     # a program holds a (BLOCK_D, dstate) state tile and, with dt_proj, a (BLOCK_D, dt_rank) weight tile
-    block_d = min(triton.next_power_of_2(dim_per_group), max(1, 4096 // max(block_n, block_r)), 64)
+    block_d = min(next_power_of_2(dim_per_group), max(1, 4096 // max(block_n, block_r)), 64)
     grid = (batch * ngroups, triton.cdiv(dim_per_group, block_d))
     zz = z if z is not None else x
     Wp = W if W is not None else x

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mambakit.ops._launch import CachedTuning, next_power_of_2
+
 
 @triton.jit
 def process_dt(dt, bias, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, dt_min, dt_max):
@@ -27,7 +29,7 @@ def process_dt(dt, bias, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, dt_min
 
 def pow2_at_least(n: int, low: int = 16) -> int:
     """The block size covering n: a power of two, at least `low` (tl.dot needs 16 on every axis)."""
-    return max(low, triton.next_power_of_2(n))
+    return max(low, next_power_of_2(n))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -59,7 +61,7 @@ def _chunk_configs(configs, named_args, **kwargs):
     rows = pow2_at_least(named_args["chunk_size"])
     fits = [c for c in keep if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_K"] <= rows]
     keep = fits or sorted(keep, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"])[:1]
-    if triton.next_power_of_2(named_args["dstate"]) < 128:
+    if next_power_of_2(named_args["dstate"]) < 128:
         # Triton 3.6 on sm_90 miscompiles chunk_bwd_dC at (BLOCK_M 64, 8 warps) with dstate 32 (an
         # out-of-range shared-memory access under compute-sanitizer; `benchmarks/gpu_ssd_config_probe.py`
         # finds it): that tile is kept only at the dstate it was verified at.
@@ -94,12 +96,13 @@ def chunk_tuned(fn=None, *, reset_to_zero: tuple[str, ...] = ()):
     if env:  # one fixed "BLOCK_M,BLOCK_K,num_warps,num_stages" for every per-chunk kernel (tuning, debugging)
         tiles = [tuple(int(v) for v in env.split(","))]
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, k, w, s in tiles]
-    return triton.autotune(
+    tuned = triton.autotune(
         configs=configs,
         key=["nheads", "headdim", "dstate", "chunk_size", "heads_per_group", "tune_bucket"],
         prune_configs_by={"early_config_prune": _chunk_configs},
         reset_to_zero=list(reset_to_zero),
     )(fn)
+    return CachedTuning(tuned)
 
 
 def chunk_tiles(block_q: int) -> dict:

@@ -2,7 +2,9 @@
 
 Two `torch.library.custom_op`s, `mambakit::ssd_fwd` and `mambakit::ssd_bwd`, with fake (meta)
 implementations, so that torch.compile traces a model through them without looking inside, and
-`register_autograd` tying the backward to the forward. `ssd_triton` is the backend entry: it brings
+`register_autograd` tying the backward to the forward; eager calls skip the dispatcher (`EagerOp`), and
+forwards that nothing will differentiate call `ssd_forward` without keeping the chunk states.
+`ssd_triton` is the backend entry: it brings
 the arguments into the kernels' form (B, C, z in x's dtype, D as (nheads, headdim)) with ordinary
 differentiable PyTorch ops, so that their gradients flow back to the original dtypes and shapes.
 
@@ -17,6 +19,7 @@ import math
 
 import torch
 
+from mambakit.ops._eager import EagerOp
 from mambakit.ops.ssd.triton.backward import ssd_backward
 from mambakit.ops.ssd.triton.forward import acc_dtype, ssd_forward
 
@@ -28,8 +31,7 @@ def _contiguous_like(t: Tensor) -> Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("mambakit::ssd_fwd", mutates_args=(), device_types=None)
-def ssd_fwd_op(
+def _ssd_fwd(
     x: Tensor,
     dt: Tensor,
     A: Tensor,
@@ -54,6 +56,9 @@ def ssd_fwd_op(
     return tuple(t.contiguous() for t in outs)
 
 
+ssd_fwd_op = torch.library.custom_op("mambakit::ssd_fwd", _ssd_fwd, mutates_args=())
+
+
 @ssd_fwd_op.register_fake
 def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_state, seq_idx):
     batch, seqlen, nheads, headdim = x.shape
@@ -70,8 +75,7 @@ def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, in
     )
 
 
-@torch.library.custom_op("mambakit::ssd_bwd", mutates_args=(), device_types=None)
-def ssd_bwd_op(
+def _ssd_bwd(
     dy: Tensor,
     dfinal: Tensor | None,
     x: Tensor,
@@ -104,6 +108,10 @@ def ssd_bwd_op(
     return tuple(x.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 
+ssd_bwd_op = torch.library.custom_op("mambakit::ssd_bwd", _ssd_bwd, mutates_args=())
+ssd_bwd = EagerOp(ssd_bwd_op, _ssd_bwd)
+
+
 @ssd_bwd_op.register_fake
 def _(dy, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max,
       has_initial_state, seq_idx, y_pre, final, states, delta, cs):  # fmt: skip
@@ -129,7 +137,7 @@ def _backward(ctx, dy, _dy_pre, dfinal, _dstates, _ddelta, _dcs):
     chunk_size, dt_softplus, dt_min, dt_max, has_h0 = ctx.args
     if dy is None:
         dy = torch.zeros_like(x)
-    dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = ssd_bwd_op(
+    dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = ssd_bwd(
         dy, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max,
         has_h0, seq_idx, y_pre, final, states, delta, cs,
     )  # fmt: skip
@@ -141,6 +149,7 @@ def _backward(ctx, dy, _dy_pre, dfinal, _dstates, _ddelta, _dcs):
 
 
 ssd_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+ssd_fwd = EagerOp(ssd_fwd_op, _ssd_fwd, _setup_context, _backward)
 
 
 # The kernels hold a whole chunk's operand tiles on chip; beyond 256 positions they would not fit in
@@ -158,11 +167,22 @@ def _run(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initi
         D = (D[:, None] if D.ndim == 1 else D).expand(x.shape[2], x.shape[3]).to(acc_dtype(x)).contiguous()
     if initial_state is not None:
         initial_state = initial_state.to(acc_dtype(x))  # the state is kept in float32 (float64)
-    y, _, final, *_ = ssd_fwd_op(
-        x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, float(dt_limit[0]), float(dt_limit[1]),
-        initial_state, seq_idx,
-    )  # fmt: skip
+    dt_min, dt_max = float(dt_limit[0]), float(dt_limit[1])
+    tensors = (x, dt, A, B, C, D, z, dt_bias, initial_state)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(tensors)):
+        y, _, final, *_ = ssd_fwd(
+            x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_state, seq_idx
+        )
+    else:  # nothing will differentiate: the sequential forward need not store the chunk states
+        y, _, final, *_ = ssd_forward(
+            x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, (dt_min, dt_max), initial_state, seq_idx,
+            keep_states=False,
+        )  # fmt: skip
     return y, final
+
+
+def _any_requires_grad(args: tuple) -> bool:
+    return any(isinstance(a, Tensor) and a.requires_grad for a in args)
 
 
 def ssd_triton(

@@ -34,6 +34,7 @@ import os
 import triton
 import triton.language as tl
 
+from mambakit.ops._launch import CachedTuning
 from mambakit.ops.ssd.triton._common import interpreting, pow2_at_least
 
 # (SUB, warps, stages). fp32 steps take one stage: Triton 3.6 on the H200 gave wrong results for
@@ -97,7 +98,7 @@ def chunk_scan_fwd_kernel(
     sy_b, sy_l, sy_h, sy_p,
     ss_b, ss_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-    SEQUENTIAL: tl.constexpr,
+    SEQUENTIAL: tl.constexpr, STORE_STATES: tl.constexpr,
     SUB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
@@ -151,7 +152,7 @@ def chunk_scan_fwd_kernel(
     for c in range(c_lo, c_hi):
         start = c * chunk_size
         chunk_len = tl.minimum(chunk_size, seqlen - start)
-        if SEQUENTIAL:  # the state entering the chunk, for the backward
+        if SEQUENTIAL and STORE_STATES:  # the state entering the chunk, for the backward
             tl.store(
                 states_ptr + ((b * nchunks + c) * nheads + h) * headdim * dstate + pn_off, RT, mask=pn_mask
             )
@@ -230,8 +231,10 @@ def chunk_scan_fwd_kernel(
         tl.store(final_ptr + bh * headdim * dstate + pn_off, RT, mask=pn_mask)
 
 
-chunk_scan_fwd_tuned = triton.autotune(
-    configs=[triton.Config({"SUB": q}, num_warps=w, num_stages=n) for q, w, n in SCAN_CONFIGS],
-    key=["nheads", "headdim", "dstate", "chunk_size", "tune_bucket", "SEQUENTIAL"],
-    prune_configs_by={"early_config_prune": _prune},
-)(chunk_scan_fwd_kernel)
+chunk_scan_fwd_tuned = CachedTuning(
+    triton.autotune(
+        configs=[triton.Config({"SUB": q}, num_warps=w, num_stages=n) for q, w, n in SCAN_CONFIGS],
+        key=["nheads", "headdim", "dstate", "chunk_size", "tune_bucket", "SEQUENTIAL", "STORE_STATES"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(chunk_scan_fwd_kernel)
+)

@@ -29,6 +29,7 @@ import os
 
 import torch
 
+from mambakit.ops._launch import sm_count
 from mambakit.ops.ssd.triton._common import (
     dot_in_fp32,
     dot_precision,
@@ -90,8 +91,7 @@ def sequential_forward(programs: int, device: torch.device) -> bool:
         return forced == "sequential"
     if device.type != "cuda":
         return False
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return programs >= SEQUENTIAL_MIN_PER_SM * sms
+    return programs >= SEQUENTIAL_MIN_PER_SM * sm_count(device)
 
 
 def ssd_forward(
@@ -108,8 +108,11 @@ def ssd_forward(
     dt_limit: tuple[float, float],
     initial_state: torch.Tensor | None,
     seq_idx: torch.Tensor | None,
+    keep_states: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunked forward. B, C, z must already have x's dtype; D is None or (nheads, headdim).
+    keep_states=False (no backward will follow) lets the sequential path skip writing the chunk states
+    (268 MB of float32 at the benchmark anchor, L = 8192); the states returned are then empty.
 
     Returns y (batch, seqlen, nheads, headdim) in x's dtype; y before the z gate (None without z);
     the final state (batch, nheads, headdim, dstate); the states entering each chunk
@@ -123,7 +126,6 @@ def ssd_forward(
     dev = x.device
     delta = torch.empty(batch, nheads, seqlen, device=dev, dtype=acc)
     cs = torch.empty_like(delta)
-    states = torch.empty(batch, nchunks, nheads, headdim, dstate, device=dev, dtype=acc)
     final = torch.empty(batch, nheads, headdim, dstate, device=dev, dtype=acc)
     h0 = None if initial_state is None else initial_state.to(acc).contiguous()
     seq_strides = (0, 0) if seq_idx is None else seq_idx.stride()
@@ -145,6 +147,9 @@ def ssd_forward(
     block_p = scan_args.pop("BLOCK_P", min(64, pow2_at_least(headdim)))
     columns = nheads * math.ceil(headdim / block_p)
     sequential = sequential_forward(batch * columns, x.device)
+    store_states = keep_states or not sequential  # the chunked path computes them in any case
+    states_shape = (batch, nchunks, nheads, headdim, dstate) if store_states else (0,)
+    states = torch.empty(states_shape, device=dev, dtype=acc)
     if not sequential:
         st = state_launch(x, batch * nchunks * nheads, headdim, dstate)
         grid = (
@@ -170,7 +175,7 @@ def ssd_forward(
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, nheads // ngroups, tune_bucket(x),
         *x.stride(), *B.stride(), *C.stride(), *z_strides, *y.stride(), *seq_strides,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, HAS_INIT=h0 is not None,
-        SEQUENTIAL=sequential,
+        SEQUENTIAL=sequential, STORE_STATES=store_states,
         BLOCK_P=block_p, BLOCK_N=pow2_at_least(dstate), PREC=prec, DOT_F32=f32, **scan_args,
     )  # fmt: skip
     return y, y_pre, final, states, delta, cs
