@@ -1,4 +1,5 @@
-"""The sequential SSD backward (opt-in, `MAMBAKIT_SSD_BWD_PATH=sequential`; not yet measured on a GPU).
+"""The sequential SSD backward (opt-in, `MAMBAKIT_SSD_BWD_PATH=sequential`: right on the H200, but its
+kernel took 9.0 ms at the benchmark anchor, seqlen 8192, against ~4.6 ms for the chunked backward).
 
 One program per (batch, head) walks the sequence in reverse, SUB rows at a time, carrying dR, the
 gradient of the state after the current sub-block (from d final_state at the end). For each chunk it
@@ -225,14 +226,15 @@ def ssd_bwd_seq_kernel(
 
 def launch_config() -> tuple[int, int, int]:
     """(SUB, num_warps, num_stages): `MAMBAKIT_SSD_BWD_SEQ_CONFIG="SUB,num_warps,num_stages"`, else 16-row
-    steps under the interpreter (so that the tests' chunks hold several) and (64, 8, 1) on a GPU, an
-    untuned first choice: the program holds two (headdim x dstate) fp32 states and several
-    (SUB x SUB) fp32 tiles at once."""
+    steps under the interpreter (so that the tests' chunks hold several) and (64, 4, 1) on a GPU, the
+    fastest of `benchmarks/gpu_ssd_tiles.py --which bwdseq` on the H200 (9.0 ms at the anchor against
+    12.7-14.7 for the others, 2026-12-01): the program holds two (headdim x dstate) fp32 states and
+    several (SUB x SUB) fp32 tiles at once."""
     env = os.environ.get("MAMBAKIT_SSD_BWD_SEQ_CONFIG")
     if env:
         sub, warps, stages = (int(v) for v in env.split(","))
         return sub, warps, stages
-    return (16, 4, 1) if interpreting() else (64, 8, 1)
+    return (16, 4, 1) if interpreting() else (64, 4, 1)
 
 
 def sequential_backward(

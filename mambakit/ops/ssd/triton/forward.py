@@ -17,9 +17,11 @@ x/B/C, fp32 dt) and seqlen L = 8192:
   chunked path also writes each chunk's own state and rewrites it in place). The unavoidable part
   (x, y, B, C, dt) is 0.55 GB, a floor of ~0.13 ms.
   Bars: <= 0.5 ms forward and <= 2.5 ms forward+backward at L = 8192 (official Triton kernels: 1.29 ms
-  and 5.79 ms). Measured on the H200 (2026-12-01, docs/benchmarks.md): 0.65 ms on the sequential
-  path (1.03 on the chunked one), almost all of it `chunk_scan`: 256 programs of 128 dependent steps,
-  ~4.9 us a step, latency-bound rather than bound by FLOPs or bytes.
+  and 5.79 ms). Measured on the H200 (2026-12-01, docs/benchmarks.md): 0.56 ms on the sequential
+  path without grad (0.65 when it writes the chunk states; 1.03 on the chunked path), almost all of it
+  `chunk_scan`: 256 programs of 128 dependent steps, ~4.4 us a step, bound by instruction issue
+  (Nsight Compute: ~1,270 warp instructions a step, 2 programs per SM for want of registers) rather
+  than by FLOPs or bytes.
 """
 
 from __future__ import annotations
