@@ -1,9 +1,13 @@
 """Static cost of Triton kernels without a GPU: compile them for sm_90 (H100/H200) with Triton's bundled
 ptxas and print registers, spills and, per loop of the SASS, the instructions per unit of work and the
 counts of the costly kinds (MUFU, SHFL, barriers, global loads/stores, local spills). `--kernels scan`
-(default): the Mamba-1 step-loop kernels, per sequence step. `--kernels conv-norm`: the conv1d and norm
-kernels of a training step, per element a thread handles, compiled as the launcher specializes them
-(unit column strides, 16-divisible pointers and row strides); a kernel without a loop is counted whole.
+(default): the Mamba-1 step-loop kernels, per sequence step. `--kernels ssd`: the SSD output pass (per
+64-row step) and chunk-backward kernels (per 64 x 64 tile), which Nsight Compute found issue-bound
+(docs/benchmarks.md, eighth session); its count of the output pass's step, 1,255 instructions under
+Triton 3.6, matched the 1,270 warp instructions a step that ncu measured on the H200.
+`--kernels conv-norm`: the conv1d and norm kernels of a training step, per element a thread handles,
+compiled as the launcher specializes them (unit column strides, 16-divisible pointers and row
+strides); a kernel without a loop is counted whole.
 
 It predicts before the device is used: a step loop of N instructions a channel-step over
 batch * seqlen * dim channel-steps issues batch * seqlen * dim * N / 32 warp instructions, against about
@@ -12,6 +16,7 @@ with D, z, dt_bias and softplus.
 
     python benchmarks/sass_count.py --out bench_out/sass_count.json
     python benchmarks/sass_count.py --kernels conv-norm --out bench_out/sass_conv_norm.json
+    python benchmarks/sass_count.py --kernels ssd --out bench_out/sass_ssd.json
 """
 
 from __future__ import annotations
@@ -97,6 +102,45 @@ def conv_norm_kernels() -> list[tuple[str, object, dict, dict, int, dict]]:
     ]  # fmt: skip
 
 
+def ssd_kernels() -> list[tuple[str, object, dict, dict, int, dict]]:
+    """(name, kernel, constexprs, launch options, steps per loop iteration, specialization) of the SSD
+    output pass and chunk-backward kernels at the benchmark anchor's tuned launches (bf16 x/B/C,
+    headdim 64, dstate 128, D, no z, no seq_idx; unit inner strides, 16-divisible sizes and strides).
+    The output pass's inner loop is one 64-row step; a chunk-backward loop, one (64 x 64) tile."""
+    from mambakit.ops.ssd.triton import bwd_chunk, chunk_scan
+
+    half = ("x_ptr", "B_ptr", "C_ptr", "y_ptr", "z_ptr", "ypre_ptr", "dy_ptr", "dx_ptr")
+
+    def spec(kernel):
+        names = kernel.arg_names
+        ones = tuple(n for n in names if re.fullmatch(r"s\w+_(p|n)", n))
+        sizes = ("seqlen", "headdim", "dstate", "chunk_size")
+        div16 = tuple(n for n in names if (n.startswith("s") and n not in ones) or n in sizes)
+        return dict(half=half, ones=ones, div16=div16)
+
+    def jit(kernel):  # the JIT function under CachedTuning / triton.autotune
+        return getattr(getattr(kernel, "tuned", kernel), "fn", kernel)
+
+    scan = jit(chunk_scan.chunk_scan_fwd_tuned)
+    common = dict(HAS_D=True, HAS_Z=False, HAS_SEQ=False, HAS_INIT=False, BLOCK_P=64, BLOCK_N=128,
+                  PREC="ieee", DOT_F32=False)  # fmt: skip
+    tile = dict(common, USE_CB=True, BLOCK_M=64, BLOCK_K=64)
+    out = [
+        ("ssd output pass, sequential, no grad (64,4,1)", scan,
+         dict(common, SEQUENTIAL=True, STORE_STATES=False, SUB=64), {"num_warps": 4, "num_stages": 1}, 1),
+        ("ssd output pass, chunked (64,4,1)", scan,
+         dict(common, SEQUENTIAL=False, STORE_STATES=True, SUB=64), {"num_warps": 4, "num_stages": 1}, 1),
+    ]  # fmt: skip
+    for name in ("dx", "dB", "dC"):
+        kernel = jit(getattr(bwd_chunk, f"chunk_bwd_{name}_kernel"))
+        out.append((f"ssd chunk_bwd_{name} (64,64,4,2)", kernel, tile, {"num_warps": 4, "num_stages": 2}, 1))
+    kept = []
+    for name, kernel, constexprs, options, per in out:
+        constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
+        kept.append((name, kernel, constexprs, options, per, spec(kernel)))
+    return kept
+
+
 def compile_sm90(kernel, constexprs: dict, options: dict, half=_HALF, ones=(), div16=()) -> tuple[dict, str]:
     """Resource usage and SASS of the kernel compiled for sm_90. Pointers named in `half` are bf16, the
     rest float32; scalars are i32, except those in `ones` (the constant 1, as Triton specializes a unit
@@ -159,11 +203,14 @@ def instructions(sass: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernels", choices=["scan", "conv-norm"], default="scan")
+    parser.add_argument("--kernels", choices=["scan", "conv-norm", "ssd"], default="scan")
     parser.add_argument("--out", default="bench_out/sass_count.json")
     args = parser.parse_args()
     if args.kernels == "scan":
         todo = [(n, k, c, o, steps, {}) for n, k, c, o, steps in kernels()]
+        unit = "step"
+    elif args.kernels == "ssd":
+        todo = ssd_kernels()
         unit = "step"
     else:
         todo = conv_norm_kernels()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mambakit.ops.ssd.triton._common import chunk_tuned
+from mambakit.ops.ssd.triton._common import chunk_tuned, exp_ftz
 
 
 @chunk_tuned(reset_to_zero=("dD_ptr",))
@@ -93,7 +93,7 @@ def chunk_bwd_dx_kernel(
         mask=pmask[None, :] & nmask[:, None],
         other=0.0,
     )  # (BLOCK_N, BLOCK_P): G^T
-    scale = tl.exp(cs_end - cs_s)
+    scale = exp_ftz(cs_end - cs_s)
     if HAS_SEQ:
         seq_s = tl.load(seq_ptr + b * ss_b + ts * ss_l, mask=smask, other=0)
         seq_end = tl.load(seq_ptr + b * ss_b + last * ss_l)
@@ -147,7 +147,7 @@ def chunk_bwd_dx_kernel(
         if HAS_SEQ:
             seq_t = tl.load(seq_ptr + b * ss_b + tt * ss_l, mask=tmask, other=0)
             keep = keep & (seq_s[:, None] == seq_t[None, :])
-        Lt = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
+        Lt = exp_ftz(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
         dxdt += tl.dot((cbT * Lt).to(XDT).to(DOT), dyt, input_precision=PREC).to(ACC)
         xdy = tl.dot(xs_dot, tl.trans(dyt), input_precision=PREC).to(ACC)
         col_chunk += tl.sum(cbT * Lt * xdy, 1)
@@ -240,7 +240,7 @@ def chunk_bwd_dB_kernel(
             mask=pmask[:, None] & nmask[None, :],
             other=0.0,
         )  # (BLOCK_P, BLOCK_N)
-        scale = tl.exp(cs_end - cs_s) * delta_s
+        scale = exp_ftz(cs_end - cs_s) * delta_s
         if HAS_SEQ:
             scale = tl.where(seq_s == seq_end, scale, 0.0)
         dB += tl.dot(xs, G.to(XDT).to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
@@ -287,7 +287,7 @@ def chunk_bwd_dB_kernel(
                 .to(XDT)
                 .to(DOT)
             )
-            Lt = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
+            Lt = exp_ftz(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
             xdy = tl.dot(xs, tl.trans(dyt), input_precision=PREC).to(ACC)
             dB += tl.dot((xdy * Lt * delta_s[:, None]).to(XDT).to(DOT), Ct, input_precision=PREC).to(ACC)
 
@@ -371,7 +371,7 @@ def chunk_bwd_dC_kernel(
             mask=pmask[:, None] & nmask[None, :],
             other=0.0,
         )  # (BLOCK_P, BLOCK_N)
-        scale = tl.exp(cs_r)
+        scale = exp_ftz(cs_r)
         if HAS_SEQ:
             scale = tl.where(seq_r == seq_prev, scale, 0.0)
         dyS = tl.dot(dyr, S.to(XDT).to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
@@ -424,7 +424,7 @@ def chunk_bwd_dC_kernel(
             )
             cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
             delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
-            L = tl.exp(tl.where(keep, cs_r[:, None] - cs_s[None, :], float("-inf")))
+            L = exp_ftz(tl.where(keep, cs_r[:, None] - cs_s[None, :], float("-inf")))
             dyx = tl.dot(dyr, tl.trans(xs), input_precision=PREC).to(ACC)  # (BLOCK_M, BLOCK_K)
             E = dyx * L * delta_s[None, :]
             dC += tl.dot(E.to(XDT).to(DOT), Bs, input_precision=PREC).to(ACC)

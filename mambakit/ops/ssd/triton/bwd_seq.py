@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mambakit.ops.ssd.triton._common import dot_in_fp32, dot_precision, interpreting, pow2_at_least
+from mambakit.ops.ssd.triton._common import dot_in_fp32, dot_precision, exp_ftz, interpreting, pow2_at_least
 from mambakit.ops.ssd.triton.chunk_scan import carry_state
 
 
@@ -138,9 +138,9 @@ def ssd_bwd_seq_kernel(
             cs_ref = tl.sum(tl.load(before, mask=(offs_q == 0) & (offs_q * 0 + q0 > 0), other=0.0), 0)
             e = tl.minimum(q0 + SUB, chunk_len) - 1
             cs_e = tl.load(cs_ptr + dcs_base + start + e)
-            scale = tl.exp(cs_r - cs_ref)  # t reads R_k
-            to_end = tl.exp(cs_e - cs_r)  # s feeds the state leaving the sub-block
-            decay = tl.exp(cs_e - cs_ref)
+            scale = exp_ftz(cs_r - cs_ref)  # t reads R_k
+            to_end = exp_ftz(cs_e - cs_r)  # s feeds the state leaving the sub-block
+            decay = exp_ftz(cs_e - cs_ref)
             keep = tri & rmask[None, :] & rmask[:, None]
             if HAS_SEQ:
                 seq_r = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=rmask, other=0)
@@ -174,7 +174,7 @@ def ssd_bwd_seq_kernel(
             dy_d = dyr.to(XDT).to(DOT)
             xf = xr.to(ACC)
 
-            decay_ts = tl.exp(tl.where(keep, cs_r[:, None] - cs_r[None, :], float("-inf")))  # (t, s)
+            decay_ts = exp_ftz(tl.where(keep, cs_r[:, None] - cs_r[None, :], float("-inf")))  # (t, s)
             W = tl.dot(Cr, tl.trans(Br), input_precision=PREC).to(ACC) * decay_ts
             dyx = tl.dot(dy_d, tl.trans(x_d), input_precision=PREC).to(ACC)  # (t, s): dy_t . x_s
             dRB = tl.dot(Br, tl.trans(dRT.to(XDT).to(DOT)), input_precision=PREC).to(ACC)  # (s, P): dR B_s

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from mambakit.ops._launch import CachedTuning
-from mambakit.ops.ssd.triton._common import interpreting, pow2_at_least
+from mambakit.ops.ssd.triton._common import LOG2E, exp2_ftz, exp_ftz, interpreting, pow2_at_least
 
 # (SUB, warps, stages). fp32 steps take one stage: Triton 3.6 on the H200 gave wrong results for
 # 16-bit inputs at (32, 4, 2) (the original kernel, with the state as the second operand; right at
@@ -76,8 +76,8 @@ def carry_state(RT, xT, Br, cs_r, delta_r, rmask, seq_r, cs_ref, seq_ref, cs_e, 
                  HAS_SEQ: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """R^T (headdim, dstate) moved from the reference row to row e of the sub-block whose x^T
     (headdim, SUB), B (SUB, dstate), cs, delta and seq the arguments hold."""
-    w = tl.exp(cs_e - cs_r) * delta_r
-    decay = tl.exp(cs_e - cs_ref)
+    w = exp_ftz(cs_e - cs_r) * delta_r
+    decay = exp_ftz(cs_e - cs_ref)
     if HAS_SEQ:
         w = tl.where(seq_r == seq_e, w, 0.0)
         decay = tl.where(seq_e == seq_ref, decay, 0.0)
@@ -181,7 +181,7 @@ def chunk_scan_fwd_kernel(
             )  # (BLOCK_P, SUB)
 
             # the past, through the carried state
-            scale = tl.exp(cs_r - cs_ref)
+            scale = exp_ftz(cs_r - cs_ref)
             if HAS_SEQ:
                 seq_r = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=rmask, other=0)
                 scale = tl.where(seq_r == seq_ref, scale, 0.0)
@@ -194,7 +194,8 @@ def chunk_scan_fwd_kernel(
             keep = (offs_q[None, :] >= offs_q[:, None]) & rmask[:, None]
             if HAS_SEQ:
                 keep = keep & (seq_r[:, None] == seq_r[None, :])
-            LT = tl.exp(tl.where(keep, cs_r[None, :] - cs_r[:, None], float("-inf")))
+            cs2 = cs_r * LOG2E  # in base 2 once per row, not once per (s, t) pair
+            LT = exp2_ftz(tl.where(keep, cs2[None, :] - cs2[:, None], float("-inf")))
             scoresT = cbT * LT * delta_r[:, None]
             accT += tl.dot(xT.to(XDT).to(DOT), scoresT.to(XDT).to(DOT), input_precision=PREC).to(ACC)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mambakit.ops.ssd.triton._common import process_dt
+from mambakit.ops.ssd.triton._common import exp_ftz, process_dt
 
 
 @triton.jit
@@ -105,9 +105,9 @@ def _state_tile(
         qmask = (q < chunk_size) & (t < seqlen)
         cs = tl.load(cs_ptr + dcs_base + t, mask=qmask, other=0.0)
         if FORWARD:
-            w = tl.exp(cs_end - cs) * tl.load(delta_ptr + dcs_base + t, mask=qmask, other=0.0)
+            w = exp_ftz(cs_end - cs) * tl.load(delta_ptr + dcs_base + t, mask=qmask, other=0.0)
         else:
-            w = tl.exp(cs)
+            w = exp_ftz(cs)
         if HAS_SEQ:
             seq = tl.load(seq_ptr + b * ss_b + t * ss_l, mask=qmask, other=0)
             w = tl.where(seq == seq_keep, w, 0.0)
