@@ -122,7 +122,7 @@ def ssd_kernels() -> list[tuple[str, object, dict, dict, int, dict]]:
         return getattr(getattr(kernel, "tuned", kernel), "fn", kernel)
 
     scan = jit(chunk_scan.chunk_scan_fwd_tuned)
-    common = dict(HAS_D=True, HAS_Z=False, HAS_SEQ=False, HAS_INIT=False, BLOCK_P=64, BLOCK_N=128,
+    common = dict(HAS_D=True, HAS_Z=False, HAS_SEQ=False, HAS_INIT=False, FULL=True, BLOCK_P=64, BLOCK_N=128,
                   PREC="ieee", DOT_F32=False)  # fmt: skip
     tile = dict(common, USE_CB=True, BLOCK_M=64, BLOCK_K=64)
     out = [

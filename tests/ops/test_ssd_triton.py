@@ -118,6 +118,7 @@ CASES = [
     (1, 40, 4, 16, 1, 8, 32, {"dt_softplus": True, "dt_limit": (0.05, 0.6)}),
     (2, 40, 2, 8, 1, 16, 24, {"dt_softplus": True}),  # chunk size not a power of two
     (1, 33, 2, 16, 2, 8, 16, {}),  # no softplus: dt may be negative, as in the reference
+    (2, 64, 4, 16, 2, 16, 32, {"dt_softplus": True}),  # full tiles: the unmasked steps (FULL)
 ]
 
 
@@ -243,6 +244,17 @@ def test_result_does_not_depend_on_chunk_size():
     y64, f64 = ssd(**ins, chunk_size=64, dt_softplus=True, return_final_state=True, backend="triton")
     assert_close(y16, y64, 1e-5, "y")
     assert_close(f16, f64, 1e-5, "final_state")
+
+
+def test_full_tiles_with_documents(fwd_path):
+    """Sizes at which every step of every chunk is full (unmasked loads, `_common.full_tiles`), with
+    documents that start inside steps and an initial state."""
+    from mambakit.ops.ssd.triton._common import full_tiles
+
+    assert full_tiles(96, 32, 16, 16, 16, 16, 16) and not full_tiles(95, 32, 16, 16, 16, 16, 16)
+    ins = make_inputs(2, 96, 4, 16, 1, 16, seed=9)
+    seq = torch.tensor([[0] * 37 + [1] * 59, [0] * 90 + [1] * 6], device=DEV)
+    compare(ins, 1e-4, chunk_size=32, dt_softplus=True, seq_idx=seq)
 
 
 def test_forward_without_grad_matches_the_differentiable_one(fwd_path):

@@ -35,7 +35,15 @@ import triton
 import triton.language as tl
 
 from mambakit.ops._launch import CachedTuning
-from mambakit.ops.ssd.triton._common import LOG2E, exp2_ftz, exp_ftz, interpreting, pow2_at_least
+from mambakit.ops.ssd.triton._common import (
+    LOG2E,
+    exp2_ftz,
+    exp_ftz,
+    interpreting,
+    load_tile,
+    pow2_at_least,
+    store_tile,
+)
 
 # (SUB, warps, stages). fp32 steps take one stage: Triton 3.6 on the H200 gave wrong results for
 # 16-bit inputs at (32, 4, 2) (the original kernel, with the state as the second operand; right at
@@ -98,7 +106,7 @@ def chunk_scan_fwd_kernel(
     sy_b, sy_l, sy_h, sy_p,
     ss_b, ss_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-    SEQUENTIAL: tl.constexpr, STORE_STATES: tl.constexpr,
+    SEQUENTIAL: tl.constexpr, STORE_STATES: tl.constexpr, FULL: tl.constexpr,
     SUB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
@@ -161,24 +169,16 @@ def chunk_scan_fwd_kernel(
             r = q0 + offs_q
             rmask = r < chunk_len
             t = start + r
-            cs_r = tl.load(cs_ptr + dcs_base + t, mask=rmask, other=0.0)
-            delta_r = tl.load(delta_ptr + dcs_base + t, mask=rmask, other=0.0)
-            Cr = tl.load(
-                C_ptr + b * sC_b + t[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
-                mask=rmask[:, None] & nmask[None, :],
-                other=0.0,
-            ).to(XDT).to(DOT)  # fmt: skip
-            Br = tl.load(
-                B_ptr + b * sB_b + t[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
-                mask=rmask[:, None] & nmask[None, :],
-                other=0.0,
-            ).to(XDT).to(DOT)  # fmt: skip
+            cs_r = load_tile(cs_ptr + dcs_base + t, rmask, FULL)
+            delta_r = load_tile(delta_ptr + dcs_base + t, rmask, FULL)
+            rn_mask = rmask[:, None] & nmask[None, :]
+            Cr = load_tile(C_ptr + b * sC_b + t[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n, rn_mask,
+                           FULL).to(XDT).to(DOT)  # fmt: skip
+            Br = load_tile(B_ptr + b * sB_b + t[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n, rn_mask,
+                           FULL).to(XDT).to(DOT)  # fmt: skip
             io_mask = pmask[:, None] & rmask[None, :]
-            xT = tl.load(
-                x_ptr + b * sx_b + t[None, :] * sx_l + h * sx_h + offs_p[:, None] * sx_p,
-                mask=io_mask,
-                other=0.0,
-            )  # (BLOCK_P, SUB)
+            xT = load_tile(x_ptr + b * sx_b + t[None, :] * sx_l + h * sx_h + offs_p[:, None] * sx_p, io_mask,
+                           FULL)  # (BLOCK_P, SUB)  # fmt: skip
 
             # the past, through the carried state
             scale = exp_ftz(cs_r - cs_ref)
@@ -203,14 +203,11 @@ def chunk_scan_fwd_kernel(
                 accT += xT.to(ACC) * Dp[:, None]
             y_off = b * sy_b + t[None, :] * sy_l + h * sy_h + offs_p[:, None] * sy_p
             if HAS_Z:
-                tl.store(ypre_ptr + y_off, accT.to(ypre_ptr.dtype.element_ty), mask=io_mask)
-                zT = tl.load(
-                    z_ptr + b * sz_b + t[None, :] * sz_l + h * sz_h + offs_p[:, None] * sz_p,
-                    mask=io_mask,
-                    other=0.0,
-                ).to(ACC)
+                store_tile(ypre_ptr + y_off, accT.to(ypre_ptr.dtype.element_ty), io_mask, FULL)
+                z_off = b * sz_b + t[None, :] * sz_l + h * sz_h + offs_p[:, None] * sz_p
+                zT = load_tile(z_ptr + z_off, io_mask, FULL).to(ACC)
                 accT = accT * zT * tl.sigmoid(zT)
-            tl.store(y_ptr + y_off, accT.to(y_ptr.dtype.element_ty), mask=io_mask)
+            store_tile(y_ptr + y_off, accT.to(y_ptr.dtype.element_ty), io_mask, FULL)
 
             # carry the state to the sub-block's last row: always when walking on to the next chunk,
             # else not after the chunk's last sub-block

@@ -35,10 +35,11 @@ from mambakit.ops._launch import sm_count
 from mambakit.ops.ssd.triton._common import (
     dot_in_fp32,
     dot_precision,
+    full_tiles,
     pow2_at_least,
     tune_bucket,
 )
-from mambakit.ops.ssd.triton.chunk_scan import scan_launch
+from mambakit.ops.ssd.triton.chunk_scan import SCAN_CONFIGS, scan_launch
 from mambakit.ops.ssd.triton.chunk_state import chunk_cumsum_kernel, chunk_state_fwd_kernel
 from mambakit.ops.ssd.triton.state_passing import state_passing
 
@@ -147,6 +148,10 @@ def ssd_forward(
     z_strides = (0, 0, 0, 0) if z is None else z.stride()
     scan_kernel, scan_args = scan_launch()
     block_p = scan_args.pop("BLOCK_P", min(64, pow2_at_least(headdim)))
+    block_n = pow2_at_least(dstate)
+    # the tuned configs step at most 64 rows, and 64 is a multiple of each of their steps
+    sub = scan_args.get("SUB", max(q for q, _, _ in SCAN_CONFIGS))
+    full = full_tiles(seqlen, chunk_size, sub, headdim, block_p, dstate, block_n)
     columns = nheads * math.ceil(headdim / block_p)
     sequential = sequential_forward(batch * columns, x.device)
     store_states = keep_states or not sequential  # the chunked path computes them in any case
@@ -177,7 +182,7 @@ def ssd_forward(
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, nheads // ngroups, tune_bucket(x),
         *x.stride(), *B.stride(), *C.stride(), *z_strides, *y.stride(), *seq_strides,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, HAS_INIT=h0 is not None,
-        SEQUENTIAL=sequential, STORE_STATES=store_states,
-        BLOCK_P=block_p, BLOCK_N=pow2_at_least(dstate), PREC=prec, DOT_F32=f32, **scan_args,
+        SEQUENTIAL=sequential, STORE_STATES=store_states, FULL=full,
+        BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32, **scan_args,
     )  # fmt: skip
     return y, y_pre, final, states, delta, cs
