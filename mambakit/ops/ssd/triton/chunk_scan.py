@@ -191,7 +191,9 @@ def chunk_scan_fwd_kernel(
 
             # the diagonal sub-block, quadratic: [s, t] = (B_s . C_t) exp(cs_t - cs_s) delta_s
             cbT = tl.dot(Br, tl.trans(Cr), input_precision=PREC).to(ACC)  # (SUB, SUB)
-            keep = (offs_q[None, :] >= offs_q[:, None]) & rmask[:, None]
+            keep = offs_q[None, :] >= offs_q[:, None]
+            if not FULL:
+                keep = keep & rmask[:, None]
             if HAS_SEQ:
                 keep = keep & (seq_r[:, None] == seq_r[None, :])
             cs2 = cs_r * LOG2E  # in base 2 once per row, not once per (s, t) pair
