@@ -137,6 +137,27 @@ def tune_bucket(x: torch.Tensor) -> int:
     return 0 if batch * seqlen * nheads < 2**18 else max(seqlen, 1).bit_length()
 
 
+# (BLOCK_M, BLOCK_K, num_warps, num_stages); the first of each list is the untuned default: fewest
+# register spills across these kernels on sm_90
+CHUNK_TILES_WIDE = [(64, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)]
+CHUNK_TILES_NARROW = [(32, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 2)]
+
+
+def _chunk_tile_list() -> list[tuple[int, ...]]:
+    env = os.environ.get("MAMBAKIT_SSD_CHUNK_CONFIG")
+    if env:  # one fixed "BLOCK_M,BLOCK_K,num_warps,num_stages" for every per-chunk kernel (tuning, debugging)
+        return [tuple(int(v) for v in env.split(","))]
+    return CHUNK_TILES_WIDE + CHUNK_TILES_NARROW
+
+
+def chunk_tile_max(block_q: int) -> int:
+    """The largest BLOCK_M or BLOCK_K a `chunk_tuned` kernel may run with (the interpreter's one tile;
+    on a GPU any config the tuner may pick, or the one fixed by `MAMBAKIT_SSD_CHUNK_CONFIG`)."""
+    if interpreting():
+        return min(64, block_q)
+    return max(max(t[0], t[1]) for t in CHUNK_TILES_WIDE + CHUNK_TILES_NARROW + _chunk_tile_list())
+
+
 def chunk_tuned(fn=None, *, reset_to_zero: tuple[str, ...] = ()):
     """triton.autotune over row/column tiles, warps and stages for the per-chunk kernels, keyed on the
     head and chunk sizes and a coarse size bucket (Triton adds the dtypes). Every config computes the
@@ -147,13 +168,7 @@ def chunk_tuned(fn=None, *, reset_to_zero: tuple[str, ...] = ()):
         return lambda f: chunk_tuned(f, reset_to_zero=reset_to_zero)
     if interpreting():
         return fn
-    # the first of each list is the untuned default: fewest register spills across these kernels on sm_90
-    wide = [(64, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)]
-    narrow = [(32, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 2)]
-    tiles = wide + narrow
-    env = os.environ.get("MAMBAKIT_SSD_CHUNK_CONFIG")
-    if env:  # one fixed "BLOCK_M,BLOCK_K,num_warps,num_stages" for every per-chunk kernel (tuning, debugging)
-        tiles = [tuple(int(v) for v in env.split(","))]
+    tiles = _chunk_tile_list()
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, k, w, s in tiles]
     tuned = triton.autotune(
         configs=configs,

@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from mambakit.ops.ssd.triton._common import (
+    chunk_tile_max,
     chunk_tiles,
     dot_in_fp32,
     dot_precision,
+    full_tiles,
     pow2_at_least,
     tune_bucket,
 )
@@ -139,6 +141,10 @@ def ssd_backward(
         return (math.ceil(chunk_size / meta["BLOCK_M"]), batch * nchunks, ngroups * nsplit)
 
     tiles = chunk_tiles(block_q)
+    # every tile of every chunk in bounds (the row blocks span the whole chunk, so every chunk full)
+    tile = chunk_tile_max(block_q)
+    full = seqlen % chunk_size == 0
+    full = full and full_tiles(seqlen, chunk_size, tile, headdim, block_p, dstate, block_n)
 
     def grid_dx(meta):
         return (math.ceil(chunk_size / meta["BLOCK_M"]), batch * nchunks, nheads)
@@ -149,7 +155,7 @@ def ssd_backward(
         dx, ddelta, dcs_col, dcs_st, dD_parts,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg, tune_bucket(x),
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *seq_strides,
-        HAS_D=D is not None, HAS_SEQ=seq_idx is not None, USE_CB=cb is not None,
+        HAS_D=D is not None, HAS_SEQ=seq_idx is not None, USE_CB=cb is not None, FULL=full,
         BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32, **tiles,
     )  # fmt: skip
     chunk_bwd_dB_kernel[grid](
@@ -157,7 +163,7 @@ def ssd_backward(
         dB_parts,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg, hpp, nsplit, tune_bucket(x),
         *x.stride(), *C.stride(), *dy.stride(), *seq_strides,
-        HAS_SEQ=seq_idx is not None,
+        HAS_SEQ=seq_idx is not None, FULL=full,
         BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32, **tiles,
     )  # fmt: skip
     chunk_bwd_dC_kernel[grid](
@@ -165,7 +171,7 @@ def ssd_backward(
         dC_parts, dcs,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg, hpp, nsplit, tune_bucket(x),
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *seq_strides,
-        HAS_SEQ=seq_idx is not None,
+        HAS_SEQ=seq_idx is not None, FULL=full,
         BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32, **tiles,
     )  # fmt: skip
     dB = dB_parts.sum(0).to(B.dtype)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mambakit.ops.ssd.triton._common import chunk_tuned, exp_ftz
+from mambakit.ops.ssd.triton._common import chunk_tuned, exp_ftz, load_tile, store_tile
 
 
 @chunk_tuned(reset_to_zero=("dD_ptr",))
@@ -44,7 +44,7 @@ def chunk_bwd_dx_kernel(
     sy_b, sy_l, sy_h, sy_p,
     sdx_b, sdx_l, sdx_h, sdx_p,
     ss_b, ss_l,
-    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr, FULL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
@@ -74,24 +74,22 @@ def chunk_bwd_dx_kernel(
     dcs_base = (b * nheads + h) * seqlen
 
     Bs = (
-        tl.load(
+        load_tile(
             B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
-            mask=smask[:, None] & nmask[None, :],
-            other=0.0,
+            smask[:, None] & nmask[None, :],
+            FULL,
         )
         .to(XDT)
         .to(DOT)
     )
-    cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
-    delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
+    cs_s = load_tile(cs_ptr + dcs_base + ts, smask, FULL)
+    delta_s = load_tile(delta_ptr + dcs_base + ts, smask, FULL)
     cs_end = tl.load(cs_ptr + dcs_base + last)
 
     # through the state leaving the chunk
     st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
-    G = tl.load(
-        G_ptr + st_off + offs_p[None, :] * dstate + offs_n[:, None],
-        mask=pmask[None, :] & nmask[:, None],
-        other=0.0,
+    G = load_tile(
+        G_ptr + st_off + offs_p[None, :] * dstate + offs_n[:, None], pmask[None, :] & nmask[:, None], FULL
     )  # (BLOCK_N, BLOCK_P): G^T
     scale = exp_ftz(cs_end - cs_s)
     if HAS_SEQ:
@@ -100,8 +98,8 @@ def chunk_bwd_dx_kernel(
         scale = tl.where(seq_s == seq_end, scale, 0.0)
     scale = tl.where(smask, scale, 0.0)
     dxdt = tl.dot(Bs, G.to(XDT).to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
-    xs_acc = tl.load(
-        x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p, mask=sp_mask, other=0.0
+    xs_acc = load_tile(
+        x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p, sp_mask, FULL
     )
     xs_dot = xs_acc.to(XDT).to(DOT)
     xs_acc = xs_acc.to(ACC)
@@ -117,33 +115,35 @@ def chunk_bwd_dx_kernel(
         tmask = t_idx < chunk_len
         tt = start + t_idx
         if USE_CB:  # C_t . B_s shared by the group's heads, from `chunk_cb`
-            cbT = tl.load(
+            cbT = load_tile(
                 cb_ptr + cb_base + t_idx[None, :] * chunk_size + s_idx[:, None],
-                mask=smask[:, None] & tmask[None, :],
-                other=0.0,
+                smask[:, None] & tmask[None, :],
+                FULL,
             ).to(ACC)
         else:
             Ct = (
-                tl.load(
+                load_tile(
                     C_ptr + b * sC_b + tt[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
-                    mask=tmask[:, None] & nmask[None, :],
-                    other=0.0,
+                    tmask[:, None] & nmask[None, :],
+                    FULL,
                 )
                 .to(XDT)
                 .to(DOT)
             )
             cbT = tl.dot(Bs, tl.trans(Ct), input_precision=PREC).to(ACC)
         dyt = (
-            tl.load(
+            load_tile(
                 dy_ptr + b * sy_b + tt[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
-                mask=tmask[:, None] & pmask[None, :],
-                other=0.0,
+                tmask[:, None] & pmask[None, :],
+                FULL,
             )
             .to(XDT)
             .to(DOT)
         )
-        cs_t = tl.load(cs_ptr + dcs_base + tt, mask=tmask, other=0.0)
-        keep = (t_idx[None, :] >= s_idx[:, None]) & tmask[None, :]
+        cs_t = load_tile(cs_ptr + dcs_base + tt, tmask, FULL)
+        keep = t_idx[None, :] >= s_idx[:, None]
+        if not FULL:
+            keep = keep & tmask[None, :]
         if HAS_SEQ:
             seq_t = tl.load(seq_ptr + b * ss_b + tt * ss_l, mask=tmask, other=0)
             keep = keep & (seq_s[:, None] == seq_t[None, :])
@@ -155,23 +155,22 @@ def chunk_bwd_dx_kernel(
     xs = xs_acc
     dx = dxdt * delta_s[:, None]
     if HAS_D:
-        dys = tl.load(
-            dy_ptr + b * sy_b + ts[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
-            mask=sp_mask,
-            other=0.0,
+        dys = load_tile(
+            dy_ptr + b * sy_b + ts[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p, sp_mask, FULL
         ).to(ACC)
-        Dp = tl.load(D_ptr + h * headdim + offs_p, mask=pmask, other=0.0).to(ACC)
+        Dp = load_tile(D_ptr + h * headdim + offs_p, pmask, FULL).to(ACC)
         dx += dys * Dp[None, :]
         dD = tl.sum(dys * xs, 0)
-        tl.store(dD_ptr + (((b * nchunks + c) * nmb + m) * nheads + h) * headdim + offs_p, dD, mask=pmask)
-    tl.store(
+        store_tile(dD_ptr + (((b * nchunks + c) * nmb + m) * nheads + h) * headdim + offs_p, dD, pmask, FULL)
+    store_tile(
         dx_ptr + b * sdx_b + ts[:, None] * sdx_l + h * sdx_h + offs_p[None, :] * sdx_p,
         dx.to(dx_ptr.dtype.element_ty),
-        mask=sp_mask,
+        sp_mask,
+        FULL,
     )
-    tl.store(ddelta_ptr + dcs_base + ts, tl.sum(xs * dxdt, 1), mask=smask)
-    tl.store(dcs_col_ptr + dcs_base + ts, col_chunk * delta_s + col_state, mask=smask)
-    tl.store(dcs_st_ptr + dcs_base + ts, col_state, mask=smask)
+    store_tile(ddelta_ptr + dcs_base + ts, tl.sum(xs * dxdt, 1), smask, FULL)
+    store_tile(dcs_col_ptr + dcs_base + ts, col_chunk * delta_s + col_state, smask, FULL)
+    store_tile(dcs_st_ptr + dcs_base + ts, col_state, smask, FULL)
 
 
 @chunk_tuned
@@ -185,7 +184,7 @@ def chunk_bwd_dB_kernel(
     sC_b, sC_l, sC_g, sC_n,
     sy_b, sy_l, sy_h, sy_p,
     ss_b, ss_l,
-    HAS_SEQ: tl.constexpr,
+    HAS_SEQ: tl.constexpr, FULL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
@@ -222,23 +221,19 @@ def chunk_bwd_dB_kernel(
     for j in range(heads_per_prog):
         h = h0 + j
         dcs_base = (b * nheads + h) * seqlen
-        cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
-        delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
+        cs_s = load_tile(cs_ptr + dcs_base + ts, smask, FULL)
+        delta_s = load_tile(delta_ptr + dcs_base + ts, smask, FULL)
         cs_end = tl.load(cs_ptr + dcs_base + last)
         xs = (
-            tl.load(
-                x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
-                mask=sp_mask,
-                other=0.0,
+            load_tile(
+                x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p, sp_mask, FULL
             )
             .to(XDT)
             .to(DOT)
         )
         st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
-        G = tl.load(
-            G_ptr + st_off + offs_p[:, None] * dstate + offs_n[None, :],
-            mask=pmask[:, None] & nmask[None, :],
-            other=0.0,
+        G = load_tile(
+            G_ptr + st_off + offs_p[:, None] * dstate + offs_n[None, :], pmask[:, None] & nmask[None, :], FULL
         )  # (BLOCK_P, BLOCK_N)
         scale = exp_ftz(cs_end - cs_s) * delta_s
         if HAS_SEQ:
@@ -251,38 +246,38 @@ def chunk_bwd_dB_kernel(
         tmask = t_idx < chunk_len
         tt = start + t_idx
         Ct = (
-            tl.load(
+            load_tile(
                 C_ptr + b * sC_b + tt[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
-                mask=tmask[:, None] & nmask[None, :],
-                other=0.0,
+                tmask[:, None] & nmask[None, :],
+                FULL,
             )
             .to(XDT)
             .to(DOT)
         )
-        keep = (t_idx[None, :] >= s_idx[:, None]) & tmask[None, :]
+        keep = t_idx[None, :] >= s_idx[:, None]
+        if not FULL:
+            keep = keep & tmask[None, :]
         if HAS_SEQ:
             seq_t = tl.load(seq_ptr + b * ss_b + tt * ss_l, mask=tmask, other=0)
             keep = keep & (seq_s[:, None] == seq_t[None, :])
         for j in range(heads_per_prog):
             h = h0 + j
             dcs_base = (b * nheads + h) * seqlen
-            cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
-            delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
-            cs_t = tl.load(cs_ptr + dcs_base + tt, mask=tmask, other=0.0)
+            cs_s = load_tile(cs_ptr + dcs_base + ts, smask, FULL)
+            delta_s = load_tile(delta_ptr + dcs_base + ts, smask, FULL)
+            cs_t = load_tile(cs_ptr + dcs_base + tt, tmask, FULL)
             xs = (
-                tl.load(
-                    x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
-                    mask=sp_mask,
-                    other=0.0,
+                load_tile(
+                    x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p, sp_mask, FULL
                 )
                 .to(XDT)
                 .to(DOT)
             )
             dyt = (
-                tl.load(
+                load_tile(
                     dy_ptr + b * sy_b + tt[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
-                    mask=tmask[:, None] & pmask[None, :],
-                    other=0.0,
+                    tmask[:, None] & pmask[None, :],
+                    FULL,
                 )
                 .to(XDT)
                 .to(DOT)
@@ -294,7 +289,7 @@ def chunk_bwd_dB_kernel(
     # partial sums: (nsplit, batch, seqlen, ngroups, dstate), contiguous
     ngroups = nheads // heads_per_group
     dB_off = (((split * batch + b) * seqlen + ts[:, None]) * ngroups + g) * dstate
-    tl.store(dB_ptr + dB_off + offs_n[None, :], dB, mask=smask[:, None] & nmask[None, :])
+    store_tile(dB_ptr + dB_off + offs_n[None, :], dB, smask[:, None] & nmask[None, :], FULL)
 
 
 @chunk_tuned
@@ -309,7 +304,7 @@ def chunk_bwd_dC_kernel(
     sC_b, sC_l, sC_g, sC_n,
     sy_b, sy_l, sy_h, sy_p,
     ss_b, ss_l,
-    HAS_SEQ: tl.constexpr,
+    HAS_SEQ: tl.constexpr, FULL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
@@ -340,10 +335,10 @@ def chunk_bwd_dC_kernel(
     dC = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     hi = tl.minimum((m + 1) * BLOCK_M, chunk_len)
     Cr = (
-        tl.load(
+        load_tile(
             C_ptr + b * sC_b + t[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
-            mask=rmask[:, None] & nmask[None, :],
-            other=0.0,
+            rmask[:, None] & nmask[None, :],
+            FULL,
         )
         .to(XDT)
         .to(DOT)
@@ -355,29 +350,29 @@ def chunk_bwd_dC_kernel(
     for j in range(heads_per_prog):
         h = g * heads_per_group + split * heads_per_prog + j
         dcs_base = (b * nheads + h) * seqlen
-        cs_r = tl.load(cs_ptr + dcs_base + t, mask=rmask, other=0.0)
+        cs_r = load_tile(cs_ptr + dcs_base + t, rmask, FULL)
         dyr = (
-            tl.load(
+            load_tile(
                 dy_ptr + b * sy_b + t[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
-                mask=rmask[:, None] & pmask[None, :],
-                other=0.0,
+                rmask[:, None] & pmask[None, :],
+                FULL,
             )
             .to(XDT)
             .to(DOT)
         )
         st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
-        S = tl.load(
+        S = load_tile(
             states_ptr + st_off + offs_p[:, None] * dstate + offs_n[None, :],
-            mask=pmask[:, None] & nmask[None, :],
-            other=0.0,
+            pmask[:, None] & nmask[None, :],
+            FULL,
         )  # (BLOCK_P, BLOCK_N)
         scale = exp_ftz(cs_r)
         if HAS_SEQ:
             scale = tl.where(seq_r == seq_prev, scale, 0.0)
         dyS = tl.dot(dyr, S.to(XDT).to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
         dC += dyS
-        tl.store(
-            dcs_ptr + dcs_base + t, tl.sum(dyS * Cr.to(ACC), 1), mask=rmask
+        store_tile(
+            dcs_ptr + dcs_base + t, tl.sum(dyS * Cr.to(ACC), 1), rmask, FULL
         )  # dy_t . (state part of y_t)
 
     for k0 in range(0, hi, BLOCK_K):
@@ -387,51 +382,53 @@ def chunk_bwd_dC_kernel(
         smask = s_idx < chunk_len
         ts = start + s_idx
         Bs = (
-            tl.load(
+            load_tile(
                 B_ptr + b * sB_b + ts[:, None] * sB_l + g * sB_g + offs_n[None, :] * sB_n,
-                mask=smask[:, None] & nmask[None, :],
-                other=0.0,
+                smask[:, None] & nmask[None, :],
+                FULL,
             )
             .to(XDT)
             .to(DOT)
         )
         cb = tl.dot(Cr, tl.trans(Bs), input_precision=PREC).to(ACC)  # shared by the heads of the group
-        keep = (r[:, None] >= s_idx[None, :]) & smask[None, :]
+        keep = r[:, None] >= s_idx[None, :]
+        if not FULL:
+            keep = keep & smask[None, :]
         if HAS_SEQ:
             seq_s = tl.load(seq_ptr + b * ss_b + ts * ss_l, mask=smask, other=0)
             keep = keep & (seq_r[:, None] == seq_s[None, :])
         for j in range(heads_per_prog):
             h = g * heads_per_group + split * heads_per_prog + j
             dcs_base = (b * nheads + h) * seqlen
-            cs_r = tl.load(cs_ptr + dcs_base + t, mask=rmask, other=0.0)
+            cs_r = load_tile(cs_ptr + dcs_base + t, rmask, FULL)
             dyr = (
-                tl.load(
+                load_tile(
                     dy_ptr + b * sy_b + t[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
-                    mask=rmask[:, None] & pmask[None, :],
-                    other=0.0,
+                    rmask[:, None] & pmask[None, :],
+                    FULL,
                 )
                 .to(XDT)
                 .to(DOT)
             )
             xs = (
-                tl.load(
+                load_tile(
                     x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p,
-                    mask=smask[:, None] & pmask[None, :],
-                    other=0.0,
+                    smask[:, None] & pmask[None, :],
+                    FULL,
                 )
                 .to(XDT)
                 .to(DOT)
             )
-            cs_s = tl.load(cs_ptr + dcs_base + ts, mask=smask, other=0.0)
-            delta_s = tl.load(delta_ptr + dcs_base + ts, mask=smask, other=0.0)
+            cs_s = load_tile(cs_ptr + dcs_base + ts, smask, FULL)
+            delta_s = load_tile(delta_ptr + dcs_base + ts, smask, FULL)
             L = exp_ftz(tl.where(keep, cs_r[:, None] - cs_s[None, :], float("-inf")))
             dyx = tl.dot(dyr, tl.trans(xs), input_precision=PREC).to(ACC)  # (BLOCK_M, BLOCK_K)
             E = dyx * L * delta_s[None, :]
             dC += tl.dot(E.to(XDT).to(DOT), Bs, input_precision=PREC).to(ACC)
             # dy_t . (chunk part of y_t), recomputed in fp32; rows t belong to this program alone
-            dcs_old = tl.load(dcs_ptr + dcs_base + t, mask=rmask, other=0.0)
-            tl.store(dcs_ptr + dcs_base + t, dcs_old + tl.sum(E * cb, 1), mask=rmask)
+            dcs_old = load_tile(dcs_ptr + dcs_base + t, rmask, FULL)
+            store_tile(dcs_ptr + dcs_base + t, dcs_old + tl.sum(E * cb, 1), rmask, FULL)
 
     ngroups = nheads // heads_per_group
     dC_off = (((split * batch + b) * seqlen + t[:, None]) * ngroups + g) * dstate
-    tl.store(dC_ptr + dC_off + offs_n[None, :], dC, mask=rmask[:, None] & nmask[None, :])
+    store_tile(dC_ptr + dC_off + offs_n[None, :], dC, rmask[:, None] & nmask[None, :], FULL)
