@@ -21,7 +21,8 @@ x/B/C, fp32 dt) and seqlen L = 8192:
   path without grad (0.65 when it writes the chunk states; 1.03 on the chunked path), almost all of it
   `chunk_scan`: 256 programs of 128 dependent steps, ~4.4 us a step, bound by instruction issue
   (Nsight Compute: ~1,270 warp instructions a step, 2 programs per SM for want of registers) rather
-  than by FLOPs or bytes.
+  than by FLOPs or bytes. Since then the flushing exp2 and unmasked full tiles took a step to 954
+  instructions (counted offline, `benchmarks/sass_count.py --kernels ssd`; not yet timed).
 """
 
 from __future__ import annotations
