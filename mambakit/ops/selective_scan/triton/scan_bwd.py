@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from mambakit.ops._launch import next_power_of_2
+from mambakit.ops._triton_math import exp_ftz
 from mambakit.ops.selective_scan.triton.chunk_combine import combine_chunks
 from mambakit.ops.selective_scan.triton.scan_fwd import (
     _acc_dtype,
@@ -60,7 +61,7 @@ def _tile_decay(
         dt_ptr + b * s_dt_b + offs_l[:, None] * s_dt_l + offs_d[None, :],
         dt_bias, mask_ld, DT_SOFTPLUS, HAS_DT_BIAS, ACC,
     )  # fmt: skip
-    dA = tl.exp(delta[:, :, None] * A[None, :, :])
+    dA = exp_ftz(delta[:, :, None] * A[None, :, :])
     if HAS_SEQ_IDX:
         si_ptr = seq_idx_ptr + b * s_si_b
         cur = tl.load(si_ptr + offs_l * s_si_l, mask=mask_l, other=0)

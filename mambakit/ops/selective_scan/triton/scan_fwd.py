@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from mambakit.ops._launch import next_power_of_2, sm_count
+from mambakit.ops._triton_math import exp_ftz
 from mambakit.ops.selective_scan.triton.chunk_combine import combine_chunks
 from mambakit.ops.selective_scan.triton.seq_fwd import _softplus, selective_scan_fwd_seq_kernel
 
@@ -114,7 +115,7 @@ def _selective_scan_fwd_kernel(
         )
         Bt = Bt.to(ACC)
 
-        dA = tl.exp(delta[:, :, None] * A[None, :, :])  # (L, D, N)
+        dA = exp_ftz(delta[:, :, None] * A[None, :, :])  # (L, D, N)
         if HAS_SEQ_IDX:
             si_ptr = seq_idx_ptr + b * s_si_b
             cur = tl.load(si_ptr + offs_l * s_si_l, mask=mask_l, other=0)

@@ -7,14 +7,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from mambakit.ops._launch import CachedTuning, next_power_of_2
-
-# libdevice's exp2 (flushing subnormals: Triton links libdevice with nvvm-reflect-ftz) exists on GPUs
-# only; the interpreter has no extern functions
-EXP2_FTZ_AVAILABLE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
-LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -31,33 +25,6 @@ def process_dt(dt, bias, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, dt_min
     if HAS_LIMIT:
         dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
     return dt
-
-
-@triton.jit
-def exp2_ftz(x):
-    """2**x in float32 with subnormal results flushed to zero: one MUFU.EX2. `tl.exp2` and `tl.exp`
-    lower to the non-flushing ex2.approx.f32, which ptxas wraps in a range check and two predicated
-    multiplies (5 instructions an element instead of 1). The SSD kernels are issue-bound and their
-    decay matrices are most of their elementwise work: with this (and cs in base 2 for the output
-    pass's decay matrix) a 64-row step of the output pass went from 1,255 to 1,080 SASS instructions
-    and a `chunk_bwd_dx` tile from 1,070 to 868 (Triton 3.6, sm_90, `benchmarks/sass_count.py --kernels
-    ssd`). A decay below 2**-126 contributes nothing in float32 next to the terms it is added to.
-    Under Triton's interpreter (no libdevice) it is `tl.exp2`; float64 keeps `tl.exp2`."""
-    if x.dtype == tl.float64:
-        return tl.exp2(x)
-    elif EXP2_FTZ_AVAILABLE:
-        return libdevice.exp2(x)
-    else:
-        return tl.exp2(x)
-
-
-@triton.jit
-def exp_ftz(x):
-    """e**x as `exp2_ftz` (float64: the exact `tl.exp`)."""
-    if x.dtype == tl.float64:
-        return tl.exp(x)
-    else:
-        return exp2_ftz(x * LOG2E)
 
 
 @triton.jit

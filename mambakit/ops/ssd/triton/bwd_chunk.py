@@ -29,7 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mambakit.ops.ssd.triton._common import chunk_tuned, exp_ftz, load_tile, store_tile
+from mambakit.ops._triton_math import exp_ftz
+from mambakit.ops.ssd.triton._common import chunk_tuned, load_tile, store_tile
 
 
 @chunk_tuned(reset_to_zero=("dD_ptr",))

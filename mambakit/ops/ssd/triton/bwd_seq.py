@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mambakit.ops.ssd.triton._common import dot_in_fp32, dot_precision, exp_ftz, interpreting, pow2_at_least
+from mambakit.ops._triton_math import exp_ftz
+from mambakit.ops.ssd.triton._common import dot_in_fp32, dot_precision, interpreting, pow2_at_least
 from mambakit.ops.ssd.triton.chunk_scan import carry_state
 
 

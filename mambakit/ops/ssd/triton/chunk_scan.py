@@ -35,15 +35,8 @@ import triton
 import triton.language as tl
 
 from mambakit.ops._launch import CachedTuning
-from mambakit.ops.ssd.triton._common import (
-    LOG2E,
-    exp2_ftz,
-    exp_ftz,
-    interpreting,
-    load_tile,
-    pow2_at_least,
-    store_tile,
-)
+from mambakit.ops._triton_math import LOG2E, exp_ftz
+from mambakit.ops.ssd.triton._common import interpreting, load_tile, pow2_at_least, store_tile
 
 # (SUB, warps, stages). fp32 steps take one stage: Triton 3.6 on the H200 gave wrong results for
 # 16-bit inputs at (32, 4, 2) (the original kernel, with the state as the second operand; right at
@@ -197,7 +190,7 @@ def chunk_scan_fwd_kernel(
             if HAS_SEQ:
                 keep = keep & (seq_r[:, None] == seq_r[None, :])
             cs2 = cs_r * LOG2E  # in base 2 once per row, not once per (s, t) pair
-            LT = exp2_ftz(tl.where(keep, cs2[None, :] - cs2[:, None], float("-inf")))
+            LT = tl.exp2(tl.where(keep, cs2[None, :] - cs2[:, None], float("-inf")))
             scoresT = cbT * LT * delta_r[:, None]
             accT += tl.dot(xT.to(XDT).to(DOT), scoresT.to(XDT).to(DOT), input_precision=PREC).to(ACC)
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mambakit.ops.ssd.triton._common import exp_ftz, process_dt
+from mambakit.ops._triton_math import exp_ftz
+from mambakit.ops.ssd.triton._common import process_dt
 
 
 @triton.jit

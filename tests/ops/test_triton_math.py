@@ -1,6 +1,7 @@
-"""`ssd/triton/_common.py`'s exponentials against torch: e**x and 2**x to float32 rounding, results
-below 2**-126 either flushed to zero or kept (the GPU flushes, the interpreter does not), float64 exact,
--inf to 0 (the masked entries of the decay matrices)."""
+"""`ops/_triton_math.py`'s `exp_ftz` (and `tl.exp2`, which the SSD output pass calls on base-2 decays)
+against torch: to float32 rounding, results below 2**-126 either flushed to zero or kept (the GPU
+flushes, the interpreter does not), float64 exact, -inf to 0 (the masked entries of the decay
+matrices)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mambakit.ops.ssd.triton._common import exp2_ftz, exp_ftz
+from mambakit.ops._triton_math import exp_ftz
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -20,7 +21,7 @@ def _exp_kernel(x_ptr, e_ptr, e2_ptr, n, BLOCK: tl.constexpr):
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask)
     tl.store(e_ptr + offs, exp_ftz(x), mask=mask)
-    tl.store(e2_ptr + offs, exp2_ftz(x), mask=mask)
+    tl.store(e2_ptr + offs, tl.exp2(x), mask=mask)  # as the SSD output pass calls it
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
