@@ -257,6 +257,13 @@ def test_full_tiles_with_documents(fwd_path):
     compare(ins, 1e-4, chunk_size=32, dt_softplus=True, seq_idx=seq)
 
 
+def test_full_tiles_off_the_diagonal():
+    """Chunks of several backward tiles (128 positions, 64-row tiles under the interpreter), all full:
+    the tiles off the diagonal skip the causal mask (`_common.causal_decay`)."""
+    ins = make_inputs(1, 256, 2, 16, 1, 16, seed=12)
+    compare(ins, 1e-4, chunk_size=128, dt_softplus=True)
+
+
 def test_forward_without_grad_matches_the_differentiable_one(fwd_path):
     """A forward nothing differentiates skips autograd and (on the sequential path) writing the chunk
     states: y and the final state must not change, with documents and an initial state."""
