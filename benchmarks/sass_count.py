@@ -124,7 +124,7 @@ def ssd_kernels() -> list[tuple[str, object, dict, dict, int, dict]]:
     scan = jit(chunk_scan.chunk_scan_fwd_tuned)
     common = dict(HAS_D=True, HAS_Z=False, HAS_SEQ=False, HAS_INIT=False, FULL=True, BLOCK_P=64, BLOCK_N=128,
                   PREC="ieee", DOT_F32=False)  # fmt: skip
-    tile = dict(common, USE_CB=True, BLOCK_M=64, BLOCK_K=64)  # FULL from common
+    tile = dict(common, BLOCK_M=64, BLOCK_K=64)  # FULL from common
     out = [
         ("ssd output pass, sequential, no grad (64,4,1)", scan,
          dict(common, SEQUENTIAL=True, STORE_STATES=False, SUB=64), {"num_warps": 4, "num_stages": 1}, 1),

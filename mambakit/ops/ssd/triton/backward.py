@@ -4,8 +4,9 @@ scalar-per-position gradients (the in-chunk reverse cumsum that turns d cs into 
 through softplus/clamp).
 
 Recomputation: nothing of size (chunk x chunk) is stored by the forward. The backward recomputes
-C B^T once per (chunk, group) in fp32 (`chunk_cb`, when heads share groups), and the decay matrix and
-x dy^T in registers, from x, B, C, delta, cs and the chunk states.
+C B^T, the decay matrix and x dy^T in registers, tile by tile, from x, B, C, delta, cs and the chunk
+states. (Until 2026-12-01 the dx kernel read a C B^T shared by a group's heads, from a `chunk_cb`
+kernel; the in-kernel product reads as many bytes and compiles to fewer instructions.)
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from mambakit.ops.ssd.triton._common import (
 )
 from mambakit.ops.ssd.triton.bwd_chunk import chunk_bwd_dB_kernel, chunk_bwd_dC_kernel, chunk_bwd_dx_kernel
 from mambakit.ops.ssd.triton.bwd_seq import sequential_backward
-from mambakit.ops.ssd.triton.chunk_cb import chunk_cb, use_cb
 from mambakit.ops.ssd.triton.chunk_state import chunk_state_bwd_kernel
 from mambakit.ops.ssd.triton.forward import state_launch
 from mambakit.ops.ssd.triton.state_passing import state_passing
@@ -149,13 +149,12 @@ def ssd_backward(
     def grid_dx(meta):
         return (math.ceil(chunk_size / meta["BLOCK_M"]), batch * nchunks, nheads)
 
-    cb = chunk_cb(B, C, chunk_size, x.dtype) if use_cb(nheads, ngroups) else None
     chunk_bwd_dx_kernel[grid_dx](
-        x, B, C, D, seq_idx, delta, cs, G, dy, cb,
+        x, B, C, D, seq_idx, delta, cs, G, dy,
         dx, ddelta, dcs_col, dcs_st, dD_parts,
         seqlen, nheads, headdim, dstate, chunk_size, nchunks, hpg, tune_bucket(x),
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *seq_strides,
-        HAS_D=D is not None, HAS_SEQ=seq_idx is not None, USE_CB=cb is not None, FULL=full,
+        HAS_D=D is not None, HAS_SEQ=seq_idx is not None, FULL=full,
         BLOCK_P=block_p, BLOCK_N=block_n, PREC=prec, DOT_F32=f32, **tiles,
     )  # fmt: skip
     chunk_bwd_dB_kernel[grid](

@@ -36,7 +36,7 @@ from mambakit.ops.ssd.triton._common import causal_decay, chunk_tuned, load_tile
 @chunk_tuned(reset_to_zero=("dD_ptr",))
 @triton.jit
 def chunk_bwd_dx_kernel(
-    x_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, delta_ptr, cs_ptr, G_ptr, dy_ptr, cb_ptr,
+    x_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, delta_ptr, cs_ptr, G_ptr, dy_ptr,
     dx_ptr, ddelta_ptr, dcs_col_ptr, dcs_st_ptr, dD_ptr,
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group, tune_bucket,
     sx_b, sx_l, sx_h, sx_p,
@@ -45,7 +45,7 @@ def chunk_bwd_dx_kernel(
     sy_b, sy_l, sy_h, sy_p,
     sdx_b, sdx_l, sdx_h, sdx_p,
     ss_b, ss_l,
-    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr, FULL: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, FULL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
@@ -110,28 +110,23 @@ def chunk_bwd_dx_kernel(
     col_chunk = tl.zeros((BLOCK_M,), dtype=ACC)
 
     # through the outputs of this chunk at t >= s
-    cb_base = ((b * nchunks + c) * (nheads // heads_per_group) + g) * chunk_size * chunk_size
     for k0 in range(m * BLOCK_M, chunk_len, BLOCK_K):
         t_idx = k0 + tl.arange(0, BLOCK_K)
         tmask = t_idx < chunk_len
         tt = start + t_idx
-        if USE_CB:  # C_t . B_s shared by the group's heads, from `chunk_cb`
-            cbT = load_tile(
-                cb_ptr + cb_base + t_idx[None, :] * chunk_size + s_idx[:, None],
-                smask[:, None] & tmask[None, :],
+        # C_t . B_s, recomputed per head: as many bytes as reading a shared fp32 copy, and the product
+        # comes out in the layout of x dy^T below, which a loaded copy did not (Triton then formed
+        # the decays twice, once per layout: 730 against 432 instructions a diagonal tile, sm_90)
+        Ct = (
+            load_tile(
+                C_ptr + b * sC_b + tt[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
+                tmask[:, None] & nmask[None, :],
                 FULL,
-            ).to(ACC)
-        else:
-            Ct = (
-                load_tile(
-                    C_ptr + b * sC_b + tt[:, None] * sC_l + g * sC_g + offs_n[None, :] * sC_n,
-                    tmask[:, None] & nmask[None, :],
-                    FULL,
-                )
-                .to(XDT)
-                .to(DOT)
             )
-            cbT = tl.dot(Bs, tl.trans(Ct), input_precision=PREC).to(ACC)
+            .to(XDT)
+            .to(DOT)
+        )
+        cbT = tl.dot(Bs, tl.trans(Ct), input_precision=PREC).to(ACC)
         dyt = (
             load_tile(
                 dy_ptr + b * sy_b + tt[:, None] * sy_l + h * sy_h + offs_p[None, :] * sy_p,
@@ -151,9 +146,10 @@ def chunk_bwd_dx_kernel(
                 seq_t = tl.load(seq_ptr + b * ss_b + tt * ss_l, mask=tmask, other=0)
                 keep = keep & (seq_s[:, None] == seq_t[None, :])
             Lt = exp_ftz(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
-        dxdt += tl.dot((cbT * Lt).to(XDT).to(DOT), dyt, input_precision=PREC).to(ACC)
+        W = cbT * Lt  # (BLOCK_M, BLOCK_K): (C_t . B_s) exp(cs_t - cs_s)
+        dxdt += tl.dot(W.to(XDT).to(DOT), dyt, input_precision=PREC).to(ACC)
         xdy = tl.dot(xs_dot, tl.trans(dyt), input_precision=PREC).to(ACC)
-        col_chunk += tl.sum(cbT * Lt * xdy, 1)
+        col_chunk += tl.sum(W * xdy, 1)
 
     xs = xs_acc
     dx = dxdt * delta_s[:, None]
