@@ -17,6 +17,7 @@ with D, z, dt_bias and softplus.
     python benchmarks/sass_count.py --out bench_out/sass_count.json
     python benchmarks/sass_count.py --kernels conv-norm --out bench_out/sass_conv_norm.json
     python benchmarks/sass_count.py --kernels ssd --out bench_out/sass_ssd.json
+    python benchmarks/sass_count.py --kernels ssd-variants --out bench_out/sass_ssd_variants.json
 """
 
 from __future__ import annotations
@@ -141,6 +142,37 @@ def ssd_kernels() -> list[tuple[str, object, dict, dict, int, dict]]:
     return kept
 
 
+def ssd_variants() -> list[tuple[str, object, dict, dict, int, dict]]:
+    """The SSD kernels of `ssd_kernels` over the launch variants the GPU may compile: bf16 (64-row
+    steps and tiles) and fp32 (32), full and masked tiles, with and without seq_idx and z, both output
+    paths (each counted like `ssd_kernels`; mainly a check that every variant compiles for sm_90)."""
+    import itertools
+
+    base = {name: (kernel, spec) for name, kernel, _, _, _, spec in ssd_kernels()}
+    scan, scan_spec = base["ssd output pass, chunked (64,4,1)"]
+    flags = itertools.product(["bf16", "fp32"], [True, False], [True, False], [True, False])
+    out = []
+    for dtype, full, seq, z in flags:
+        sub, stages = (64, 2) if dtype == "bf16" else (32, 1)
+        tag = f"{dtype}, {'full' if full else 'masked'}{', seq_idx' if seq else ''}{', z' if z else ''}"
+        common = dict(HAS_D=True, HAS_Z=z, HAS_SEQ=seq, HAS_INIT=True, FULL=full, BLOCK_P=64, BLOCK_N=128,
+                      PREC="ieee", DOT_F32=False)  # fmt: skip
+        todo = [
+            (f"output pass, {'sequential' if sq else 'chunked'}, {tag}", scan, scan_spec,
+             dict(common, SEQUENTIAL=sq, STORE_STATES=True, SUB=sub), {"num_warps": 4, "num_stages": 1})
+            for sq in (True, False)
+        ]  # fmt: skip
+        for name in ("dx", "dB", "dC"):
+            kernel, spec = base[f"ssd chunk_bwd_{name} (64,64,4,2)"]
+            todo.append((f"chunk_bwd_{name}, {tag}", kernel, spec, dict(common, BLOCK_M=sub, BLOCK_K=sub),
+                         {"num_warps": 4, "num_stages": stages}))  # fmt: skip
+        for name, kernel, spec, constexprs, options in todo:
+            constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
+            spec = dict(spec, half=spec["half"] if dtype == "bf16" else ())
+            out.append((name, kernel, constexprs, options, 1, spec))
+    return out
+
+
 def compile_sm90(kernel, constexprs: dict, options: dict, half=_HALF, ones=(), div16=()) -> tuple[dict, str]:
     """Resource usage and SASS of the kernel compiled for sm_90. Pointers named in `half` are bf16, the
     rest float32; scalars are i32, except those in `ones` (the constant 1, as Triton specializes a unit
@@ -203,14 +235,14 @@ def instructions(sass: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernels", choices=["scan", "conv-norm", "ssd"], default="scan")
+    parser.add_argument("--kernels", choices=["scan", "conv-norm", "ssd", "ssd-variants"], default="scan")
     parser.add_argument("--out", default="bench_out/sass_count.json")
     args = parser.parse_args()
     if args.kernels == "scan":
         todo = [(n, k, c, o, steps, {}) for n, k, c, o, steps in kernels()]
         unit = "step"
-    elif args.kernels == "ssd":
-        todo = ssd_kernels()
+    elif args.kernels in ("ssd", "ssd-variants"):
+        todo = ssd_kernels() if args.kernels == "ssd" else ssd_variants()
         unit = "step"
     else:
         todo = conv_norm_kernels()
