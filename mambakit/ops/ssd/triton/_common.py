@@ -1,4 +1,6 @@
-"""Pieces shared by the SSD Triton kernels: dt processing inside a kernel and block-size rules."""
+"""Pieces shared by the SSD Triton kernels: dt processing inside a kernel, tile loads and stores that
+drop their masks when every tile is full, the causal decay of a tile of position pairs, and the
+block-size and tuning rules."""
 
 from __future__ import annotations
 
