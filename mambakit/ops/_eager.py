@@ -27,7 +27,8 @@ class EagerOp:
 
     op: the registered custom op (used under torch.compile); impl: the function it wraps; setup_context
     and backward: what `op.register_autograd` was given (None for an op without autograd, such as a
-    backward op or an in-place state update).
+    backward op or an in-place state update). no_grad_impl: what to call instead of impl when nothing
+    will differentiate (same arguments and results, may skip work kept only for the backward).
     """
 
     def __init__(
@@ -36,8 +37,10 @@ class EagerOp:
         impl: Callable,
         setup_context: Callable | None = None,
         backward: Callable | None = None,
+        no_grad_impl: Callable | None = None,
     ) -> None:
         self.op, self.impl = op, impl
+        self.no_grad_impl = no_grad_impl or impl
         self.function = None
         if backward is not None:
 
@@ -58,7 +61,7 @@ class EagerOp:
         if self.function is not None and torch.is_grad_enabled():
             if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
                 return self.function.apply(*args)
-        return self.impl(*args)
+        return self.no_grad_impl(*args)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

@@ -41,6 +41,14 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 _eager = EagerOp(_op, _impl, _setup_context, _backward)
 
 
+def _impl_no_grad(x, w, k):
+    CALLS.append("no_grad_impl")
+    return x * w * k, (x + w).sum(0)
+
+
+_eager_no_grad = EagerOp(_op, _impl, _setup_context, _backward, no_grad_impl=_impl_no_grad)
+
+
 @pytest.mark.parametrize("needs_grad", [False, True])
 def test_eager_op_matches_the_custom_op(needs_grad):
     """Same values and gradients as the custom op; the autograd path only when something needs a
@@ -83,3 +91,21 @@ def test_tracing_gets_the_custom_op():
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     (gx,) = torch.autograd.grad(compiled(x, w), x)
     torch.testing.assert_close(gx, 2.0 * w + 1)
+
+
+def test_no_grad_impl_only_where_nothing_differentiates():
+    """The no-grad implementation runs when nothing needs a gradient, never under tracing, and never
+    when an input requires grad."""
+    x, w = torch.randn(3, 4), torch.randn(3, 4)
+    CALLS.clear()
+    _eager_no_grad(x, w, 2.0)
+    with torch.no_grad():
+        _eager_no_grad(x.requires_grad_(True), w, 2.0)
+    assert CALLS == ["no_grad_impl", "no_grad_impl"]
+    CALLS.clear()
+    y, _ = _eager_no_grad(x, w, 2.0)
+    assert CALLS == ["impl"] and y.requires_grad
+    CALLS.clear()
+    with torch.no_grad(), FakeTensorMode():
+        y, _ = _eager_no_grad(torch.randn(3, 4), torch.randn(3, 4), 2.0)
+    assert isinstance(y, FakeTensor) and CALLS == []

@@ -283,6 +283,17 @@ def test_forward_without_grad_matches_the_differentiable_one(fwd_path):
     assert_close(f_n, f_r, 1e-4, "final_state")
 
 
+def test_forward_without_grad_under_fake_tensors():
+    """A no-grad forward on fake tensors (shape propagation, as torch.compile and AOT do) reaches the
+    op's fake, never the kernels."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with torch.no_grad(), FakeTensorMode():
+        ins = make_inputs(1, 40, 2, 16, 1, 16)
+        y, final = ssd(**ins, chunk_size=16, dt_softplus=True, return_final_state=True, backend="triton")
+    assert isinstance(y, FakeTensor) and y.shape == (1, 40, 2, 16) and final.shape == (1, 2, 16, 16)
+
+
 def test_gradcheck_float64(fwd_path):
     ins = make_inputs(1, 5, 2, 4, 1, 4, dtype=torch.float64, seed=6)
     ins = {k: v.double().requires_grad_(True) for k, v in ins.items()}

@@ -3,7 +3,7 @@
 Two `torch.library.custom_op`s, `mambakit::ssd_fwd` and `mambakit::ssd_bwd`, with fake (meta)
 implementations, so that torch.compile traces a model through them without looking inside, and
 `register_autograd` tying the backward to the forward; eager calls skip the dispatcher (`EagerOp`), and
-forwards that nothing will differentiate call `ssd_forward` without keeping the chunk states.
+forwards that nothing will differentiate do not keep the chunk states.
 `ssd_triton` is the backend entry: it brings
 the arguments into the kernels' form (B, C, z in x's dtype, D as (nheads, headdim)) with ordinary
 differentiable PyTorch ops, so that their gradients flow back to the original dtypes and shapes.
@@ -48,9 +48,26 @@ def _ssd_fwd(
     seq_idx: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns y, y before the gate (empty (0,) without z), final state, chunk states, delta, cs."""
-    y, y_pre, final, states, delta, cs = ssd_forward(
-        x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, (dt_min, dt_max), initial_state, seq_idx
+    return _forward(
+        x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_state, seq_idx, True
     )
+
+
+def _ssd_fwd_no_grad(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_state,
+                     seq_idx):  # fmt: skip
+    """`_ssd_fwd` for a forward nothing will differentiate: the sequential path need not store the
+    chunk states (the states returned are then empty)."""
+    return _forward(
+        x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_state, seq_idx, False
+    )
+
+
+def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_state, seq_idx,
+             keep_states):  # fmt: skip
+    y, y_pre, final, states, delta, cs = ssd_forward(
+        x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, (dt_min, dt_max), initial_state, seq_idx,
+        keep_states=keep_states,
+    )  # fmt: skip
     # the fake declares contiguous results: every real one is made so (a no-op where it already is)
     outs = (y, (x.new_empty(0) if y_pre is None else y_pre), final, states, delta, cs)
     return tuple(t.contiguous() for t in outs)
@@ -149,7 +166,8 @@ def _backward(ctx, dy, _dy_pre, dfinal, _dstates, _ddelta, _dcs):
 
 
 ssd_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-ssd_fwd = EagerOp(ssd_fwd_op, _ssd_fwd, _setup_context, _backward)
+
+ssd_fwd = EagerOp(ssd_fwd_op, _ssd_fwd, _setup_context, _backward, no_grad_impl=_ssd_fwd_no_grad)
 
 
 # The kernels hold a whole chunk's operand tiles on chip; beyond 256 positions they would not fit in
@@ -167,22 +185,11 @@ def _run(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initi
         D = (D[:, None] if D.ndim == 1 else D).expand(x.shape[2], x.shape[3]).to(acc_dtype(x)).contiguous()
     if initial_state is not None:
         initial_state = initial_state.to(acc_dtype(x))  # the state is kept in float32 (float64)
-    dt_min, dt_max = float(dt_limit[0]), float(dt_limit[1])
-    tensors = (x, dt, A, B, C, D, z, dt_bias, initial_state)
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(tensors)):
-        y, _, final, *_ = ssd_fwd(
-            x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_state, seq_idx
-        )
-    else:  # nothing will differentiate: the sequential forward need not store the chunk states
-        y, _, final, *_ = ssd_forward(
-            x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, (dt_min, dt_max), initial_state, seq_idx,
-            keep_states=False,
-        )  # fmt: skip
+    y, _, final, *_ = ssd_fwd(
+        x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, float(dt_limit[0]), float(dt_limit[1]),
+        initial_state, seq_idx,
+    )  # fmt: skip
     return y, final
-
-
-def _any_requires_grad(args: tuple) -> bool:
-    return any(isinstance(a, Tensor) and a.requires_grad for a in args)
 
 
 def ssd_triton(
