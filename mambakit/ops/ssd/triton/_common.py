@@ -50,14 +50,32 @@ def store_tile(ptrs, value, mask, FULL: tl.constexpr):
 
 
 @triton.jit
-def causal_decay(cs_later, cs_earlier, later, earlier, on_diagonal):
-    """exp(cs_later - cs_earlier) where position later >= earlier, else 0, over one tile of position
-    pairs (the arguments broadcast to the tile). Off the diagonal (`on_diagonal` false: every pair of
-    the tile is ordered) the comparison and select are skipped, 2 of the ~8 instructions an element."""
-    diff = cs_later - cs_earlier
-    if on_diagonal:
-        diff = tl.where(later >= earlier, diff, float("-inf"))
+def causal_decay(diff, keep, masked):
+    """exp(diff) where `keep`, else 0, over one tile of position pairs (diff = cs_later - cs_earlier).
+    `masked` false (a tile off the diagonal with full tiles and one document: every pair is kept)
+    skips the select, 2 of the ~8 instructions an element, and the mask's own arithmetic."""
+    if masked:
+        diff = tl.where(keep, diff, float("-inf"))
     return exp_ftz(diff)
+
+
+@triton.jit
+def causal_keep(rows, cols, cols_in, diagonal, FULL: tl.constexpr, HAS_SEQ: tl.constexpr,
+                ROWS_LATER: tl.constexpr = False):  # fmt: skip
+    """(keep, masked) for `causal_decay` over the tile of positions rows x cols: keep the ordered
+    pairs (col >= row, or row >= col with ROWS_LATER) whose column is in the chunk (`cols_in`; the
+    caller adds the document test). With full tiles and one document only `diagonal` tiles (those
+    holding unordered pairs) are masked; otherwise every tile is."""
+    if ROWS_LATER:
+        keep = rows[:, None] >= cols[None, :]
+    else:
+        keep = cols[None, :] >= rows[:, None]
+    if FULL and not HAS_SEQ:
+        masked = diagonal
+    else:
+        keep = keep & cols_in[None, :]
+        masked = True
+    return keep, masked
 
 
 def full_tiles(seqlen: int, chunk_size: int, sub: int, headdim: int, block_p: int, dstate: int,

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from mambakit.ops._triton_math import exp_ftz
-from mambakit.ops.ssd.triton._common import causal_decay, chunk_tuned, load_tile, store_tile
+from mambakit.ops.ssd.triton._common import causal_decay, causal_keep, chunk_tuned, load_tile, store_tile
 
 
 @chunk_tuned(reset_to_zero=("dD_ptr",))
@@ -137,15 +137,11 @@ def chunk_bwd_dx_kernel(
             .to(DOT)
         )
         cs_t = load_tile(cs_ptr + dcs_base + tt, tmask, FULL)
-        if FULL and not HAS_SEQ:  # only the tiles on the diagonal need the causal mask
-            diagonal = k0 < (m + 1) * BLOCK_M
-            Lt = causal_decay(cs_t[None, :], cs_s[:, None], t_idx[None, :], s_idx[:, None], diagonal)
-        else:
-            keep = (t_idx[None, :] >= s_idx[:, None]) & tmask[None, :]
-            if HAS_SEQ:
-                seq_t = tl.load(seq_ptr + b * ss_b + tt * ss_l, mask=tmask, other=0)
-                keep = keep & (seq_s[:, None] == seq_t[None, :])
-            Lt = exp_ftz(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
+        keep, masked = causal_keep(s_idx, t_idx, tmask, k0 < (m + 1) * BLOCK_M, FULL, HAS_SEQ)
+        if HAS_SEQ:
+            seq_t = tl.load(seq_ptr + b * ss_b + tt * ss_l, mask=tmask, other=0)
+            keep = keep & (seq_s[:, None] == seq_t[None, :])
+        Lt = causal_decay(cs_t[None, :] - cs_s[:, None], keep, masked)  # (BLOCK_M, BLOCK_K)
         W = cbT * Lt  # (BLOCK_M, BLOCK_K): (C_t . B_s) exp(cs_t - cs_s)
         dxdt += tl.dot(W.to(XDT).to(DOT), dyt, input_precision=PREC).to(ACC)
         xdy = tl.dot(xs_dot, tl.trans(dyt), input_precision=PREC).to(ACC)
@@ -253,8 +249,7 @@ def chunk_bwd_dB_kernel(
             .to(XDT)
             .to(DOT)
         )
-        diagonal = k0 < (m + 1) * BLOCK_M
-        keep = (t_idx[None, :] >= s_idx[:, None]) & tmask[None, :]
+        keep, masked = causal_keep(s_idx, t_idx, tmask, k0 < (m + 1) * BLOCK_M, FULL, HAS_SEQ)
         if HAS_SEQ:
             seq_t = tl.load(seq_ptr + b * ss_b + tt * ss_l, mask=tmask, other=0)
             keep = keep & (seq_s[:, None] == seq_t[None, :])
@@ -280,10 +275,7 @@ def chunk_bwd_dB_kernel(
                 .to(XDT)
                 .to(DOT)
             )
-            if FULL and not HAS_SEQ:  # only the tiles on the diagonal need the causal mask
-                Lt = causal_decay(cs_t[None, :], cs_s[:, None], t_idx[None, :], s_idx[:, None], diagonal)
-            else:  # (BLOCK_M, BLOCK_K)
-                Lt = exp_ftz(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))
+            Lt = causal_decay(cs_t[None, :] - cs_s[:, None], keep, masked)  # (BLOCK_M, BLOCK_K)
             xdy = tl.dot(xs, tl.trans(dyt), input_precision=PREC).to(ACC)
             dB += tl.dot((xdy * Lt * delta_s[:, None]).to(XDT).to(DOT), Ct, input_precision=PREC).to(ACC)
 
@@ -392,8 +384,7 @@ def chunk_bwd_dC_kernel(
             .to(DOT)
         )
         cb = tl.dot(Cr, tl.trans(Bs), input_precision=PREC).to(ACC)  # shared by the heads of the group
-        diagonal = k0 + BLOCK_K > m * BLOCK_M
-        keep = (r[:, None] >= s_idx[None, :]) & smask[None, :]
+        keep, masked = causal_keep(r, s_idx, smask, k0 + BLOCK_K > m * BLOCK_M, FULL, HAS_SEQ, True)
         if HAS_SEQ:
             seq_s = tl.load(seq_ptr + b * ss_b + ts * ss_l, mask=smask, other=0)
             keep = keep & (seq_r[:, None] == seq_s[None, :])
@@ -421,10 +412,7 @@ def chunk_bwd_dC_kernel(
             )
             cs_s = load_tile(cs_ptr + dcs_base + ts, smask, FULL)
             delta_s = load_tile(delta_ptr + dcs_base + ts, smask, FULL)
-            if FULL and not HAS_SEQ:  # only the tiles on the diagonal need the causal mask
-                L = causal_decay(cs_r[:, None], cs_s[None, :], r[:, None], s_idx[None, :], diagonal)
-            else:
-                L = exp_ftz(tl.where(keep, cs_r[:, None] - cs_s[None, :], float("-inf")))
+            L = causal_decay(cs_r[:, None] - cs_s[None, :], keep, masked)
             dyx = tl.dot(dyr, tl.trans(xs), input_precision=PREC).to(ACC)  # (BLOCK_M, BLOCK_K)
             E = dyx * L * delta_s[None, :]
             dC += tl.dot(E.to(XDT).to(DOT), Bs, input_precision=PREC).to(ACC)
