@@ -227,6 +227,25 @@ def tuned_configs() -> dict:
     return {name: str(getattr(k, "best_config", None)) for name, k in kernels.items()}
 
 
+def tuning_timings() -> dict:
+    """Each per-chunk SSD kernel's autotuning trials at the last shape it was tuned for: config -> ms
+    (Triton's median of its own benchmark runs), fastest first."""
+    from mambakit.ops.ssd.triton import bwd_chunk, chunk_scan
+
+    kernels = {
+        "chunk_scan_fwd": chunk_scan.chunk_scan_fwd_tuned,
+        "chunk_bwd_dx": bwd_chunk.chunk_bwd_dx_kernel,
+        "chunk_bwd_dB": bwd_chunk.chunk_bwd_dB_kernel,
+        "chunk_bwd_dC": bwd_chunk.chunk_bwd_dC_kernel,
+    }
+    out = {}
+    for name, k in kernels.items():
+        timings = getattr(getattr(k, "tuned", None), "configs_timings", None) or {}
+        ms = {str(c): (t[0] if isinstance(t, (list, tuple)) else t) for c, t in timings.items()}
+        out[name] = dict(sorted(ms.items(), key=lambda kv: kv[1]))
+    return out
+
+
 def million_tokens() -> dict:
     seqlen = 1 << 20
     ins = make_inputs(1, seqlen, 8, 64, 1, 128)
@@ -303,11 +322,16 @@ def main() -> None:
         ],
         rows,
     )
-    breakdown = None
+    breakdown = timings = None
     if args.breakdown:
         try:
             breakdown = kernel_breakdown(args.breakdown)
             print("tuned tiles:", tuned_configs())
+            timings = tuning_timings()
+            for name, trials in timings.items():
+                print(f"{name} tuning trials (ms):")
+                for config, ms in trials.items():
+                    print(f"  {ms:8.3f}  {config}")
             print(f"Triton forward+backward at seqlen {args.breakdown}, GPU time per kernel:")
             print_table(
                 ["kernel", "ms", "launches"],
@@ -333,6 +357,7 @@ def main() -> None:
                 "results": results,
                 "million": million,
                 "breakdown": breakdown,
+                "tuning_trials_ms": timings,
             },
         )
 

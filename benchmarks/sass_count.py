@@ -53,14 +53,20 @@ _COMMON = dict(HAS_Z=True, HAS_DT_BIAS=True, HAS_SEQ_IDX=False, DT_SOFTPLUS=True
 
 def kernels() -> list[tuple[str, object, dict, dict, int]]:
     """(name, kernel, constexprs, launch options, steps per loop iteration) at the defaults: the scan
-    kernels, compiled with every non-constexpr scalar an i32 and no alignment hints."""
-    fwd = dict(_COMMON, HAS_D=True, HAS_H0=True, BLOCK_D=32, BLOCK_N=16, NUM_STAGES=1)
+    kernels, compiled with every non-constexpr scalar an i32 (the forward's strides and sizes with
+    Triton's divisible-by-16 hint, as at the anchor: the hints decide its layout and vectorization;
+    the backward's without)."""
+    from mambakit.ops.selective_scan.triton.scan_fwd import seq_config
+
+    block_d, warps, _ = seq_config(4096)
+    fwd = dict(_COMMON, HAS_D=True, HAS_H0=True, BLOCK_D=block_d, BLOCK_N=16, NUM_STAGES=1, EVEN_D=True,
+               EVEN_N=True)  # fmt: skip
     bwd = dict(_COMMON, HAS_D=True, HAS_H0=True, HAS_CARRY=True, WRITE_DH0=False, BLOCK_D=32, BLOCK_N=16)
     return [
-        ("fwd rescan (writes y)", selective_scan_fwd_seq_kernel, dict(fwd, WRITE_Y=True, WRITE_DECAY=False),
-         {}, 1),
-        ("fwd chunk pass (decays)", selective_scan_fwd_seq_kernel,
-         dict(fwd, WRITE_Y=False, WRITE_DECAY=True), {}, 1),
+        (f"fwd rescan (writes y), {block_d} channels / {warps} warps", selective_scan_fwd_seq_kernel,
+         dict(fwd, WRITE_Y=True, WRITE_DECAY=False), {"num_warps": warps}, block_d // (32 * warps)),
+        (f"fwd chunk pass (decays), {block_d} channels / {warps} warps", selective_scan_fwd_seq_kernel,
+         dict(fwd, WRITE_Y=False, WRITE_DECAY=True), {"num_warps": warps}, block_d // (32 * warps)),
         ("bwd adjoint chunk pass", _adjoint_chunk_kernel, dict(_COMMON, BLOCK_D=32, BLOCK_N=16), {}, 1),
         ("bwd default (SEG 2, preload, maxnreg 168)", selective_scan_bwd_seq_kernel,
          dict(bwd, SEG=2, PRELOAD=True), {"maxnreg": 168}, 2),
@@ -239,7 +245,12 @@ def main() -> None:
     parser.add_argument("--out", default="bench_out/sass_count.json")
     args = parser.parse_args()
     if args.kernels == "scan":
-        todo = [(n, k, c, o, steps, {}) for n, k, c, o, steps in kernels()]
+        fwd_div16 = ("seqlen", "dim", "dstate", "dim_per_group", "chunk_len")
+        todo = [
+            (n, k, c, o, steps, {"div16": fwd_div16 + tuple(a for a in k.arg_names if a.startswith("s_"))}
+             if n.startswith("fwd") else {})
+            for n, k, c, o, steps in kernels()
+        ]  # fmt: skip
         unit = "step"
     elif args.kernels in ("ssd", "ssd-variants"):
         todo = ssd_kernels() if args.kernels == "ssd" else ssd_variants()

@@ -138,6 +138,8 @@ FWD_CASES = [
     (2, 33, 12, 8, 2, {"ndocs": 3}),
     (1, 67, 20, 16, 1, {"D": False, "z": False, "dt_bias": False}),
     (1, 40, 36, 4, 2, {"ndocs": 4, "initial_state": False}),
+    # channel blocks and dstate filled exactly: the step loop's unmasked loads (EVEN_D, EVEN_N)
+    (2, 45, 32, 8, 2, {"ndocs": 2}),
 ]
 
 
@@ -290,7 +292,10 @@ def test_step_loop_backward_configurations(config, seq_chunks, case):
 
 @pytest.mark.parametrize(
     "kernel,seq_config,seq_chunks",
-    [("tile", None, 1), ("tile", None, 3), ("seq", "16,1,1", 1), ("seq", "32,1,2", 4), ("seq", "64,2,1", 3)],
+    [
+        ("tile", None, 1), ("tile", None, 3), ("seq", "16,1,1", 1), ("seq", "32,1,2", 4),
+        ("seq", "64,2,1", 3), ("seq", "128,1,1", 2),
+    ],  # fmt: skip
 )
 @pytest.mark.parametrize("case", FWD_CASES[1:])
 def test_forward_kernels_match_reference(monkeypatch, kernel, seq_config, seq_chunks, case):

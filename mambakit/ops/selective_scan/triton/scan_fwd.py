@@ -273,18 +273,32 @@ def selective_scan_fwd(
         _launch, x, dt, A, B, C, D, z, dt_bias, seq_idx, y, dt_softplus, acc, nchunks, chunk_len,
         block_l, block_d, num_warps,
     )  # fmt: skip
+    seq = kernel_choice() == "seq"
     if nchunks == 1:
-        hT = torch.empty((batch, dim, dstate), dtype=state_dtype, device=x.device)
-        launch(h0, hT, None, write_y=True)
-        return y, hT
+        if not seq:
+            hT = torch.empty((batch, dim, dstate), dtype=state_dtype, device=x.device)
+            launch(h0, hT, None, write_y=True)
+            return y, hT
+        hT = torch.empty((batch, 1, dstate, dim), dtype=state_dtype, device=x.device)
+        launch(_channel_major(h0), hT, None, write_y=True)
+        return y, hT[:, 0].transpose(1, 2).contiguous()
     # Pass 1: every chunk from a zero state gives its end state and its total decay; a short sequential
     # combine over chunks gives every chunk's true start state; pass 2 rescans each chunk writing y.
     starts = chunk_start_states(
-        x, dt, A, B, dt_bias, dt_softplus, h0, seq_idx, chunk_len, (block_l, block_d, num_warps)
-    )
+        x, dt, A, B, dt_bias, dt_softplus, h0, seq_idx, chunk_len, (block_l, block_d, num_warps),
+        channel_major=seq,
+    )  # fmt: skip
     ends = torch.empty_like(starts)
     launch(starts, ends, None, write_y=True)
-    return y, ends[:, -1].contiguous()
+    final = ends[:, -1]
+    return y, (final.transpose(1, 2) if seq else final).contiguous()
+
+
+def _channel_major(state: torch.Tensor | None) -> torch.Tensor | None:
+    """A (batch, dim, dstate) state as the step-loop kernel stores states: (batch, dstate, dim)
+    contiguous (see `seq_fwd.py`: channels contiguous, so that the state's layout in registers keeps
+    each channel's dstate values in one thread)."""
+    return None if state is None else state.transpose(-1, -2).contiguous()
 
 
 def chunk_start_states(
@@ -298,23 +312,30 @@ def chunk_start_states(
     seq_idx: torch.Tensor | None,
     chunk_len: int,
     config: tuple[int, int, int],
+    channel_major: bool = False,
 ) -> torch.Tensor:
     """The state before each chunk of `chunk_len` steps (a multiple of BLOCK_L), (batch, nchunks, dim,
-    dstate): each chunk scanned from zero state gives its end state and total decay in parallel, then one
-    kernel walks the (few) chunks in order (`chunk_combine.combine_chunks`)."""
+    dstate) contiguous, or with `channel_major` (batch, nchunks, dstate, dim) contiguous, as the
+    step-loop forward reads it: each chunk scanned from zero state gives its end state and total decay in
+    parallel, then one kernel walks the (few) chunks in order (`chunk_combine.combine_chunks`)."""
     batch, seqlen, dim = x.shape
     dstate = A.shape[1]
     nchunks = triton.cdiv(seqlen, chunk_len)
     state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     block_l, block_d, num_warps = config
     block_d = min(block_d, next_power_of_2(dim // B.shape[2]))
-    ends = torch.empty((batch, nchunks, dim, dstate), dtype=state_dtype, device=x.device)
+    seq = kernel_choice() == "seq"
+    shape = (batch, nchunks, dstate, dim) if seq else (batch, nchunks, dim, dstate)
+    ends = torch.empty(shape, dtype=state_dtype, device=x.device)
     decays = torch.empty_like(ends)
     _launch(
         x, dt, A, B, B, None, None, dt_bias, seq_idx, x, dt_softplus, _acc_dtype(x), nchunks, chunk_len,
         block_l, block_d, num_warps, None, ends, decays, write_y=False,
     )  # fmt: skip
-    return combine_chunks(ends, decays, h0, reverse=False)
+    starts = combine_chunks(ends, decays, _channel_major(h0) if seq else h0, reverse=False)
+    if seq and not channel_major:
+        return starts.transpose(-1, -2).contiguous()
+    return starts
 
 
 def kernel_choice() -> str:
@@ -330,10 +351,12 @@ def seq_config(dim_per_group: int) -> tuple[int, int, int]:
         return bd, nw, ns
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 16, 1, 1
-    # One channel per thread (see seq_fwd.py): BLOCK_D = 32 * num_warps. Fastest at the anchor on an H200
-    # among (32..256 channels, 1..8 warps, 1-2 stages), side by side in one run: 32 channels, 1 warp, no
-    # pipelining (0.72 / 2.55 ms at L = 2048 / 8192, against 0.78 / 2.77 ms for 64 channels, 2 warps).
-    return 32, 1, 1
+    # Four channels a thread on one warp (see seq_fwd.py): with channel-major states each thread's
+    # channels share its loads and conversions of B_t and C_t. Fastest at the anchor on an H200 among
+    # (32..256 channels, 1..4 warps), side by side in one run (2026-12-01, benchmarks/gpu_scan_variants.py):
+    # 128 channels / 1 warp 0.54 / 2.00 ms at L = 2048 / 8192, 64 / 1 0.61 / 2.30, 32 / 1 0.67 / 2.56,
+    # 256 / 2 0.56 / 2.07, 128 / 4 1.16 / 4.51. Fewer channels where the group is narrower.
+    return max(32, min(128, next_power_of_2(dim_per_group))), 1, 1
 
 
 def _launch(
@@ -348,6 +371,7 @@ def _launch(
     stages = 1
     if seq:
         block_d, num_warps, stages = seq_config(dim_per_group)
+        A = A.t().contiguous()  # (dstate, dim), channels contiguous like the states (see _channel_major)
     grid = (batch * ngroups, triton.cdiv(dim_per_group, block_d), nchunks)
     si = seq_idx if seq_idx is not None else x  # a placeholder pointer; never read without HAS_SEQ_IDX
     args = (
@@ -368,6 +392,7 @@ def _launch(
         BLOCK_D=block_d, BLOCK_N=next_power_of_2(dstate), num_warps=num_warps,
     )  # fmt: skip
     if seq:
-        selective_scan_fwd_seq_kernel[grid](*args, **flags, NUM_STAGES=stages)
+        even = dict(EVEN_D=dim_per_group % block_d == 0, EVEN_N=next_power_of_2(dstate) == dstate)
+        selective_scan_fwd_seq_kernel[grid](*args, **flags, **even, NUM_STAGES=stages)
     else:
         _selective_scan_fwd_kernel[grid](*args, **flags, BLOCK_L=block_l)

@@ -8,11 +8,20 @@ log-depth `tl.associative_scan` over a (BLOCK_L, BLOCK_D, dstate) tile does seve
 moves the tile between threads. The anchor problem (batch 4, dim 4096, dstate 16) has 16k channels: with
 sequence chunks (`chunk_start_states`) that is enough threads to fill an H100/H200.
 
-Layout: the state is (BLOCK_N, BLOCK_D) with channels on the last axis, so Triton's default layout gives
-consecutive threads consecutive channels and keeps the dstate axis inside a thread: the C contraction is a
-sum inside a thread, and the per-step loads of x, dt, z (one value per thread, coalesced across the warp)
-need no exchange between threads. A first version with the (BLOCK_D, dstate) orientation spread dstate
-over threads and ran at 6.3 ms on an H200 at L = 8192, slower than the tile scan (5.1 ms).
+Layout: the state is (BLOCK_N, BLOCK_D) with channels on the last axis, so that each channel's dstate
+values lie in one thread: the C contraction is a sum inside a thread, and the per-step loads of x, dt, z
+(a value per channel, coalesced across the warp) need no exchange between threads. A first version with
+the (BLOCK_D, dstate) orientation spread dstate over threads and ran at 6.3 ms on an H200 at L = 8192,
+slower than the tile scan (5.1 ms).
+Triton picks that layout only if the tensors read and written with the state's shape are contiguous
+along channels: the coalescing pass orders a layout by the memory order of its loads and stores, and the
+state's layout then spreads through the loop. So A arrives transposed, (dstate, dim), and the states
+(h0, hT, the decays) are (batch, nchunks, dstate, dim), channel-major (`scan_fwd._channel_major`). With
+the (dim, dstate) order the compiled loop spread dstate over 16 lanes: 64 shuffles a step for the C
+contraction and shared-memory broadcasts of x and delta (sm_90 SASS, Triton 3.6, 2026-12-01: 367
+instructions a step in the rescan, 181 in the chunk pass; now 251 and 164, and with 4 channels a thread,
+BLOCK_D 128 on one warp, 176 and 123 a channel-step). B_t and C_t are loaded from loop-invariant row
+bases plus a scalar offset, without step masks (see `_load_step`), so they load as 16-byte vectors.
 
 Latency: each step's loads do not depend on the state, so the loop keeps the next two steps' inputs in
 flight (loaded two iterations ahead, carried in registers): a step's compute never waits on its own loads.
@@ -38,35 +47,50 @@ def _softplus(v):
 
 
 @triton.jit
-def _load_step(x_row, dt_row, z_row, B_row, C_row, si_row, step, l_end, mask_d, mask_n, offs_d, offs_n,
-               HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, WRITE_Y: tl.constexpr):  # fmt: skip
-    """The inputs of step `step` (zeros at and past l_end, the end of the chunk)."""
-    # (Masks are built as vectors: Triton's interpreter rejects a vector mask `&` a scalar condition.)
-    ok_d = mask_d & (offs_d * 0 + step < l_end)
-    ok_n = mask_n & (offs_n * 0 + step < l_end)
-    x = tl.load(x_row, mask=ok_d, other=0.0)
-    dt = tl.load(dt_row, mask=ok_d, other=0.0)
-    Bt = tl.load(B_row, mask=ok_n, other=0.0)
+def _load(ptrs, mask, EVEN: tl.constexpr, other=0.0):
+    """`tl.load(ptrs, mask, other)`, unmasked where EVEN says every element is in bounds."""
+    if EVEN:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask, other=other)
+
+
+@triton.jit
+def _load_step(x_base, dt_base, z_base, B_base, C_base, si_base, step, s_x_l, s_dt_l, s_z_l, s_B_l, s_C_l,
+               s_si_l, mask_d, mask_n, offs_d, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
+               WRITE_Y: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr):  # fmt: skip
+    """The inputs of sequence step `step` (the caller keeps it inside the chunk, so no load needs a
+    step mask). The row pointers are loop-invariant bases plus a scalar row offset: a per-element
+    step mask, the dstate mask (where dstate fills BLOCK_N) and per-element pointers carried through
+    the loop kept Triton from vectorizing B_t and C_t (sm_90 SASS: 32 scalar 2-byte loads and ~100
+    instructions of address arithmetic and packing a step, 2026-12-01)."""
+    step = step.to(tl.int64)  # 64-bit offsets: step * stride can pass 2**31
+    x = _load(x_base + step * s_x_l, mask_d, EVEN_D)
+    dt = _load(dt_base + step * s_dt_l, mask_d, EVEN_D)
+    Bt = _load(B_base + step * s_B_l, mask_n, EVEN_N)
     Ct = Bt
     zt = x
     si = offs_d * 0  # a tensor either way: it is carried through the step loop
     if WRITE_Y:
-        Ct = tl.load(C_row, mask=ok_n, other=0.0)
+        Ct = _load(C_base + step * s_C_l, mask_n, EVEN_N)
         if HAS_Z:
-            zt = tl.load(z_row, mask=ok_d, other=0.0)
+            zt = _load(z_base + step * s_z_l, mask_d, EVEN_D)
     if HAS_SEQ_IDX:
-        si = tl.load(si_row + offs_d * 0, mask=ok_d, other=0)  # every channel reads the step's id
+        # every channel reads the step's document id
+        si = tl.load(si_base + step * s_si_l + offs_d * 0, mask=mask_d, other=0)
     return x, dt, Bt, Ct, zt, si
 
 
 @triton.jit
 def _program_channels(A_ptr, dt_bias_ptr, ngroups, dim_per_group, dstate, HAS_DT_BIAS: tl.constexpr,
-                      ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                      ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                      A_T: tl.constexpr = False):  # fmt: skip
     """What a step-loop program of grid (batch x group, channel block, ...) works on: (b, g, offs_dg,
     mask_d, offs_d, offs_n, mask_n, mask_nd, A2, dt_bias). offs_dg are channel indices within the group,
     offs_d within dim; A2 (BLOCK_N, BLOCK_D) is A log2(e), so that exp(delta A) = exp2(delta A2), one
     multiply less per state element and step. Padded (n, d) get A = 0 (decay 1) and, loaded with the
-    same masks, B = C = 0, so they never touch real outputs."""
+    same masks, B = C = 0, so they never touch real outputs. A is (dim, dstate), or with A_T its
+    transpose (dstate, dim) contiguous."""
     b = (tl.program_id(0) // ngroups).to(tl.int64)
     g = tl.program_id(0) % ngroups
     offs_dg = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -75,7 +99,11 @@ def _program_channels(A_ptr, dt_bias_ptr, ngroups, dim_per_group, dstate, HAS_DT
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < dstate
     mask_nd = mask_n[:, None] & mask_d[None, :]
-    A2 = tl.load(A_ptr + offs_d[None, :] * dstate + offs_n[:, None], mask=mask_nd, other=0.0).to(ACC)
+    if A_T:
+        A_at = A_ptr + offs_n[:, None] * (dim_per_group * ngroups) + offs_d[None, :]
+    else:
+        A_at = A_ptr + offs_d[None, :] * dstate + offs_n[:, None]
+    A2 = tl.load(A_at, mask=mask_nd, other=0.0).to(ACC)
     A2 = A2 * 1.4426950408889634  # log2(e)
     dt_bias = tl.zeros((BLOCK_D,), dtype=ACC)
     if HAS_DT_BIAS:
@@ -94,15 +122,17 @@ def selective_scan_fwd_seq_kernel(
     HAS_SEQ_IDX: tl.constexpr, DT_SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
     WRITE_Y: tl.constexpr, WRITE_DECAY: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+    EVEN_D: tl.constexpr = False, EVEN_N: tl.constexpr = False,
 ):  # fmt: skip
     pid_c = tl.program_id(2)
+    # A and the states are channel-major here (see the module docstring)
     b, g, offs_dg, mask_d, offs_d, offs_n, mask_n, mask_nd, A2, dt_bias = _program_channels(
-        A_ptr, dt_bias_ptr, ngroups, dim_per_group, dstate, HAS_DT_BIAS, ACC, BLOCK_D, BLOCK_N
+        A_ptr, dt_bias_ptr, ngroups, dim_per_group, dstate, HAS_DT_BIAS, ACC, BLOCK_D, BLOCK_N, True
     )
     Dv = tl.zeros((BLOCK_D,), dtype=ACC)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
-    state_offs = ((b * nchunks + pid_c) * dim + offs_d[None, :]) * dstate + offs_n[:, None]
+    state_offs = ((b * nchunks + pid_c) * dstate + offs_n[:, None]) * dim + offs_d[None, :]
     if HAS_H0:
         h = tl.load(h0_ptr + state_offs, mask=mask_nd, other=0.0).to(ACC)
     else:
@@ -114,32 +144,36 @@ def selective_scan_fwd_seq_kernel(
     l_begin = pid_c * chunk_len
     l_end = tl.minimum(l_begin + chunk_len, seqlen)
 
-    # Row pointers advance one step per iteration (64-bit pointer arithmetic: t * stride can pass 2**31).
-    l0 = l_begin.to(tl.int64)
-    x_row = x_ptr + b * s_x_b + l0 * s_x_l + offs_d
-    dt_row = dt_ptr + b * s_dt_b + l0 * s_dt_l + offs_d
-    z_row = z_ptr + b * s_z_b + l0 * s_z_l + offs_d
-    y_row = y_ptr + b * s_y_b + l0 * s_y_l + offs_d
-    B_row = B_ptr + b * s_B_b + l0 * s_B_l + g * s_B_g + offs_n
-    C_row = C_ptr + b * s_C_b + l0 * s_C_l + g * s_C_g + offs_n
-    si_row = seq_idx_ptr + b * s_si_b + l0 * s_si_l
+    # Loop-invariant row bases; each step adds its scalar row offset (see _load_step).
+    x_base = x_ptr + b * s_x_b + offs_d
+    dt_base = dt_ptr + b * s_dt_b + offs_d
+    z_base = z_ptr + b * s_z_b + offs_d
+    y_base = y_ptr + b * s_y_b + offs_d
+    B_base = B_ptr + b * s_B_b + g * s_B_g + offs_n
+    C_base = C_ptr + b * s_C_b + g * s_C_g + offs_n
+    si_base = seq_idx_ptr + b * s_si_b
     prev_seq = offs_dg * 0
     if HAS_SEQ_IDX:
-        prev_seq = tl.load(si_row - tl.where(l_begin > 0, s_si_l, 0) + offs_dg * 0)
+        prev_seq = tl.load(si_base + tl.maximum(l_begin - 1, 0).to(tl.int64) * s_si_l + offs_dg * 0)
 
-    # Inputs of steps t (set 0) and t + 1 (set 1); the loop loads step t + 2 before computing step t.
+    # Inputs of steps t (set 0) and t + 1 (set 1); the loop loads step t + 2 before computing step t
+    # (past the chunk's end: its last step again, never used).
+    last = l_end - 1
+    y_off = l_begin.to(tl.int64) * s_y_l  # carried as a 64-bit scalar: t * s_y_l can pass 2**31
     x0, dt0, B0, C0, z0, si0 = _load_step(
-        x_row, dt_row, z_row, B_row, C_row, si_row, l_begin, l_end, mask_d, mask_n, offs_dg, offs_n,
-        HAS_Z, HAS_SEQ_IDX, WRITE_Y,
+        x_base, dt_base, z_base, B_base, C_base, si_base, l_begin, s_x_l, s_dt_l, s_z_l, s_B_l, s_C_l, s_si_l,
+        mask_d, mask_n, offs_dg, HAS_Z, HAS_SEQ_IDX, WRITE_Y, EVEN_D, EVEN_N,
     )  # fmt: skip
     x1, dt1, B1, C1, z1, si1 = _load_step(
-        x_row + s_x_l, dt_row + s_dt_l, z_row + s_z_l, B_row + s_B_l, C_row + s_C_l, si_row + s_si_l,
-        l_begin + 1, l_end, mask_d, mask_n, offs_dg, offs_n, HAS_Z, HAS_SEQ_IDX, WRITE_Y,
+        x_base, dt_base, z_base, B_base, C_base, si_base, tl.minimum(l_begin + 1, last),
+        s_x_l, s_dt_l, s_z_l, s_B_l, s_C_l, s_si_l,
+        mask_d, mask_n, offs_dg, HAS_Z, HAS_SEQ_IDX, WRITE_Y, EVEN_D, EVEN_N,
     )  # fmt: skip
     for t in tl.range(l_begin, l_end, num_stages=NUM_STAGES):
         x2, dt2, B2, C2, z2, si2 = _load_step(
-            x_row + 2 * s_x_l, dt_row + 2 * s_dt_l, z_row + 2 * s_z_l, B_row + 2 * s_B_l, C_row + 2 * s_C_l,
-            si_row + 2 * s_si_l, t + 2, l_end, mask_d, mask_n, offs_dg, offs_n, HAS_Z, HAS_SEQ_IDX, WRITE_Y,
+            x_base, dt_base, z_base, B_base, C_base, si_base, tl.minimum(t + 2, last),
+            s_x_l, s_dt_l, s_z_l, s_B_l, s_C_l, s_si_l,
+            mask_d, mask_n, offs_dg, HAS_Z, HAS_SEQ_IDX, WRITE_Y, EVEN_D, EVEN_N,
         )  # fmt: skip
         x = x0.to(ACC)
         delta = dt0.to(ACC)
@@ -165,16 +199,14 @@ def selective_scan_fwd_seq_kernel(
             if HAS_Z:
                 zt = z0.to(ACC)
                 y *= zt / (1.0 + tl.exp(-zt))
-            tl.store(y_row, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+            y_at = y_base + y_off
+            if EVEN_D:
+                tl.store(y_at, y.to(y_ptr.dtype.element_ty))
+            else:
+                tl.store(y_at, y.to(y_ptr.dtype.element_ty), mask=mask_d)
         x0, dt0, B0, C0, z0, si0 = x1, dt1, B1, C1, z1, si1
         x1, dt1, B1, C1, z1, si1 = x2, dt2, B2, C2, z2, si2
-        x_row += s_x_l
-        dt_row += s_dt_l
-        z_row += s_z_l
-        y_row += s_y_l
-        B_row += s_B_l
-        C_row += s_C_l
-        si_row += s_si_l
+        y_off += s_y_l
 
     tl.store(hT_ptr + state_offs, h.to(hT_ptr.dtype.element_ty), mask=mask_nd)
     if WRITE_DECAY:

@@ -136,15 +136,20 @@ def tune_bucket(x: torch.Tensor) -> int:
     return 0 if batch * seqlen * nheads < 2**18 else max(seqlen, 1).bit_length()
 
 
-# (BLOCK_M, BLOCK_K, num_warps, num_stages); the first of each list is the untuned default: fewest
-# register spills across these kernels on sm_90
-CHUNK_TILES_WIDE = [(64, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)]
+# (BLOCK_M, BLOCK_K, num_warps, num_stages[, maxnreg]); the first of each list is the untuned default:
+# fewest register spills across these kernels on sm_90. Uncapped, the 4-warp tiles take 252-255
+# registers, so 2 programs share an SM; capped at 168 (a few spills, sm_90 SASS: dx 434 -> 464
+# instructions a tile) 3 do, for more warps to hide the loads with (the Mamba-1 backward gained 14%)
+CHUNK_TILES_WIDE = [
+    (64, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2),
+    (64, 64, 4, 2, 168), (64, 64, 4, 3, 168), (64, 32, 4, 2, 168),
+]  # fmt: skip
 CHUNK_TILES_NARROW = [(32, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 2)]
 
 
 def _chunk_tile_list() -> list[tuple[int, ...]]:
     env = os.environ.get("MAMBAKIT_SSD_CHUNK_CONFIG")
-    if env:  # one fixed "BLOCK_M,BLOCK_K,num_warps,num_stages" for every per-chunk kernel (tuning, debugging)
+    if env:  # one fixed "BLOCK_M,BLOCK_K,num_warps,num_stages[,maxnreg]" for every per-chunk kernel
         return [tuple(int(v) for v in env.split(","))]
     return CHUNK_TILES_WIDE + CHUNK_TILES_NARROW
 
@@ -168,7 +173,10 @@ def chunk_tuned(fn=None, *, reset_to_zero: tuple[str, ...] = ()):
     if interpreting():
         return fn
     tiles = _chunk_tile_list()
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, k, w, s in tiles]
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s, maxnreg=(cap or [None])[0])
+        for m, k, w, s, *cap in tiles
+    ]
     tuned = triton.autotune(
         configs=configs,
         key=["nheads", "headdim", "dstate", "chunk_size", "heads_per_group", "tune_bucket"],

@@ -44,9 +44,12 @@ def backward_path() -> str:
 
 def heads_per_program(heads_per_group: int, programs: int) -> int:
     """How many heads of a group one chunk program sums over: all of them when the grid is large
-    anyway (fewest partial sums of dB, dC), fewer when the GPU would otherwise idle."""
+    anyway (fewest partial sums of dB, dC), fewer when the GPU would otherwise idle: halved until
+    the grid has `MAMBAKIT_SSD_BWD_PROGRAMS` programs (default 2048: at the anchor the dC kernel took
+    1.10, 1.04 and 1.00 ms at 1024, 2048 and 4096, forward+backward 4.24, 4.17 and 4.18 ms, H200)."""
+    want = int(os.environ.get("MAMBAKIT_SSD_BWD_PROGRAMS", "2048"))
     hpp = heads_per_group
-    while hpp % 2 == 0 and programs * (heads_per_group // hpp) < 1024 and hpp > 1:
+    while hpp % 2 == 0 and programs * (heads_per_group // hpp) < want and hpp > 1:
         hpp //= 2
     return hpp
 

@@ -90,15 +90,15 @@ def chunk_bwd_dx_kernel(
     # through the state leaving the chunk
     st_off = ((b * nchunks + c) * nheads + h) * headdim * dstate
     G = load_tile(
-        G_ptr + st_off + offs_p[None, :] * dstate + offs_n[:, None], pmask[None, :] & nmask[:, None], FULL
-    )  # (BLOCK_N, BLOCK_P): G^T
+        G_ptr + st_off + offs_p[:, None] * dstate + offs_n[None, :], pmask[:, None] & nmask[None, :], FULL
+    )  # (BLOCK_P, BLOCK_N), as stored
     scale = exp_ftz(cs_end - cs_s)
     if HAS_SEQ:
         seq_s = tl.load(seq_ptr + b * ss_b + ts * ss_l, mask=smask, other=0)
         seq_end = tl.load(seq_ptr + b * ss_b + last * ss_l)
         scale = tl.where(seq_s == seq_end, scale, 0.0)
     scale = tl.where(smask, scale, 0.0)
-    dxdt = tl.dot(Bs, G.to(XDT).to(DOT), input_precision=PREC).to(ACC) * scale[:, None]
+    dxdt = tl.dot(Bs, tl.trans(G.to(XDT).to(DOT)), input_precision=PREC).to(ACC) * scale[:, None]
     xs_acc = load_tile(
         x_ptr + b * sx_b + ts[:, None] * sx_l + h * sx_h + offs_p[None, :] * sx_p, sp_mask, FULL
     )
