@@ -53,9 +53,11 @@ _COMMON = dict(HAS_Z=True, HAS_DT_BIAS=True, HAS_SEQ_IDX=False, DT_SOFTPLUS=True
 
 def kernels() -> list[tuple[str, object, dict, dict, int]]:
     """(name, kernel, constexprs, launch options, steps per loop iteration) at the defaults: the scan
-    kernels, compiled with every non-constexpr scalar an i32 (the forward's strides and sizes with
-    Triton's divisible-by-16 hint, as at the anchor: the hints decide its layout and vectorization;
-    the backward's without)."""
+    kernels, compiled with every non-constexpr scalar an i32, the strides and sizes with Triton's
+    divisible-by-16 hint as the launch specializes them at the anchor. The hints decide layouts and
+    vectorization: without them the forward's rescan compiled to 367 instructions a step with dstate
+    spread over 16 lanes, with them to 236 (Triton 3.6, 2026-12-01), and the backward's pass 2 to
+    1,158 against 757, so counts made without them (before 2026-12-01's ninth session) overstate."""
     from mambakit.ops.selective_scan.triton.scan_fwd import seq_config
 
     block_d, warps, _ = seq_config(4096)
@@ -245,12 +247,11 @@ def main() -> None:
     parser.add_argument("--out", default="bench_out/sass_count.json")
     args = parser.parse_args()
     if args.kernels == "scan":
-        fwd_div16 = ("seqlen", "dim", "dstate", "dim_per_group", "chunk_len")
+        sizes = ("seqlen", "dim", "dstate", "dim_per_group")
         todo = [
-            (n, k, c, o, steps, {"div16": fwd_div16 + tuple(a for a in k.arg_names if a.startswith("s_"))}
-             if n.startswith("fwd") else {})
+            (n, k, c, o, steps, {"div16": sizes + tuple(a for a in k.arg_names if a.startswith("s_"))})
             for n, k, c, o, steps in kernels()
-        ]  # fmt: skip
+        ]
         unit = "step"
     elif args.kernels in ("ssd", "ssd-variants"):
         todo = ssd_kernels() if args.kernels == "ssd" else ssd_variants()

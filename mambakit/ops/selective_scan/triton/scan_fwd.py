@@ -351,11 +351,12 @@ def seq_config(dim_per_group: int) -> tuple[int, int, int]:
         return bd, nw, ns
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 16, 1, 1
-    # Four channels a thread on one warp (see seq_fwd.py): with channel-major states each thread's
-    # channels share its loads and conversions of B_t and C_t. Fastest at the anchor on an H200 among
-    # (32..256 channels, 1..4 warps), side by side in one run (2026-12-01, benchmarks/gpu_scan_variants.py):
-    # 128 channels / 1 warp 0.54 / 2.00 ms at L = 2048 / 8192, 64 / 1 0.61 / 2.30, 32 / 1 0.67 / 2.56,
-    # 256 / 2 0.56 / 2.07, 128 / 4 1.16 / 4.51. Fewer channels where the group is narrower.
+    # Four channels a thread on one warp (see seq_fwd.py): each thread's channels share its loads and
+    # conversions of B_t and C_t. Fastest at the anchor on an H200 among (32..256 channels, 1..4 warps),
+    # side by side in one run (2026-12-01, benchmarks/gpu_scan_variants.py): 128 channels / 1 warp
+    # 0.54 / 1.99 ms at L = 2048 / 8192, 64 / 1 0.61 / 2.28, 32 / 1 0.67 / 2.56, 256 / 2 0.55 / 2.06,
+    # 128 / 4 1.15 / 4.49 (the previous kernel's best, 64 / 1: 0.59 / 2.23). Fewer where the group is
+    # narrower.
     return max(32, min(128, next_power_of_2(dim_per_group))), 1, 1
 
 

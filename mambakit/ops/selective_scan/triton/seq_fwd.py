@@ -13,15 +13,14 @@ values lie in one thread: the C contraction is a sum inside a thread, and the pe
 (a value per channel, coalesced across the warp) need no exchange between threads. A first version with
 the (BLOCK_D, dstate) orientation spread dstate over threads and ran at 6.3 ms on an H200 at L = 8192,
 slower than the tile scan (5.1 ms).
-Triton picks that layout only if the tensors read and written with the state's shape are contiguous
-along channels: the coalescing pass orders a layout by the memory order of its loads and stores, and the
-state's layout then spreads through the loop. So A arrives transposed, (dstate, dim), and the states
-(h0, hT, the decays) are (batch, nchunks, dstate, dim), channel-major (`scan_fwd._channel_major`). With
-the (dim, dstate) order the compiled loop spread dstate over 16 lanes: 64 shuffles a step for the C
-contraction and shared-memory broadcasts of x and delta (sm_90 SASS, Triton 3.6, 2026-12-01: 367
-instructions a step in the rescan, 181 in the chunk pass; now 251 and 164, and with 4 channels a thread,
-BLOCK_D 128 on one warp, 176 and 123 a channel-step). B_t and C_t are loaded from loop-invariant row
-bases plus a scalar offset, without step masks (see `_load_step`), so they load as 16-byte vectors.
+The states (h0, hT, the decays) are (batch, nchunks, dstate, dim), channel-major, and A arrives
+transposed, (dstate, dim) (`scan_fwd._channel_major`): Triton's coalescing pass orders a layout by the
+memory order of the loads and stores, so these keep the state's layout channels-first. B_t and C_t are
+loaded from loop-invariant row bases plus a scalar offset, without step masks (see `_load_step`), so
+they load as 16-byte vectors. With 4 channels a thread (BLOCK_D 128 on one warp, the default) those
+loads and their conversions serve 4 channels: 300 instructions a channel-step over the two passes,
+against 319 for the (dim, dstate) order at 128 / 1 and 390 for it at 32 / 1 (sm_90 SASS, Triton 3.6,
+2026-12-01), and 1.99 against 2.52 and 2.38 ms at the anchor, L = 8192, side by side on an H200.
 
 Latency: each step's loads do not depend on the state, so the loop keeps the next two steps' inputs in
 flight (loaded two iterations ahead, carried in registers): a step's compute never waits on its own loads.
