@@ -36,7 +36,9 @@ def causal_conv1d_impl(
         # Plain forward (training, full-sequence inference): tap k reaches back `width - 1 - k`
         # steps, so it adds into out[:, shift:] from x[:, :-shift]; no zero-padded copy of x (on the
         # mamba2-130m shape at 1024 tokens the pad's fill and copy were ~1 ms of a ~3 ms conv).
-        xa, taps = x.to(acc), weight.t().to(acc)
+        # taps as contiguous rows: a strided (dim,) row kept addcmul_ off its vectorized inner loop
+        # (mamba2-130m, 1024 tokens, 2 threads: 2.65 -> 1.59 ms a conv, bit-identical)
+        xa, taps = x.to(acc), weight.t().to(acc).contiguous()
         last = width - 1
         if bias is None:
             out = taps[last] * xa
