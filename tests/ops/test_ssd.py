@@ -179,6 +179,33 @@ def test_strong_decay_stays_finite():
     assert_all_close(got, want, TOL[torch.float32], floor=1.0)
 
 
+def test_large_steps_forward_matches_reference():
+    """Forward only, steps large enough that most decays fall below 2**-100 (the floor that keeps the
+    CPU's products off subnormals): still the reference's result to fp32 tolerance."""
+    inputs, kw = build((2, 40, 4, 3, 2, 5, 8), OPTIONS[0], seed=12)
+    inputs["A"] = -torch.arange(1.0, 5.0, dtype=F64) * 4.0
+    inputs["dt"] = inputs["dt"] + 4.0  # delta ~ 4: decays down to 2**-1000 over a chunk
+    got = run("torch", inputs, torch.float32, grads=False, **kw)
+    want = run("reference", upcast_like(inputs, torch.float32), F64, grads=False, **kw)
+    assert_all_close(got, want, TOL[torch.float32])
+
+
+def test_forward_decays_are_never_subnormal():
+    """The forward-only decays: no float32 subnormal, within 2**-100 of exp2; exact with autograd
+    and in float64."""
+    from mambakit.ops.ssd.torch import EXP2_FLOOR, _exp2_decay
+
+    d = torch.linspace(-300.0, 0.0, 10001)
+    got = _exp2_decay(d, grad=False)
+    tiny = torch.finfo(torch.float32).tiny  # smallest normal
+    assert not ((got != 0) & (got.abs() < tiny)).any()
+    assert (got - torch.exp2(d)).abs().max().item() <= 2.0**EXP2_FLOOR
+    keep = d >= EXP2_FLOOR
+    assert torch.equal(got[keep], torch.exp2(d)[keep])
+    assert torch.equal(_exp2_decay(d, grad=True), torch.exp2(d))
+    assert torch.equal(_exp2_decay(d.double(), grad=False), torch.exp2(d.double()))
+
+
 @pytest.mark.parametrize("chunk", [3, 4, 16])
 def test_seq_idx_torch_matches_reference(chunk):
     inputs, kw = build((2, 14, 4, 3, 2, 4, chunk), OPTIONS[0], seed=5)

@@ -38,6 +38,20 @@ _LOG2E = 1.0 / math.log(2.0)
 # forward+backward L=256: 256 -> 41, 128 -> 26, 64 -> 29, 32 -> 34. The (Q, Q) blocks cost O(L * Q)
 # work and memory traffic, while the presets' 256 is tuned for GPU tiles.
 CPU_MAX_CHUNK = 64
+# Forward-only decays exp2(d) take d >= this (float32): a decay below 2**-100 is kept at 2**-100, so no
+# product with it lands among the subnormals, on which CPUs slow down many times. At the 130M layer
+# shape with delta ~ 0.7 (a trained model's larger steps), an SSD call took 41 ms against 9 ms with
+# the CPU flushing subnormals (2 threads), most of it in the chunk-state and diagonal products. The
+# change is below 2**-100 absolutely, far under float32 rounding of outputs of order 1e-7 and up.
+EXP2_FLOOR = -100.0
+
+
+def _exp2_decay(d: torch.Tensor, grad: bool) -> torch.Tensor:
+    """exp2(d) of a decay exponent d <= 0 (base 2), floored at 2**EXP2_FLOOR in float32 when nothing
+    differentiates (float64, whose subnormals start at 2**-1022, and autograd keep the exact value)."""
+    if grad or d.dtype == torch.float64:
+        return torch.exp2(d)
+    return torch.exp2(torch.clamp_min(d, EXP2_FLOOR))
 
 
 def _chunk_scan(
@@ -92,6 +106,8 @@ def _chunk_scan(
     if grad or seq_idx is not None:
         decay_ts = decay_ts.masked_fill_(~mask, -math.inf).exp2_()
     else:  # same values: exp2 first, then zero s > t (a possible inf there is overwritten); 2x faster
+        if decay_ts.dtype != torch.float64:
+            decay_ts.clamp_min_(EXP2_FLOOR)  # see EXP2_FLOOR; s > t (positive) is zeroed below anyway
         decay_ts = decay_ts.exp2_().tril_()
     CB = Cg @ Bg.transpose(-1, -2)  # (b, c, g, Q, Q), shared by the heads of a group
     if grad:  # exp2's backward needs its output
@@ -103,7 +119,7 @@ def _chunk_scan(
     y_diag = torch.matmul(scores, xdt.transpose(2, 3), out=y_diag_out)  # (b, c, h, Q, p)
 
     # 2. each chunk's own contribution to the state at its end
-    decay_to_end = torch.exp2(acs[:, :, -1:] - acs)  # (b, c, Q, h)
+    decay_to_end = _exp2_decay(acs[:, :, -1:] - acs, grad)  # (b, c, Q, h)
     if seq_idx is not None:
         decay_to_end = decay_to_end * (doc == doc[..., -1:]).to(x.dtype)[..., None]
     # forward only: xdt is not read again, so it is weighted in place (one fresh 4 * L * h * p byte
@@ -114,11 +130,11 @@ def _chunk_scan(
     states = torch.matmul(xw, Bg, out=states_out).view(b, c, h, p, n)
 
     # 3. scan over chunks: O(c) small elementwise ops
-    chunk_decay = torch.exp2(acs[:, :, -1])  # (b, c, h)
+    chunk_decay = _exp2_decay(acs[:, :, -1], grad)  # (b, c, h)
     if seq_idx is not None:
         chunk_decay = chunk_decay * (doc[..., -1] == doc_in).to(x.dtype)[..., None]
     state = h0 if h0 is not None else x.new_zeros(b, h, p, n)
-    decay_in = torch.exp2(acs)  # (b, c, Q, h)
+    decay_in = _exp2_decay(acs, grad)  # (b, c, Q, h)
     if seq_idx is not None:
         decay_in = decay_in * (doc == doc_in[..., None]).to(x.dtype)[..., None]
 
