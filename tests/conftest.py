@@ -13,9 +13,12 @@ from hypothesis import HealthCheck, settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-settings.register_profile(
-    "ci", deadline=None, max_examples=20, suppress_health_check=[HealthCheck.too_slow], derandomize=False
-)
+# "ci" (the default): the same 20 examples a test on every run, so a run's result depends on the code
+# alone (a random draw once failed a dry run of CI on an fp32 rounding case, 2026-12-01, since fixed
+# in its tolerance). "explore": fresh random examples and more of them, to hunt for new failures.
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=20, derandomize=True, **_COMMON)
+settings.register_profile("explore", max_examples=200, derandomize=False, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

@@ -66,13 +66,15 @@ def run_with_grads(impl, inp, gy, gh, softplus=True, seq_idx=None, **kw):
     return y.detach(), h.detach(), dict(zip(leaves, grads))
 
 
-def assert_close(actual, expected, tol, what):
-    """max |actual - expected| <= tol * max |expected| (and no NaN / inf anywhere)."""
+def assert_close(actual, expected, tol, what, scale=None):
+    """max |actual - expected| <= tol * scale, scale max |expected| (at least 1e-3) unless given (and
+    no NaN / inf anywhere)."""
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     assert torch.isfinite(expected).all(), f"{what}: non-finite reference"
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     err = (actual.double() - expected.double()).abs().max().item()
-    scale = max(expected.double().abs().max().item(), 1e-3)
+    if scale is None:
+        scale = max(expected.double().abs().max().item(), 1e-3)
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} * {scale:.3g}"
 
 
@@ -97,7 +99,13 @@ def compare(inp, tol, grad_tol, softplus=True, seq_idx=None, seed=1, **kw):
     assert set(grads) == set(grads_ref)
     for k in grads:
         assert grads[k].dtype == inp[k].dtype
-        assert_close(grads[k], grads_ref[k], grad_tol, f"grad of {k}")
+        scale = None
+        if k == "dt_bias":
+            # d dt_bias = sum over (batch, seqlen) of d dt: its rounding error follows the size of the
+            # terms, which can cancel to a far smaller sum (a hypothesis-found packed case: terms 2.6 in
+            # all, sum 0.0064, fp32 error 1.5e-7)
+            scale = max(grads_ref["dt"].abs().sum((0, 1)).max().item(), 1e-3)
+        assert_close(grads[k], grads_ref[k], grad_tol, f"grad of {k}", scale)
 
 
 SHAPES = [
