@@ -38,20 +38,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from mambakit.ops._triton_tiles import load_tile, store_tile
+
 
 @triton.jit
 def _softplus(v):
     # Same threshold as torch.nn.functional.softplus (beta 1, threshold 20).
     return tl.where(v <= 20.0, tl.log(1.0 + tl.exp(v)), v)
-
-
-@triton.jit
-def _load(ptrs, mask, EVEN: tl.constexpr, other=0.0):
-    """`tl.load(ptrs, mask, other)`, unmasked where EVEN says every element is in bounds."""
-    if EVEN:
-        return tl.load(ptrs)
-    else:
-        return tl.load(ptrs, mask=mask, other=other)
 
 
 @triton.jit
@@ -64,16 +57,16 @@ def _load_step(x_base, dt_base, z_base, B_base, C_base, si_base, step, s_x_l, s_
     the loop kept Triton from vectorizing B_t and C_t (sm_90 SASS: 32 scalar 2-byte loads and ~100
     instructions of address arithmetic and packing a step, 2026-12-01)."""
     step = step.to(tl.int64)  # 64-bit offsets: step * stride can pass 2**31
-    x = _load(x_base + step * s_x_l, mask_d, EVEN_D)
-    dt = _load(dt_base + step * s_dt_l, mask_d, EVEN_D)
-    Bt = _load(B_base + step * s_B_l, mask_n, EVEN_N)
+    x = load_tile(x_base + step * s_x_l, mask_d, EVEN_D)
+    dt = load_tile(dt_base + step * s_dt_l, mask_d, EVEN_D)
+    Bt = load_tile(B_base + step * s_B_l, mask_n, EVEN_N)
     Ct = Bt
     zt = x
     si = offs_d * 0  # a tensor either way: it is carried through the step loop
     if WRITE_Y:
-        Ct = _load(C_base + step * s_C_l, mask_n, EVEN_N)
+        Ct = load_tile(C_base + step * s_C_l, mask_n, EVEN_N)
         if HAS_Z:
-            zt = _load(z_base + step * s_z_l, mask_d, EVEN_D)
+            zt = load_tile(z_base + step * s_z_l, mask_d, EVEN_D)
     if HAS_SEQ_IDX:
         # every channel reads the step's document id
         si = tl.load(si_base + step * s_si_l + offs_d * 0, mask=mask_d, other=0)
@@ -198,11 +191,7 @@ def selective_scan_fwd_seq_kernel(
             if HAS_Z:
                 zt = z0.to(ACC)
                 y *= zt / (1.0 + tl.exp(-zt))
-            y_at = y_base + y_off
-            if EVEN_D:
-                tl.store(y_at, y.to(y_ptr.dtype.element_ty))
-            else:
-                tl.store(y_at, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+            store_tile(y_base + y_off, y.to(y_ptr.dtype.element_ty), mask_d, EVEN_D)
         x0, dt0, B0, C0, z0, si0 = x1, dt1, B1, C1, z1, si1
         x1, dt1, B1, C1, z1, si1 = x2, dt2, B2, C2, z2, si2
         y_off += s_y_l

@@ -1,6 +1,6 @@
-"""Pieces shared by the SSD Triton kernels: dt processing inside a kernel, tile loads and stores that
-drop their masks when every tile is full, the causal decay of a tile of position pairs, and the
-block-size and tuning rules."""
+"""Pieces shared by the SSD Triton kernels: dt processing inside a kernel, the causal decay of a tile
+of position pairs, and the block-size and tuning rules (the tile loads and stores that drop their
+masks when every tile is full are in `ops/_triton_tiles.py`)."""
 
 from __future__ import annotations
 
@@ -28,25 +28,6 @@ def process_dt(dt, bias, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, dt_min
     if HAS_LIMIT:
         dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
     return dt
-
-
-@triton.jit
-def load_tile(ptrs, mask, FULL: tl.constexpr):
-    """`tl.load(ptrs, mask, other=0)`, or unmasked where FULL says every element is in bounds: the
-    masks of the output pass's 64-row step were ~95 of its ~1,080 SASS instructions (sm_90)."""
-    if FULL:
-        return tl.load(ptrs)
-    else:
-        return tl.load(ptrs, mask=mask, other=0.0)
-
-
-@triton.jit
-def store_tile(ptrs, value, mask, FULL: tl.constexpr):
-    """`tl.store(ptrs, value, mask)`, unmasked where FULL (see `load_tile`)."""
-    if FULL:
-        tl.store(ptrs, value)
-    else:
-        tl.store(ptrs, value, mask=mask)
 
 
 @triton.jit
@@ -81,7 +62,7 @@ def causal_keep(rows, cols, cols_in, diagonal, FULL: tl.constexpr, HAS_SEQ: tl.c
 def full_tiles(seqlen: int, chunk_size: int, sub: int, headdim: int, block_p: int, dstate: int,
                block_n: int) -> bool:  # fmt: skip
     """Whether every SUB-row step of every chunk is full and the tiles cover headdim and dstate
-    exactly, so that the steps need no masks (`load_tile`)."""
+    exactly, so that the steps need no masks (`_triton_tiles.load_tile`)."""
     return seqlen % sub == 0 and chunk_size % sub == 0 and headdim % block_p == 0 and dstate == block_n
 
 

@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from mambakit.ops._triton_math import exp_ftz
-from mambakit.ops.ssd.triton._common import causal_decay, causal_keep, chunk_tuned, load_tile, store_tile
+from mambakit.ops._triton_tiles import load_tile, store_tile
+from mambakit.ops.ssd.triton._common import causal_decay, causal_keep, chunk_tuned
 
 
 @chunk_tuned(reset_to_zero=("dD_ptr",))

@@ -36,7 +36,8 @@ import triton.language as tl
 
 from mambakit.ops._launch import CachedTuning
 from mambakit.ops._triton_math import LOG2E, exp_ftz
-from mambakit.ops.ssd.triton._common import interpreting, load_tile, pow2_at_least, store_tile
+from mambakit.ops._triton_tiles import load_tile, store_tile
+from mambakit.ops.ssd.triton._common import interpreting, pow2_at_least
 
 # (SUB, warps, stages). fp32 steps take one stage: Triton 3.6 on the H200 gave wrong results for
 # 16-bit inputs at (32, 4, 2) (the original kernel, with the state as the second operand; right at
