@@ -46,12 +46,18 @@ CPU_MAX_CHUNK = 64
 EXP2_FLOOR = -100.0
 
 
+def _floor_exponent(d: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """A forward-only decay exponent d (base 2) clamped at EXP2_FLOOR; float64, whose subnormals start
+    at 2**-1022, is returned as it is. in_place clamps d itself (a fresh tensor of the caller's)."""
+    if d.dtype == torch.float64:
+        return d
+    return d.clamp_min_(EXP2_FLOOR) if in_place else torch.clamp_min(d, EXP2_FLOOR)
+
+
 def _exp2_decay(d: torch.Tensor, grad: bool) -> torch.Tensor:
-    """exp2(d) of a decay exponent d <= 0 (base 2), floored at 2**EXP2_FLOOR in float32 when nothing
-    differentiates (float64, whose subnormals start at 2**-1022, and autograd keep the exact value)."""
-    if grad or d.dtype == torch.float64:
-        return torch.exp2(d)
-    return torch.exp2(torch.clamp_min(d, EXP2_FLOOR))
+    """exp2(d) of a decay exponent d <= 0, floored (`_floor_exponent`) when nothing differentiates;
+    autograd keeps the exact value."""
+    return torch.exp2(d if grad else _floor_exponent(d))
 
 
 def _chunk_scan(
@@ -106,9 +112,8 @@ def _chunk_scan(
     if grad or seq_idx is not None:
         decay_ts = decay_ts.masked_fill_(~mask, -math.inf).exp2_()
     else:  # same values: exp2 first, then zero s > t (a possible inf there is overwritten); 2x faster
-        if decay_ts.dtype != torch.float64:
-            decay_ts.clamp_min_(EXP2_FLOOR)  # see EXP2_FLOOR; s > t (positive) is zeroed below anyway
-        decay_ts = decay_ts.exp2_().tril_()
+        # floored (see EXP2_FLOOR); s > t (positive) is zeroed by the tril anyway
+        decay_ts = _floor_exponent(decay_ts, in_place=True).exp2_().tril_()
     CB = Cg @ Bg.transpose(-1, -2)  # (b, c, g, Q, Q), shared by the heads of a group
     if grad:  # exp2's backward needs its output
         scores = decay_ts.view(b, c, g, r, Q, Q) * CB[:, :, :, None]
