@@ -214,32 +214,28 @@ def kernel_breakdown(seqlen: int) -> list[dict]:
     return rows[:15]
 
 
-def tuned_configs() -> dict:
-    """The tile config the autotuner chose for each per-chunk SSD kernel (at the last tuned shape)."""
+def tuned_kernels() -> dict:
+    """The autotuned per-chunk SSD kernels, by name."""
     from mambakit.ops.ssd.triton import bwd_chunk, chunk_scan
 
-    kernels = {
+    return {
         "chunk_scan_fwd": chunk_scan.chunk_scan_fwd_tuned,
         "chunk_bwd_dx": bwd_chunk.chunk_bwd_dx_kernel,
         "chunk_bwd_dB": bwd_chunk.chunk_bwd_dB_kernel,
         "chunk_bwd_dC": bwd_chunk.chunk_bwd_dC_kernel,
     }
-    return {name: str(getattr(k, "best_config", None)) for name, k in kernels.items()}
+
+
+def tuned_configs() -> dict:
+    """The tile config the autotuner chose for each per-chunk SSD kernel (at the last tuned shape)."""
+    return {name: str(getattr(k, "best_config", None)) for name, k in tuned_kernels().items()}
 
 
 def tuning_timings() -> dict:
     """Each per-chunk SSD kernel's autotuning trials at the last shape it was tuned for: config -> ms
     (Triton's median of its own benchmark runs), fastest first."""
-    from mambakit.ops.ssd.triton import bwd_chunk, chunk_scan
-
-    kernels = {
-        "chunk_scan_fwd": chunk_scan.chunk_scan_fwd_tuned,
-        "chunk_bwd_dx": bwd_chunk.chunk_bwd_dx_kernel,
-        "chunk_bwd_dB": bwd_chunk.chunk_bwd_dB_kernel,
-        "chunk_bwd_dC": bwd_chunk.chunk_bwd_dC_kernel,
-    }
     out = {}
-    for name, k in kernels.items():
+    for name, k in tuned_kernels().items():
         timings = getattr(getattr(k, "tuned", None), "configs_timings", None) or {}
         ms = {str(c): (t[0] if isinstance(t, (list, tuple)) else t) for c, t in timings.items()}
         out[name] = dict(sorted(ms.items(), key=lambda kv: kv[1]))
