@@ -42,7 +42,13 @@ class Block(nn.Module):
     def step(
         self, hidden_states: torch.Tensor, residual: torch.Tensor | None, cache
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token: (batch, 1, d_model) in and out; advances the mixer's `cache`."""
+        """One token: (batch, 1, d_model) in and out; advances the mixer's `cache`. A mixer with a
+        `block_step` (Mamba-1) may take the whole block's step as one fused op."""
+        fused_step = getattr(self.mixer, "block_step", None)
+        if fused_step is not None:
+            out = fused_step(hidden_states, residual, self.norm, self.residual_in_fp32, cache)
+            if out is not None:
+                return out
         add_rms_norm = step_ops(hidden_states).add_rms_norm  # direct backend call on CPU
         normed, residual = add_rms_norm(
             hidden_states, residual, self.norm.weight, self.norm.eps, self.residual_in_fp32

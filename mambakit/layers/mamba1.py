@@ -12,6 +12,7 @@ Parameter names follow the official state-spaces checkpoints.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,10 @@ from mambakit.layers.ssm_init import (
 )
 from mambakit.layers.state import MambaState
 from mambakit.layers.step_ops import step_ops
+
+# Up to this batch a decoding step of a Mamba-1 block runs as `ops.mamba1_block_step` on the GPU; larger
+# batches amortize the unfused step's kernels, whose cuBLAS GEMMs read each weight once for all rows.
+FUSED_STEP_MAX_BATCH = 8
 
 
 class Mamba1(nn.Module):
@@ -152,6 +157,54 @@ class Mamba1(nn.Module):
         )  # fmt: skip
         cache.seqlen_offset += 1
         return self.out_proj(y).unsqueeze(1)
+
+    def block_step(
+        self,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm: nn.Module,
+        residual_in_fp32: bool,
+        cache: MambaState,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The enclosing pre-norm block's step (residual add, `norm`, this layer) as one op,
+        `ops.mamba1_block_step`: (batch, 1, d_model) in and out, like `Block.step`. Returns None where
+        that op does not apply, and the block then takes its unfused step."""
+        if not self._fused_step_applies(hidden_states, residual, norm, cache):
+            return None
+        check_hidden(hidden_states, self.d_model, step=True)
+        out, residual = ops.mamba1_block_step(
+            hidden_states[:, 0], None if residual is None else residual[:, 0], norm.weight, norm.eps,
+            residual_in_fp32, self.in_proj.weight, cache.conv_state, self._conv_weight(), self.conv1d.bias,
+            self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, cache.ssm_state,
+            self.out_proj.weight,
+        )  # fmt: skip
+        cache.seqlen_offset += 1
+        return out.unsqueeze(1), residual.unsqueeze(1)
+
+    def _fused_step_applies(self, hidden, residual, norm, cache) -> bool:
+        """The fused block step runs where the Triton backend is chosen (CUDA tensors; or
+        MAMBAKIT_BACKEND=triton under the interpreter), for batches up to FUSED_STEP_MAX_BATCH, without
+        in/out projection biases, autograd or autocast, and in one dtype; MAMBAKIT_FUSED_STEP=0 turns
+        it off."""
+        if os.environ.get("MAMBAKIT_FUSED_STEP", "1") == "0" or hidden.ndim != 3:
+            return False
+        if hidden.shape[0] > FUSED_STEP_MAX_BATCH or self.d_conv < 2:
+            return False
+        if self.in_proj.bias is not None or self.out_proj.bias is not None:
+            return False
+        if ops.resolve_backend("auto", hidden.device, ops.BACKENDS) != "triton":
+            return False
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return False
+        if torch.is_autocast_enabled(hidden.device.type):
+            return False
+        dtype = hidden.dtype
+        return (
+            self.in_proj.weight.dtype == dtype
+            and cache.conv_state.dtype == dtype
+            and (residual is None or residual.shape == hidden.shape)
+            and isinstance(getattr(norm, "weight", None), torch.Tensor)
+        )
 
     def allocate_inference_cache(
         self,

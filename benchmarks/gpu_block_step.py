@@ -1,0 +1,121 @@
+"""Decoding with the fused Mamba-1 block step (`ops.mamba1_block_step`) against the unfused step.
+
+For each model and batch size, one process captures the CUDA-graph decode step twice, with
+MAMBAKIT_FUSED_STEP=0 (unfused: ~7 kernels a block) and =1 (the fused op: 3 kernels a block), decodes
+the same tokens with both, and prints replay ms/token, kernels a step, and how far the fused logits are
+from the unfused ones (max |difference| over max |logit|, and the share of equal greedy tokens).
+`--sweep` also times tile choices of the fused kernels (`ops/mamba1_step/triton.py` TILES).
+bf16 weights, random weights in the preset shapes.
+
+    python benchmarks/gpu_block_step.py --out bench_out/block_step.json
+    python benchmarks/gpu_block_step.py --models mamba1-130m --batch 1 --sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_decode_profile import kernels_per_step, replay_ms  # noqa: E402
+
+from mambakit.inference.cuda_graph import CUDAGraphDecoder  # noqa: E402
+from mambakit.models.lm import LanguageModel  # noqa: E402
+from mambakit.models.presets import preset  # noqa: E402
+from mambakit.ops.mamba1_step import triton as fused_triton  # noqa: E402
+
+from _common import environment, print_table, write_json  # noqa: E402
+
+SWEEP = [
+    {},
+    {"out_cublas": True},
+    {"in_channels": 16},
+    {"in_channels": 32},
+    {"in_k": 128},
+    {"in_k": 512},
+    {"ssm_channels": 32},
+    {"ssm_channels": 64},
+    {"out_rows": 4},
+    {"out_rows": 16},
+    {"out_k": 256},
+    {"out_k": 1024},
+]
+
+
+def _decode(model, batch: int, tokens: torch.Tensor, fused: bool, iters: int, profile: bool) -> dict:
+    os.environ["MAMBAKIT_FUSED_STEP"] = "1" if fused else "0"
+    dec = CUDAGraphDecoder(model, batch, 512)
+    logits = []
+    for t in range(tokens.shape[1]):
+        logits.append(dec.step(tokens[:, t]).float().clone())
+    dec.input_ids.copy_(tokens[:, :1])
+    out = {"ms": replay_ms(dec, tokens, iters), "logits": torch.stack(logits, 1)}
+    if profile:
+        kernels = kernels_per_step(dec, 20)
+        out["kernels_per_step"] = sum(c for c, _ in kernels.values())
+        out["kernels"] = {k: {"per_step": c, "us": t} for k, (c, t) in kernels.items()}
+    del dec
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["mamba1-130m", "mamba1-1.4b"])
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 4, 8])
+    ap.add_argument("--steps", type=int, default=16, help="tokens decoded to compare the logits")
+    ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--out", default="bench_out/block_step.json")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    rows, results = [], []
+    for name in args.models:
+        torch.manual_seed(0)
+        model = LanguageModel(preset(name), device=device, dtype=torch.bfloat16).eval()
+        for batch in args.batch:
+            tokens = torch.randint(0, 1000, (batch, args.steps), device=device)
+            base = _decode(model, batch, tokens, False, args.iters, True)
+            fused = _decode(model, batch, tokens, True, args.iters, True)
+            scale = base["logits"].abs().max().item()
+            rel = (fused["logits"] - base["logits"]).abs().max().item() / scale
+            same = (fused["logits"].argmax(-1) == base["logits"].argmax(-1)).float().mean().item()
+            row = [name, batch, base["ms"], fused["ms"], base["ms"] / fused["ms"],
+                   base["kernels_per_step"], fused["kernels_per_step"], rel, same]  # fmt: skip
+            rows.append(row)
+            top = sorted(fused["kernels"].items(), key=lambda kv: -kv[1]["us"])[:8]
+            print(f"\n{name} batch {batch}, fused step, top kernels")
+            table = [[k[:80], v["per_step"], v["us"]] for k, v in top]
+            print_table(["kernel", "per step", "us per step"], table)
+            result = dict(zip(["model", "batch", "unfused_ms", "fused_ms", "speedup", "unfused_kernels",
+                               "fused_kernels", "max_rel_logit_diff", "greedy_agreement"], row))  # fmt: skip
+            result["fused_top_kernels"] = dict(top)
+            if args.sweep:
+                sweep = []
+                default = dict(fused_triton.TILES)
+                for change in SWEEP:
+                    fused_triton.TILES.update(change)
+                    try:
+                        ms = _decode(model, batch, tokens, True, args.iters, False)["ms"]
+                    finally:
+                        fused_triton.TILES.clear()
+                        fused_triton.TILES.update(default)
+                    sweep.append({"tiles": change, "ms": ms})
+                    print(f"  tiles {change or 'default'}: {ms:.4f} ms")
+                result["sweep"] = sweep
+            results.append(result)
+        del model
+        torch.cuda.empty_cache()
+    print()
+    head = ["model", "batch", "unfused ms", "fused ms", "speedup", "kernels unfused", "kernels fused",
+            "max rel logit diff", "greedy agree"]  # fmt: skip
+    print_table(head, rows)
+    write_json(args.out, {"environment": environment(), "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

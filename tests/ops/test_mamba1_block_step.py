@@ -1,0 +1,116 @@
+"""`mamba1_block_step`: a whole Mamba-1 block's decoding step as one op. Every backend must equal the
+block's unfused step (the reference composes the reference step ops with the same roundings), on
+fresh random inputs, at sizes that do not fill the kernels' tiles; the Triton kernels run through the
+interpreter on CPU (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mambakit.ops import mamba1_block_step
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(gen, batch, d_model, d_inner, dstate, dt_rank, d_conv, dtype, first=False, conv_bias=True,
+            half_state=False):  # fmt: skip
+    def r(*shape, scale=1.0, shift=0.0, dt=dtype):
+        return (torch.randn(*shape, generator=gen) * scale + shift).to(dt).to(DEVICE)
+
+    return dict(
+        hidden=r(batch, d_model),
+        residual=None if first else r(batch, d_model, dt=torch.float32),
+        norm_weight=r(d_model, scale=0.2, shift=1.0),
+        norm_eps=1e-5,
+        residual_in_fp32=True,
+        in_proj_weight=r(2 * d_inner, d_model, scale=d_model**-0.5),
+        conv_state=r(batch, d_inner, d_conv - 1),
+        conv_weight=r(d_inner, d_conv, scale=0.5),
+        conv_bias=r(d_inner, scale=0.1) if conv_bias else None,
+        x_proj_weight=r(dt_rank + 2 * dstate, d_inner, scale=d_inner**-0.5),
+        dt_proj_weight=r(d_inner, dt_rank, scale=dt_rank**-0.5),
+        dt_bias=r(d_inner, scale=0.3, shift=-2.0),
+        A_log=torch.log(torch.rand(d_inner, dstate, generator=gen) * 4 + 0.5).to(DEVICE),
+        D=r(d_inner, dt=torch.float32),
+        ssm_state=r(batch, d_inner, dstate, dt=torch.bfloat16 if half_state else torch.float32),
+        out_proj_weight=r(d_model, d_inner, scale=d_inner**-0.5),
+    )
+
+
+def _run(args, backend):
+    args = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    with torch.no_grad():
+        out, res = mamba1_block_step(**args, backend=backend)
+    return out, res, args["conv_state"], args["ssm_state"]
+
+
+SHAPES = [  # batch, d_model, d_inner, dstate, dt_rank, d_conv
+    (1, 32, 64, 16, 2, 4),
+    (3, 24, 48, 5, 3, 4),
+    (2, 40, 200, 8, 7, 3),
+    (1, 300, 96, 16, 19, 2),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_step_matches_reference(backend, shape, dtype):
+    batch, d_model, d_inner, dstate, dt_rank, d_conv = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    args = _inputs(gen, batch, d_model, d_inner, dstate, dt_rank, d_conv, dtype)
+    want = _run(args, "reference")
+    got = _run(args, backend)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for name, w, g in zip(("out", "residual", "conv_state", "ssm_state"), want, got):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g, w, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    assert not torch.equal(got[3], args["ssm_state"])  # the state advanced
+
+
+@pytest.mark.parametrize("first,conv_bias,half_state", [(True, True, False), (False, False, True)])
+def test_block_step_options(first, conv_bias, half_state):
+    gen = torch.Generator().manual_seed(7)
+    args = _inputs(gen, 2, 32, 80, 16, 3, 4, torch.float32, first, conv_bias, half_state)
+    args["residual_in_fp32"] = not first
+    want = _run(args, "reference")
+    got = _run(args, "triton")
+    for w, g in zip(want, got):
+        assert g.dtype == w.dtype
+        # a bfloat16 state is stored rounded: one rounding step apart where the float32 values differ
+        tol = dict(rtol=8e-3, atol=1e-5) if g.dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(g, w, **tol)
+
+
+def test_block_step_rejects_bad_input():
+    gen = torch.Generator().manual_seed(0)
+    args = _inputs(gen, 2, 32, 64, 16, 2, 4, torch.float32)
+    bad = dict(args, conv_state=args["conv_state"][:, :, :2])
+    with pytest.raises(ValueError, match="conv_state"):
+        mamba1_block_step(**bad)
+    bad = dict(args, x_proj_weight=args["x_proj_weight"][:-1])
+    with pytest.raises(ValueError, match="x_proj_weight"):
+        mamba1_block_step(**bad)
+    bad = dict(args, in_proj_weight=args["in_proj_weight"].double())
+    with pytest.raises(TypeError, match="in_proj_weight"):
+        mamba1_block_step(**bad)
+    with pytest.raises(ValueError, match="no_grad"):
+        mamba1_block_step(**dict(args, hidden=args["hidden"].requires_grad_()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d_model", [768, 2048])
+def test_block_step_gpu_preset_shapes(batch, dtype, d_model):
+    """The 130M and 1.4B presets' block shapes (d_inner 2 d_model, dstate 16, dt_rank d_model / 16)."""
+    gen = torch.Generator().manual_seed(batch + d_model)
+    args = _inputs(gen, batch, d_model, 2 * d_model, 16, d_model // 16, 4, dtype)
+    want = _run(args, "reference")
+    got = _run(args, "triton")
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for w, g in zip(want, got):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, **tol)
