@@ -32,17 +32,20 @@ from _common import environment, print_table, write_json  # noqa: E402
 
 SWEEP = [
     {},
+    {"x_cublas": True},
     {"out_cublas": True},
-    {"in_channels": 16},
-    {"in_channels": 32},
-    {"in_k": 128},
-    {"in_k": 512},
+    {"in_elems": 4096},
+    {"in_elems": 16384},
+    {"in_elems": 32768},
+    {"x_elems": 2048},
+    {"x_elems": 8192},
+    {"out_elems": 4096},
+    {"out_elems": 16384},
+    {"out_elems": 32768},
+    {"per_thread": 32},
+    {"per_thread": 128},
+    {"ssm_channels": 8},
     {"ssm_channels": 32},
-    {"ssm_channels": 64},
-    {"out_rows": 4},
-    {"out_rows": 16},
-    {"out_k": 256},
-    {"out_k": 1024},
 ]
 
 

@@ -30,9 +30,11 @@ from mambakit.layers.ssm_init import (
 from mambakit.layers.state import MambaState
 from mambakit.layers.step_ops import step_ops
 
-# Up to this batch a decoding step of a Mamba-1 block runs as `ops.mamba1_block_step` on the GPU; larger
-# batches amortize the unfused step's kernels, whose cuBLAS GEMMs read each weight once for all rows.
-FUSED_STEP_MAX_BATCH = 8
+# Up to batch max(1, FUSED_STEP_BATCH_WIDTH // d_model) a decoding step of a Mamba-1 block runs as
+# `ops.mamba1_block_step` on the GPU. Its kernels read a block's weights once per batch row; the unfused
+# step's cuBLAS GEMMs read them once for all rows, and win from a batch that grows as the model
+# shrinks (H200, bf16: fused faster at batch 1-4 for 130M, batch 1 for 1.4B; benchmarks/gpu_block_step.py).
+FUSED_STEP_BATCH_WIDTH = 3072
 
 
 class Mamba1(nn.Module):
@@ -183,12 +185,12 @@ class Mamba1(nn.Module):
 
     def _fused_step_applies(self, hidden, residual, norm, cache) -> bool:
         """The fused block step runs where the Triton backend is chosen (CUDA tensors; or
-        MAMBAKIT_BACKEND=triton under the interpreter), for batches up to FUSED_STEP_MAX_BATCH, without
+        MAMBAKIT_BACKEND=triton under the interpreter), for small batches (FUSED_STEP_BATCH_WIDTH), without
         in/out projection biases, autograd or autocast, and in one dtype; MAMBAKIT_FUSED_STEP=0 turns
         it off."""
         if os.environ.get("MAMBAKIT_FUSED_STEP", "1") == "0" or hidden.ndim != 3:
             return False
-        if hidden.shape[0] > FUSED_STEP_MAX_BATCH or self.d_conv < 2:
+        if hidden.shape[0] > max(1, FUSED_STEP_BATCH_WIDTH // self.d_model) or self.d_conv < 2:
             return False
         if self.in_proj.bias is not None or self.out_proj.bias is not None:
             return False

@@ -31,48 +31,38 @@ from mambakit.ops.selective_scan.triton.scan_fwd import _softplus
 
 @triton.jit
 def _in_conv_kernel(
-    hid_ptr, res_ptr, res_out_ptr, nw_ptr, W_in_ptr, cs_ptr, cw_ptr, cb_ptr, W_x_ptr, xz_ptr, part_ptr,
-    eps, d_model, d_inner, d_conv, n_xproj, nblocks, s_cs_b, s_cs_d, s_cs_w,
+    hid_ptr, res_ptr, res_out_ptr, nw_ptr, W_in_ptr, cs_ptr, cw_ptr, cb_ptr, xz_ptr,
+    eps, d_model, d_inner, d_conv, s_cs_b, s_cs_d, s_cs_w,
     HAS_RES: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_X: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):  # fmt: skip
+    """Residual add, RMS norm, the x and z rows of in_proj for BLOCK_C channels, their conv step + SiLU.
+    BLOCK_K >= d_model: the whole row is one load, so every load of the program is in flight at once."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     DT = W_in_ptr.dtype.element_ty
-    offs_k = tl.arange(0, BLOCK_K)
-    hid = hid_ptr + b * d_model
-    res = res_ptr + b * d_model
-
-    ssq = tl.zeros([BLOCK_K], tl.float32)
-    for k0 in range(0, d_model, BLOCK_K):
-        k = k0 + offs_k
-        ok = k < d_model
-        r = tl.load(hid + k, mask=ok, other=0.0).to(tl.float32)
-        if HAS_RES:
-            r += tl.load(res + k, mask=ok, other=0.0).to(tl.float32)
-        ssq += r * r
-        if pid == 0:
-            tl.store(res_out_ptr + b * d_model + k, r.to(res_out_ptr.dtype.element_ty), mask=ok)
-    rstd = 1.0 / tl.sqrt(tl.sum(ssq, 0) / d_model + eps)
-
+    k = tl.arange(0, BLOCK_K)
+    ok = k < d_model
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     ok_c = offs_c < d_inner
-    acc_x = tl.zeros([BLOCK_C, BLOCK_K], tl.float32)
-    acc_z = tl.zeros([BLOCK_C, BLOCK_K], tl.float32)
-    for k0 in range(0, d_model, BLOCK_K):
-        k = k0 + offs_k
-        ok = k < d_model
-        r = tl.load(hid + k, mask=ok, other=0.0).to(tl.float32)
-        if HAS_RES:
-            r += tl.load(res + k, mask=ok, other=0.0).to(tl.float32)
-        w = tl.load(nw_ptr + k, mask=ok, other=0.0).to(tl.float32)
-        normed = (r * rstd * w).to(DT).to(tl.float32)
-        m = ok_c[:, None] & ok[None, :]
-        rows = W_in_ptr + offs_c[:, None] * d_model + k[None, :]
-        acc_x += tl.load(rows, mask=m, other=0.0).to(tl.float32) * normed[None, :]
-        acc_z += tl.load(rows + d_inner * d_model, mask=m, other=0.0).to(tl.float32) * normed[None, :]
-    x = tl.sum(acc_x, 1).to(DT).to(tl.float32)
-    z = tl.sum(acc_z, 1).to(DT).to(tl.float32)
+    # the weight tiles first: their loads do not wait on the norm's reductions (measured on an H200,
+    # 1.4B: the weights loaded after the norm made this kernel latency-bound)
+    m = ok_c[:, None] & ok[None, :]
+    rows = W_in_ptr + offs_c[:, None] * d_model + k[None, :]
+    w_x = tl.load(rows, mask=m, other=0.0)
+    w_z = tl.load(rows + d_inner * d_model, mask=m, other=0.0)
+    r = tl.load(hid_ptr + b * d_model + k, mask=ok, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r += tl.load(res_ptr + b * d_model + k, mask=ok, other=0.0).to(tl.float32)
+    norm_w = tl.load(nw_ptr + k, mask=ok, other=0.0).to(tl.float32)
+    if pid == 0:
+        tl.store(res_out_ptr + b * d_model + k, r.to(res_out_ptr.dtype.element_ty), mask=ok)
+    rstd = 1.0 / tl.sqrt(tl.sum(r * r, 0) / d_model + eps)
+    normed = (r * rstd * norm_w).to(DT).to(tl.float32)
+    x = tl.sum(w_x.to(tl.float32) * normed[None, :], 1)
+    z = tl.sum(w_z.to(tl.float32) * normed[None, :], 1)
+    x = x.to(DT).to(tl.float32)
+    z = z.to(DT).to(tl.float32)
 
     # conv window (BLOCK_C, BLOCK_W): the d_conv - 1 cached inputs, then x
     offs_w = tl.arange(0, BLOCK_W)
@@ -91,44 +81,48 @@ def _in_conv_kernel(
     shift = offs_w[None, None, :] == offs_w[None, :, None] + 1
     new_state = tl.sum(tl.where(shift, window[:, None, :], 0.0), 2)
     tl.store(cs, new_state.to(cs_ptr.dtype.element_ty), mask=in_state)
-
-    offs_x = tl.arange(0, BLOCK_X)
-    W_x = tl.load(W_x_ptr + offs_x[:, None] * d_inner + offs_c[None, :],
-                  mask=(offs_x[:, None] < n_xproj) & ok_c[None, :], other=0.0).to(tl.float32)  # fmt: skip
-    tl.store(part_ptr + (b * nblocks + pid) * BLOCK_X + offs_x, tl.sum(W_x * xc[None, :], 1))
     tl.store(xz_ptr + b * 2 * d_inner + offs_c, xc, mask=ok_c)
     tl.store(xz_ptr + b * 2 * d_inner + d_inner + offs_c, z, mask=ok_c)
 
 
 @triton.jit
-def _ssm_kernel(
-    part_ptr, xz_ptr, W_dt_ptr, dt_bias_ptr, A_log_ptr, D_ptr, h_ptr, y_ptr,
-    d_inner, dstate, dt_rank, nblocks, s_h_b, s_h_d, s_h_n,
-    HAS_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_X: tl.constexpr,
-):  # fmt: skip
+def _gemv_kernel(v_ptr, W_ptr, out_ptr, n_out, n_in, s_v_b, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[b] = W @ v[b], rounded to out's dtype: W (n_out, n_in) contiguous, v (batch, n_in) with row
+    stride s_v_b, out (batch, n_out) contiguous. Takes one load when BLOCK_K >= n_in: a loop step
+    waits for its loads, and at decoding sizes that wait, not bandwidth, is the cost."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    DT = y_ptr.dtype.element_ty
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok_m = offs_m < n_out
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(0, n_in, BLOCK_K):
+        k = k0 + offs_k
+        ok = k < n_in
+        v = tl.load(v_ptr + b * s_v_b + k, mask=ok, other=0.0).to(tl.float32)
+        w = tl.load(W_ptr + offs_m[:, None] * n_in + k[None, :], mask=ok_m[:, None] & ok[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * v[None, :], 1)
+    tl.store(out_ptr + b * n_out + offs_m, acc.to(out_ptr.dtype.element_ty), mask=ok_m)
+
+
+@triton.jit
+def _ssm_kernel(
+    xp_ptr, xz_ptr, W_dt_ptr, dt_bias_ptr, A_log_ptr, D_ptr, h_ptr, y_ptr,
+    d_inner, dstate, dt_rank, s_h_b, s_h_d, s_h_n,
+    HAS_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """dt_proj, softplus, the state update and the gated y for BLOCK_C channels; xp (batch, dt_rank +
+    2 dstate) is x_proj's output (dt_low, B, C), already rounded to the model's dtype."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_p = tl.arange(0, BLOCK_P)
     ok_r = offs_r < dt_rank
     ok_n = offs_n < dstate
-    dt_low = tl.zeros([BLOCK_R], tl.float32)
-    Bv = tl.zeros([BLOCK_N], tl.float32)
-    Cv = tl.zeros([BLOCK_N], tl.float32)
-    for p0 in range(0, nblocks, BLOCK_P):
-        p = p0 + offs_p
-        rows = part_ptr + (b * nblocks + p[:, None]) * BLOCK_X
-        ok_p = (p < nblocks)[:, None]
-        dt_low += tl.sum(tl.load(rows + offs_r[None, :], mask=ok_p & ok_r[None, :], other=0.0), 0)
-        Bv += tl.sum(tl.load(rows + dt_rank + offs_n[None, :], mask=ok_p & ok_n[None, :], other=0.0), 0)
-        C_rows = rows + dt_rank + dstate
-        Cv += tl.sum(tl.load(C_rows + offs_n[None, :], mask=ok_p & ok_n[None, :], other=0.0), 0)
-    dt_low = dt_low.to(DT).to(tl.float32)
-    Bv = Bv.to(DT).to(tl.float32)
-    Cv = Cv.to(DT).to(tl.float32)
+    xp = xp_ptr + b * (dt_rank + 2 * dstate)
+    dt_low = tl.load(xp + offs_r, mask=ok_r, other=0.0).to(tl.float32)
+    Bv = tl.load(xp + dt_rank + offs_n, mask=ok_n, other=0.0).to(tl.float32)
+    Cv = tl.load(xp + dt_rank + dstate + offs_n, mask=ok_n, other=0.0).to(tl.float32)
 
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     ok_c = offs_c < d_inner
@@ -150,45 +144,38 @@ def _ssm_kernel(
     if HAS_D:
         y += tl.load(D_ptr + offs_c, mask=ok_c, other=0.0).to(tl.float32) * x
     y *= z / (1.0 + tl.exp(-z))
-    tl.store(y_ptr + b * d_inner + offs_c, y.to(DT), mask=ok_c)
-
-
-@triton.jit
-def _gemv_kernel(v_ptr, W_ptr, out_ptr, n_out, n_in, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[b] = W @ v[b]: W (n_out, n_in) contiguous, v (batch, n_in), out (batch, n_out)."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    ok_m = offs_m < n_out
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-    for k0 in range(0, n_in, BLOCK_K):
-        k = k0 + offs_k
-        ok = k < n_in
-        v = tl.load(v_ptr + b * n_in + k, mask=ok, other=0.0).to(tl.float32)
-        w = tl.load(W_ptr + offs_m[:, None] * n_in + k[None, :], mask=ok_m[:, None] & ok[None, :], other=0.0)
-        acc += w.to(tl.float32) * v[None, :]
-    tl.store(out_ptr + b * n_out + offs_m, tl.sum(acc, 1).to(out_ptr.dtype.element_ty), mask=ok_m)
+    tl.store(y_ptr + b * d_inner + offs_c, y.to(y_ptr.dtype.element_ty), mask=ok_c)
 
 
 # Tile choices, read at every call so that `benchmarks/gpu_block_step.py` can sweep them in one process.
-# in_channels: channels a program of the first kernel (None: about 128 programs, 16 to 64);
-# in_k: columns of in_proj a loop step; ssm_channels: channels a program of the second kernel;
-# out_rows: rows of out_proj a program (None: about 128 programs, 8 to 64); out_k: its columns a step;
-# out_cublas: out_proj as F.linear (cuBLAS) instead of the third kernel.
-TILES = {
-    "in_channels": None,
-    "in_k": 256,
-    "ssm_channels": 16,
-    "out_rows": None,
-    "out_k": 512,
-    "out_cublas": False,
-}
+# A program of a GEMV-like kernel holds a (rows, K) tile, K the whole input row (a power of two, at
+# most `max_k` for the plain GEMV); `*_elems` is the tile size a program aims at, `per_thread` the
+# elements a thread (which sets the warps, 1 to 8). in / x / out: in_proj (+ norm + conv), x_proj,
+# out_proj; ssm_channels: channels a program of the state update; *_cublas: that projection as
+# F.linear (cuBLAS) instead.
+TILES = {"in_elems": 8192, "x_elems": 4096, "out_elems": 8192, "max_k": 4096, "per_thread": 64,
+         "ssm_channels": 16, "x_cublas": False, "out_cublas": False}  # fmt: skip
 
 
-def _per_program(n: int, lo: int, hi: int, target_programs: int = 128) -> int:
-    """A power of two in [lo, hi] near n / target_programs: about one wave of programs on an H100/H200."""
-    return min(hi, max(lo, next_power_of_2(triton.cdiv(n, target_programs))))
+def _warps(tile_elems: int) -> int:
+    return next_power_of_2(int(min(8, max(1, tile_elems // (32 * TILES["per_thread"])))))
+
+
+def _rows(n_rows: int, block_k: int, elems: int) -> int:
+    return max(1, min(next_power_of_2(n_rows), elems // block_k))
+
+
+def _gemv(v: torch.Tensor, W: torch.Tensor, elems: int) -> torch.Tensor:
+    """v (batch, n_in) (rows may be strided) @ W^T -> (batch, n_out) in W's dtype."""
+    batch, n_in = v.shape
+    n_out = W.shape[0]
+    out = torch.empty(batch, n_out, device=v.device, dtype=W.dtype)
+    block_k = min(next_power_of_2(n_in), TILES["max_k"])
+    rows = _rows(n_out, block_k, elems)
+    _gemv_kernel[(triton.cdiv(n_out, rows), batch)](
+        v, W, out, n_out, n_in, v.stride(0), BLOCK_M=rows, BLOCK_K=block_k, num_warps=_warps(rows * block_k)
+    )
+    return out
 
 
 def _block_step(
@@ -212,55 +199,43 @@ def _block_step(
     batch, d_model = hidden.shape
     d_inner, d_conv = conv_weight.shape
     dt_rank, dstate = dt_proj_weight.shape[1], A_log.shape[1]
-    n_xproj = x_proj_weight.shape[0]
     dev, dtype = hidden.device, hidden.dtype
     hidden = hidden.contiguous()
     residual = None if residual is None else residual.contiguous()
     in_w, x_w, out_w = in_proj_weight.contiguous(), x_proj_weight.contiguous(), out_proj_weight.contiguous()
-    conv_w, dt_w, A_log, D = conv_weight.contiguous(), dt_proj_weight.contiguous(), A_log.contiguous(), D
+    conv_w, dt_w, A_log = conv_weight.contiguous(), dt_proj_weight.contiguous(), A_log.contiguous()
     res_dtype = torch.promote_types(dtype, torch.float32) if residual_in_fp32 else dtype
     res_out = torch.empty(batch, d_model, device=dev, dtype=res_dtype)
 
-    block_c = TILES["in_channels"] or _per_program(d_inner, 16, 64)
-    nblocks = triton.cdiv(d_inner, block_c)
-    block_x = next_power_of_2(n_xproj)
-    block_k = min(TILES["in_k"], next_power_of_2(d_model))
+    # in_proj needs the whole row in one tile (the norm is computed from it): K = next power of two
+    block_k = next_power_of_2(d_model)
+    block_c = _rows(d_inner, block_k, TILES["in_elems"] // 2)  # two rows (x and z) a channel
     xz = torch.empty(batch, 2, d_inner, device=dev, dtype=torch.float32)
-    partials = torch.empty(batch, nblocks, block_x, device=dev, dtype=torch.float32)
-    _in_conv_kernel[(nblocks, batch)](
+    _in_conv_kernel[(triton.cdiv(d_inner, block_c), batch)](
         hidden, residual if residual is not None else hidden, res_out, norm_weight, in_w, conv_state, conv_w,
-        conv_bias if conv_bias is not None else conv_w, x_w, xz, partials,
-        norm_eps, d_model, d_inner, d_conv, n_xproj, nblocks,
+        conv_bias if conv_bias is not None else conv_w, xz, norm_eps, d_model, d_inner, d_conv,
         conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
         HAS_RES=residual is not None, HAS_CONV_BIAS=conv_bias is not None, BLOCK_C=block_c,
-        BLOCK_K=block_k, BLOCK_W=next_power_of_2(d_conv), BLOCK_X=block_x,
-        num_warps=4 if block_c <= 16 else 8,
+        BLOCK_K=block_k, BLOCK_W=next_power_of_2(d_conv), num_warps=_warps(2 * block_c * block_k),
     )  # fmt: skip
+
+    x_conv = xz[:, 0]  # (batch, d_inner), rows strided by 2 d_inner
+    if TILES["x_cublas"]:
+        xp = torch.nn.functional.linear(x_conv.to(dtype), x_w).contiguous()
+    else:
+        xp = _gemv(x_conv, x_w, TILES["x_elems"])  # (batch, dt_rank + 2 dstate), rounded to dtype
 
     y = torch.empty(batch, d_inner, device=dev, dtype=dtype)
     ssm_block = TILES["ssm_channels"]
     _ssm_kernel[(triton.cdiv(d_inner, ssm_block), batch)](
-        partials, xz, dt_w, dt_bias, A_log, D if D is not None else dt_bias, ssm_state, y,
-        d_inner, dstate, dt_rank, nblocks, ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2),
+        xp, xz, dt_w, dt_bias, A_log, D if D is not None else dt_bias, ssm_state, y,
+        d_inner, dstate, dt_rank, ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2),
         HAS_D=D is not None, BLOCK_C=ssm_block, BLOCK_N=next_power_of_2(dstate),
-        BLOCK_R=next_power_of_2(dt_rank), BLOCK_P=32, BLOCK_X=block_x, num_warps=4,
+        BLOCK_R=next_power_of_2(dt_rank), num_warps=4,
     )  # fmt: skip
-
     if TILES["out_cublas"]:
         return torch.nn.functional.linear(y, out_w), res_out
-    out = torch.empty(batch, d_model, device=dev, dtype=dtype)
-    block_m = TILES["out_rows"] or _per_program(d_model, 8, 64)
-    _gemv_kernel[(triton.cdiv(d_model, block_m), batch)](
-        y,
-        out_w,
-        out,
-        d_model,
-        d_inner,
-        BLOCK_M=block_m,
-        BLOCK_K=min(TILES["out_k"], next_power_of_2(d_inner)),
-        num_warps=4 if block_m <= 8 else 8,
-    )
-    return out, res_out
+    return _gemv(y, out_w, TILES["out_elems"]), res_out
 
 
 # A custom op that declares its in-place writes, so torch.compile and CUDA graph capture through it see
