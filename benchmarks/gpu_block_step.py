@@ -1,10 +1,10 @@
-"""Decoding with the fused Mamba-1 block step (`ops.mamba1_block_step`) against the unfused step.
+"""Decoding with the fused Mamba block steps (`ops.mamba1/2_block_step`) against the unfused step.
 
 For each model and batch size, one process captures the CUDA-graph decode step twice, with
-MAMBAKIT_FUSED_STEP=0 (unfused: ~7 kernels a block) and =1 (the fused op: 3 kernels a block), decodes
+MAMBAKIT_FUSED_STEP=0 (unfused: 6-7 kernels a block) and =1 (the fused op: 3-4 kernels a block), decodes
 the same tokens with both, and prints replay ms/token, kernels a step, and how far the fused logits are
 from the unfused ones (max |difference| over max |logit|, and the share of equal greedy tokens).
-`--sweep` also times tile choices of the fused kernels (`ops/mamba1_step/triton.py` TILES).
+`--sweep` also times tile choices of the fused kernels (`ops/mamba{1,2}_step/triton.py` TILES).
 bf16 weights, random weights in the preset shapes.
 
     python benchmarks/gpu_block_step.py --out bench_out/block_step.json
@@ -26,11 +26,12 @@ from gpu_decode_profile import kernels_per_step, replay_ms  # noqa: E402
 from mambakit.inference.cuda_graph import CUDAGraphDecoder  # noqa: E402
 from mambakit.models.lm import LanguageModel  # noqa: E402
 from mambakit.models.presets import preset  # noqa: E402
-from mambakit.ops.mamba1_step import triton as fused_triton  # noqa: E402
+from mambakit.ops.mamba1_step import triton as mamba1_triton  # noqa: E402
+from mambakit.ops.mamba2_step import triton as mamba2_triton  # noqa: E402
 
 from _common import environment, print_table, write_json  # noqa: E402
 
-SWEEP = [
+SWEEP1 = [
     {},
     {"x_cublas": True},
     {"out_cublas": True},
@@ -46,6 +47,18 @@ SWEEP = [
     {"per_thread": 128},
     {"ssm_channels": 8},
     {"ssm_channels": 32},
+]
+SWEEP2 = [
+    {},
+    {"in_elems": 4096},
+    {"in_elems": 16384},
+    {"out_elems": 2048},
+    {"out_elems": 8192},
+    {"out_elems": 16384},
+    {"per_thread": 32},
+    {"per_thread": 128},
+    {"headdim_block": 8},
+    {"headdim_block": 32},
 ]
 
 
@@ -67,7 +80,8 @@ def _decode(model, batch: int, tokens: torch.Tensor, fused: bool, iters: int, pr
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["mamba1-130m", "mamba1-1.4b"])
+    models = ["mamba1-130m", "mamba2-130m", "mamba1-1.4b", "mamba2-1.3b"]
+    ap.add_argument("--models", nargs="+", default=models)
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 4, 8])
     ap.add_argument("--steps", type=int, default=16, help="tokens decoded to compare the logits")
     ap.add_argument("--iters", type=int, default=300)
@@ -98,8 +112,10 @@ def main() -> int:
             result["fused_top_kernels"] = dict(top)
             if args.sweep:
                 sweep = []
+                version2 = "mamba2" in name
+                fused_triton, changes = (mamba2_triton, SWEEP2) if version2 else (mamba1_triton, SWEEP1)
                 default = dict(fused_triton.TILES)
-                for change in SWEEP:
+                for change in changes:
                     fused_triton.TILES.update(change)
                     try:
                         ms = _decode(model, batch, tokens, True, args.iters, False)["ms"]

@@ -12,7 +12,6 @@ Parameter names follow the official state-spaces checkpoints.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +27,7 @@ from mambakit.layers.ssm_init import (
     state_dtype,
 )
 from mambakit.layers.state import MambaState
-from mambakit.layers.step_ops import step_ops
-
-# Up to batch max(1, FUSED_STEP_BATCH_WIDTH // d_model) a decoding step of a Mamba-1 block runs as
-# `ops.mamba1_block_step` on the GPU. Its kernels read a block's weights once per batch row; the unfused
-# step's cuBLAS GEMMs read them once for all rows, and win from a batch that grows as the model
-# shrinks (H200, bf16: fused faster at batch 1-4 for 130M, batch 1 for 1.4B; benchmarks/gpu_block_step.py).
-FUSED_STEP_BATCH_WIDTH = 3072
+from mambakit.layers.step_ops import fused_step_applies, step_ops
 
 
 class Mamba1(nn.Module):
@@ -171,7 +164,7 @@ class Mamba1(nn.Module):
         """The enclosing pre-norm block's step (residual add, `norm`, this layer) as one op,
         `ops.mamba1_block_step`: (batch, 1, d_model) in and out, like `Block.step`. Returns None where
         that op does not apply, and the block then takes its unfused step."""
-        if not self._fused_step_applies(hidden_states, residual, norm, cache):
+        if not fused_step_applies(self, hidden_states, residual, cache):
             return None
         check_hidden(hidden_states, self.d_model, step=True)
         out, residual = ops.mamba1_block_step(
@@ -182,31 +175,6 @@ class Mamba1(nn.Module):
         )  # fmt: skip
         cache.seqlen_offset += 1
         return out.unsqueeze(1), residual.unsqueeze(1)
-
-    def _fused_step_applies(self, hidden, residual, norm, cache) -> bool:
-        """The fused block step runs where the Triton backend is chosen (CUDA tensors; or
-        MAMBAKIT_BACKEND=triton under the interpreter), for small batches (FUSED_STEP_BATCH_WIDTH), without
-        in/out projection biases, autograd or autocast, and in one dtype; MAMBAKIT_FUSED_STEP=0 turns
-        it off."""
-        if os.environ.get("MAMBAKIT_FUSED_STEP", "1") == "0" or hidden.ndim != 3:
-            return False
-        if hidden.shape[0] > max(1, FUSED_STEP_BATCH_WIDTH // self.d_model) or self.d_conv < 2:
-            return False
-        if self.in_proj.bias is not None or self.out_proj.bias is not None:
-            return False
-        if ops.resolve_backend("auto", hidden.device, ops.BACKENDS) != "triton":
-            return False
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            return False
-        if torch.is_autocast_enabled(hidden.device.type):
-            return False
-        dtype = hidden.dtype
-        return (
-            self.in_proj.weight.dtype == dtype
-            and cache.conv_state.dtype == dtype
-            and (residual is None or residual.shape == hidden.shape)
-            and isinstance(getattr(norm, "weight", None), torch.Tensor)
-        )
 
     def allocate_inference_cache(
         self,

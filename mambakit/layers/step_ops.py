@@ -44,3 +44,38 @@ def step_ops(hidden_states: torch.Tensor) -> SimpleNamespace:
     if hidden_states.device.type == "cpu" and os.environ.get("MAMBAKIT_BACKEND", "auto") in ("auto", "torch"):
         return _TORCH_BACKEND
     return _PUBLIC
+
+
+# Up to batch max(1, FUSED_STEP_BATCH_WIDTH // d_model) a decoding step of a Mamba block runs as one
+# fused op (`ops.mamba1_block_step`, `ops.mamba2_block_step`) on the GPU. Its kernels read a block's
+# weights once per batch row; the unfused step's cuBLAS GEMMs read them once for all rows, and win from
+# a batch that grows as the model shrinks (H200, bf16, Mamba-1: fused faster at batch 1-4 for 130M and
+# at batch 1 for 1.4B; `benchmarks/gpu_block_step.py`).
+FUSED_STEP_BATCH_WIDTH = 3072
+
+
+def fused_step_applies(
+    mixer: torch.nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None, cache
+) -> bool:
+    """Whether a Mamba mixer's block step may run as its fused op: the Triton backend is chosen (CUDA
+    tensors; or MAMBAKIT_BACKEND=triton under the interpreter), the batch is small (above), the
+    in/out projections have no bias, the conv has >= 2 taps, no autograd or autocast, and weights,
+    input and conv state share a dtype. MAMBAKIT_FUSED_STEP=0 turns it off."""
+    if os.environ.get("MAMBAKIT_FUSED_STEP", "1") == "0" or hidden.ndim != 3:
+        return False
+    if hidden.shape[0] > max(1, FUSED_STEP_BATCH_WIDTH // mixer.d_model) or mixer.d_conv < 2:
+        return False
+    if mixer.in_proj.bias is not None or mixer.out_proj.bias is not None:
+        return False
+    if ops.resolve_backend("auto", hidden.device, ops.BACKENDS) != "triton":
+        return False
+    if torch.is_grad_enabled() and any(p.requires_grad for p in mixer.parameters()):
+        return False
+    if torch.is_autocast_enabled(hidden.device.type):
+        return False
+    dtype = hidden.dtype
+    return (
+        mixer.in_proj.weight.dtype == dtype
+        and cache.conv_state.dtype == dtype
+        and (residual is None or residual.shape == hidden.shape)
+    )

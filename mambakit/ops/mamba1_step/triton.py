@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from mambakit.ops._launch import next_power_of_2
+from mambakit.ops._step_tiles import tile_rows, tile_warps
 from mambakit.ops.selective_scan.triton.scan_fwd import _softplus
 
 
@@ -157,23 +158,16 @@ TILES = {"in_elems": 8192, "x_elems": 4096, "out_elems": 8192, "max_k": 4096, "p
          "ssm_channels": 16, "x_cublas": False, "out_cublas": False}  # fmt: skip
 
 
-def _warps(tile_elems: int) -> int:
-    return next_power_of_2(int(min(8, max(1, tile_elems // (32 * TILES["per_thread"])))))
-
-
-def _rows(n_rows: int, block_k: int, elems: int) -> int:
-    return max(1, min(next_power_of_2(n_rows), elems // block_k))
-
-
 def _gemv(v: torch.Tensor, W: torch.Tensor, elems: int) -> torch.Tensor:
     """v (batch, n_in) (rows may be strided) @ W^T -> (batch, n_out) in W's dtype."""
     batch, n_in = v.shape
     n_out = W.shape[0]
     out = torch.empty(batch, n_out, device=v.device, dtype=W.dtype)
     block_k = min(next_power_of_2(n_in), TILES["max_k"])
-    rows = _rows(n_out, block_k, elems)
+    rows = tile_rows(n_out, block_k, elems)
+    warps = tile_warps(rows * block_k, TILES["per_thread"])
     _gemv_kernel[(triton.cdiv(n_out, rows), batch)](
-        v, W, out, n_out, n_in, v.stride(0), BLOCK_M=rows, BLOCK_K=block_k, num_warps=_warps(rows * block_k)
+        v, W, out, n_out, n_in, v.stride(0), BLOCK_M=rows, BLOCK_K=block_k, num_warps=warps
     )
     return out
 
@@ -209,14 +203,15 @@ def _block_step(
 
     # in_proj needs the whole row in one tile (the norm is computed from it): K = next power of two
     block_k = next_power_of_2(d_model)
-    block_c = _rows(d_inner, block_k, TILES["in_elems"] // 2)  # two rows (x and z) a channel
+    block_c = tile_rows(d_inner, block_k, TILES["in_elems"] // 2)  # two rows (x and z) a channel
+    warps = tile_warps(2 * block_c * block_k, TILES["per_thread"])
     xz = torch.empty(batch, 2, d_inner, device=dev, dtype=torch.float32)
     _in_conv_kernel[(triton.cdiv(d_inner, block_c), batch)](
         hidden, residual if residual is not None else hidden, res_out, norm_weight, in_w, conv_state, conv_w,
         conv_bias if conv_bias is not None else conv_w, xz, norm_eps, d_model, d_inner, d_conv,
         conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
         HAS_RES=residual is not None, HAS_CONV_BIAS=conv_bias is not None, BLOCK_C=block_c,
-        BLOCK_K=block_k, BLOCK_W=next_power_of_2(d_conv), num_warps=_warps(2 * block_c * block_k),
+        BLOCK_K=block_k, BLOCK_W=next_power_of_2(d_conv), num_warps=warps,
     )  # fmt: skip
 
     x_conv = xz[:, 0]  # (batch, d_inner), rows strided by 2 d_inner

@@ -1,6 +1,7 @@
-"""A Mamba-1 block's decoding step as one fused op (`Mamba1.block_step`, `ops.mamba1_block_step`): it is
-taken where the Triton backend is chosen (here MAMBAKIT_BACKEND=triton, the kernels through the
-interpreter) and gives the same logits as the unfused step and the full forward."""
+"""A Mamba block's decoding step as one fused op (`Mamba1.block_step` / `Mamba2.block_step`, i.e.
+`ops.mamba1_block_step` / `ops.mamba2_block_step`): it is taken where the Triton backend is chosen (here
+MAMBAKIT_BACKEND=triton, the kernels through the interpreter) and gives the same logits as the unfused
+step and the full forward."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ from mambakit.models.presets import preset
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _model(seed: int = 0, pattern: str = "MMM") -> LanguageModel:
+SSM = {1: {"d_state": 8}, 2: {"d_state": 16, "headdim": 16, "ngroups": 2, "chunk_size": 8}}
+
+
+def _model(version: int = 1, seed: int = 0, pattern: str = "MMM") -> LanguageModel:
     torch.manual_seed(seed)
     config = preset(
-        "tiny-mamba1", d_model=32, vocab_size=100, pattern=pattern, ssm={"d_state": 8},
+        f"tiny-mamba{version}", d_model=32, vocab_size=100, pattern=pattern, ssm=SSM[version],
         attn={"num_heads": 4, "num_kv_heads": 2}, mlp={"d_intermediate": 48},
     )  # fmt: skip
     return LanguageModel(config).to(DEVICE).eval()
@@ -34,20 +38,22 @@ def _decode(model, tokens, prefill):
 @pytest.fixture
 def fused_calls(monkeypatch):
     calls = []
-    real = mambakit.ops.mamba1_block_step
+    for name in ("mamba1_block_step", "mamba2_block_step"):
+        real = getattr(mambakit.ops, name)
 
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(mambakit.ops, "mamba1_block_step", spy)
+        monkeypatch.setattr(mambakit.ops, name, spy)
     return calls
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("pattern", ["MMM", "M*M-"])
 @torch.no_grad()
-def test_fused_decoding_equals_forward(monkeypatch, fused_calls, pattern):
-    model = _model(pattern=pattern)
+def test_fused_decoding_equals_forward(monkeypatch, fused_calls, version, pattern):
+    model = _model(version, pattern=pattern)
     tokens = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     full = model(tokens)
     monkeypatch.setenv("MAMBAKIT_FUSED_STEP", "0")
@@ -56,15 +62,16 @@ def test_fused_decoding_equals_forward(monkeypatch, fused_calls, pattern):
     monkeypatch.delenv("MAMBAKIT_FUSED_STEP")
     monkeypatch.setenv("MAMBAKIT_BACKEND", "triton")  # on CPU: the kernels through the interpreter
     fused = _decode(model, tokens, 7)
-    assert len(fused_calls) == pattern.count("M") * 5
+    assert fused_calls == [f"mamba{version}_block_step"] * (pattern.count("M") * 5)
     for got in (fused, unfused):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4 * full.abs().max().item())
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @torch.no_grad()
-def test_fused_step_is_skipped_where_it_does_not_apply(monkeypatch, fused_calls):
-    model = _model()
+def test_fused_step_is_skipped_where_it_does_not_apply(monkeypatch, fused_calls, version):
+    model = _model(version)
     tokens = torch.randint(0, 100, (2, 4), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     monkeypatch.setenv("MAMBAKIT_BACKEND", "triton")
     monkeypatch.setenv("MAMBAKIT_FUSED_STEP", "0")
