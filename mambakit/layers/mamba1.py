@@ -31,6 +31,8 @@ from mambakit.layers.step_ops import fused_step_applies, step_ops
 
 
 class Mamba1(nn.Module):
+    fused_step_batch_width = 3072  # see layers/step_ops.fused_step_applies
+
     def __init__(
         self,
         d_model: int,

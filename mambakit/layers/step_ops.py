@@ -46,13 +46,12 @@ def step_ops(hidden_states: torch.Tensor) -> SimpleNamespace:
     return _PUBLIC
 
 
-# Up to batch max(1, FUSED_STEP_BATCH_WIDTH // d_model) a decoding step of a Mamba block runs as one
-# fused op (`ops.mamba1_block_step`, `ops.mamba2_block_step`) on the GPU. Its kernels read a block's
+# Up to batch max(1, mixer.fused_step_batch_width // d_model) a decoding step of a Mamba block runs as
+# one fused op (`ops.mamba1_block_step`, `ops.mamba2_block_step`) on the GPU. Its kernels read a block's
 # weights once per batch row; the unfused step's cuBLAS GEMMs read them once for all rows, and win from
-# a batch that grows as the model shrinks (H200, bf16, Mamba-1: fused faster at batch 1-4 for 130M and
-# at batch 1 for 1.4B; `benchmarks/gpu_block_step.py`).
-FUSED_STEP_BATCH_WIDTH = 3072
-
+# a batch that grows as the model shrinks (H200, bf16: fused faster at batch 1-4 for Mamba-1 130M and
+# 1-2 for Mamba-2 130M, at batch 1 for the 1.3B/1.4B; `benchmarks/gpu_block_step.py`): widths 3072
+# (Mamba-1) and 2048 (Mamba-2).
 
 def fused_step_applies(
     mixer: torch.nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None, cache
@@ -63,7 +62,7 @@ def fused_step_applies(
     input and conv state share a dtype. MAMBAKIT_FUSED_STEP=0 turns it off."""
     if os.environ.get("MAMBAKIT_FUSED_STEP", "1") == "0" or hidden.ndim != 3:
         return False
-    if hidden.shape[0] > max(1, FUSED_STEP_BATCH_WIDTH // mixer.d_model) or mixer.d_conv < 2:
+    if hidden.shape[0] > max(1, mixer.fused_step_batch_width // mixer.d_model) or mixer.d_conv < 2:
         return False
     if mixer.in_proj.bias is not None or mixer.out_proj.bias is not None:
         return False

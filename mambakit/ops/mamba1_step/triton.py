@@ -154,8 +154,8 @@ def _ssm_kernel(
 # elements a thread (which sets the warps, 1 to 8). in / x / out: in_proj (+ norm + conv), x_proj,
 # out_proj; ssm_channels: channels a program of the state update; *_cublas: that projection as
 # F.linear (cuBLAS) instead.
-TILES = {"in_elems": 8192, "x_elems": 4096, "out_elems": 8192, "max_k": 4096, "per_thread": 64,
-         "ssm_channels": 16, "x_cublas": False, "out_cublas": False}  # fmt: skip
+TILES = {"in_elems": 8192, "x_elems": 4096, "out_elems": 4096, "max_k": 4096, "per_thread": 64,
+         "ssm_channels": 8, "x_cublas": False, "out_cublas": False}  # fmt: skip
 
 
 def _gemv(v: torch.Tensor, W: torch.Tensor, elems: int) -> torch.Tensor:

@@ -147,7 +147,7 @@ def _gated_norm_out_kernel(
 # Tile choices, read at every call (benchmarks/gpu_block_step.py sweeps them): `*_elems` the tile size
 # a program of in_proj / out_proj aims at, `per_thread` elements a thread; headdim_block: headdim rows
 # of a state-update program.
-TILES = {"in_elems": 8192, "out_elems": 4096, "per_thread": 64, "headdim_block": 16}
+TILES = {"in_elems": 4096, "out_elems": 16384, "per_thread": 64, "headdim_block": 16}
 
 
 def _block_step(
