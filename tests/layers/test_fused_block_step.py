@@ -84,3 +84,24 @@ def test_fused_step_is_skipped_where_it_does_not_apply(monkeypatch, fused_calls,
     on = _decode(model, tokens, 2)
     assert len(fused_calls) == 3 * 2
     torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@torch.no_grad()
+def test_compiled_step_takes_the_fused_op(monkeypatch, fused_calls, version):
+    """torch.compile of `model.step` (aot_eager: tracing without CPU code generation) keeps the fused
+    op as one node, through its fake implementation and declared in-place writes, and gives the
+    eager step's logits."""
+    model = _model(version)
+    tokens = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    monkeypatch.setenv("MAMBAKIT_BACKEND", "triton")
+    eager = _decode(model, tokens, 3)
+    eager_calls = len(fused_calls)
+    torch._dynamo.reset()
+    step = torch.compile(model.step, backend="aot_eager")
+    cache = model.allocate_inference_cache(2, 6)
+    outs = [model(tokens[:, :3], cache=cache)]
+    for t in range(3, 6):
+        outs.append(step(tokens[:, t : t + 1], cache))
+    assert len(fused_calls) > eager_calls  # the traced step reached the fused op
+    torch.testing.assert_close(torch.cat(outs, 1), eager, rtol=1e-5, atol=1e-5)
