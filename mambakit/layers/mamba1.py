@@ -29,6 +29,13 @@ from mambakit.layers.ssm_init import (
 from mambakit.layers.state import MambaState
 from mambakit.layers.step_ops import fused_step_applies, step_ops
 
+# The unfused step applies dt_proj inside the state update (one GEMV kernel less a token) while
+# batch * d_inner * dt_rank, the weight elements that kernel reads (once per row), stays at most this.
+# H200, bf16, graph replay (docs/benchmarks.md, tenth session): 1.4B (4096 x 128) batch 64 3.22 ms
+# in the step vs 2.66 as a GEMM, batch 16 2.21 vs 2.16; 130M (1536 x 48) batch 64 0.72 vs 0.75,
+# batch 16 0.61 vs 0.66.
+DT_PROJ_IN_STEP_MAX_ELEMENTS = 6 * 2**20
+
 
 class Mamba1(nn.Module):
     fused_step_batch_width = 3072  # see layers/step_ops.fused_step_applies
@@ -91,8 +98,12 @@ class Mamba1(nn.Module):
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """A decoding step's x (batch, d_inner) -> (dt_low (batch, dt_rank), B, C (batch, 1, d_state),
-        dt_proj's weight): the step op applies dt_proj itself."""
+        dt_proj's weight): the step op applies dt_proj itself. At large batch (DT_PROJ_IN_STEP_MAX_ELEMENTS)
+        it returns (dt (batch, d_inner), B, C, None) instead: the step op's kernel reads dt_proj's
+        weight once per row, where one GEMM over the batch reads it once."""
         dt_low, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if x.shape[0] * self.dt_proj.weight.numel() > DT_PROJ_IN_STEP_MAX_ELEMENTS:
+            return F.linear(dt_low, self.dt_proj.weight), B.unsqueeze(-2), C.unsqueeze(-2), None
         return dt_low, B.unsqueeze(-2), C.unsqueeze(-2), self.dt_proj.weight
 
     def forward(

@@ -104,3 +104,20 @@ def test_state_shapes_and_dtypes():
     cache = m.allocate_inference_cache(3, 4, dtype=torch.bfloat16)
     assert cache.conv_state.shape == (3, 32, 3) and cache.conv_state.dtype == torch.bfloat16
     assert cache.ssm_state.shape == (3, 32, 4) and cache.ssm_state.dtype == torch.float32
+
+
+@torch.no_grad()
+def test_step_above_the_dt_proj_batch_equals_forward(monkeypatch):
+    """At large batch (DT_PROJ_IN_STEP_MAX_ELEMENTS) the step applies dt_proj as a GEMM before the
+    state update; decoding still equals the full forward."""
+    import mambakit.layers.mamba1 as mamba1
+
+    torch.manual_seed(0)
+    layer = Mamba1(16, d_state=4)
+    batch = 3
+    monkeypatch.setattr(mamba1, "DT_PROJ_IN_STEP_MAX_ELEMENTS", 2 * layer.dt_proj.weight.numel())
+    x = torch.randn(batch, 6, 16)
+    full = layer(x)
+    cache = layer.allocate_inference_cache(batch, 6)
+    steps = torch.cat([layer.step(x[:, t : t + 1], cache) for t in range(6)], dim=1)
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-5)
