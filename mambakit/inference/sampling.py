@@ -123,6 +123,10 @@ def sample(
     argmax(probs / E) with E ~ Exponential(1) from `generator` (an exact categorical draw that needs
     no host sync, unlike torch.multinomial). The same generator seed gives the same tokens.
     """
+    if params.greedy and seen is None:
+        # the argmax of the logits as they are: upcasting is exact and keeps the first maximum, so the
+        # float32 copy (one kernel a token while decoding) would change nothing
+        return logits.argmax(dim=-1)
     logits = process_logits(logits, params, seen)
     if params.greedy:
         return logits.argmax(dim=-1)

@@ -101,3 +101,16 @@ def test_sample_is_deterministic_for_a_seed():
 def test_bad_parameters_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_greedy_takes_the_first_maximum_of_the_logits_as_given(dtype):
+    """Greedy without a penalty skips the float32 copy: same token, ties to the first maximum."""
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(0)).to(dtype)
+    logits[0, 7] = logits[0, 300] = logits[0].max() + 1  # a tie
+    got = sample(logits, SamplingParams(temperature=0.0))
+    assert got.dtype == torch.int64 and got[0].item() == 7
+    assert torch.equal(got, logits.float().argmax(-1))
+    seen = torch.zeros(6, 500, dtype=torch.bool)
+    with_penalty = sample(logits, SamplingParams(temperature=0.0, repetition_penalty=1.0 + 1e-6), seen)
+    assert torch.equal(with_penalty, got)  # nothing seen: the penalty path agrees
