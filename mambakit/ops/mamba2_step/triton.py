@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mambakit.ops._eager import EagerOp
 from mambakit.ops._launch import next_power_of_2
 from mambakit.ops._step_tiles import tile_rows, tile_warps
 from mambakit.ops.selective_scan.triton.scan_fwd import _softplus
@@ -234,8 +235,12 @@ def _(hidden, residual, norm_weight, norm_eps, residual_in_fp32, in_proj_weight,
     return torch.empty_like(hidden), torch.empty(hidden.shape, dtype=res_dtype, device=hidden.device)
 
 
+# eager calls skip the dispatcher (ops/_eager.py): without a CUDA graph the decoding step is host-bound
+_block_step_eager = EagerOp(_block_step_op, _block_step)
+
+
 def mamba2_block_step_impl(*args) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton backend of `mambakit.ops.mamba2_block_step` (arguments already checked)."""
     args = list(args)
     args[12] = [float(v) for v in args[12]]  # dt_limit, as a list for the custom op's schema
-    return _block_step_op(*args)
+    return _block_step_eager(*args)
