@@ -186,7 +186,10 @@ def _block_step(
     res_out = torch.empty(batch, d_model, device=dev, dtype=res_dtype)
 
     block_k = next_power_of_2(d_model)
-    block_r = tile_rows(n_rows, block_k, TILES["in_elems"])
+    # at least 4 rows a program: each program also reads the (d_model,) row for the norm, which for a
+    # 1-row tile of the 2.7B preset (d_model 2560) would be ~2x its weight bytes (not measured there;
+    # at 130M and 1.3B, 4 rows is the default's or measured equal to it)
+    block_r = max(min(4, next_power_of_2(n_rows)), tile_rows(n_rows, block_k, TILES["in_elems"]))
     zxbcdt = torch.empty(batch, n_rows, device=dev, dtype=torch.float32)
     _in_conv_kernel[(triton.cdiv(n_rows, block_r), batch)](
         hidden, residual if residual is not None else hidden, res_out, norm_weight, in_w, conv_state, conv_w,
