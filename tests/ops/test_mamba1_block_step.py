@@ -39,7 +39,7 @@ def _inputs(gen, batch, d_model, d_inner, dstate, dt_rank, d_conv, dtype, first=
 
 
 def _run(args, backend):
-    args = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    args = dict(args, conv_state=args["conv_state"].clone(), ssm_state=args["ssm_state"].clone())  # mutated
     with torch.no_grad():
         out, res = mamba1_block_step(**args, backend=backend)
     return out, res, args["conv_state"], args["ssm_state"]
@@ -82,6 +82,20 @@ def test_block_step_options(first, conv_bias, half_state):
         # a bfloat16 state is stored rounded: one rounding step apart where the float32 values differ
         tol = dict(rtol=8e-3, atol=1e-5) if g.dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(g, w, **tol)
+
+
+def test_block_step_takes_strided_inputs():
+    """Views with strides (a slice of a larger tensor) give the same result as contiguous copies."""
+    gen = torch.Generator().manual_seed(11)
+    args = _inputs(gen, 2, 32, 48, 8, 3, 4, torch.float32)
+    strided = dict(args)
+    for key in ("norm_weight", "conv_bias", "dt_bias", "D", "hidden"):
+        wide = torch.stack([args[key], torch.full_like(args[key], float("nan"))], dim=-1)
+        strided[key] = wide[..., 0]  # stride 2 on the last axis
+        assert not strided[key].is_contiguous()
+    want = _run(args, "reference")
+    for w, g in zip(want, _run(strided, "triton")):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_block_step_rejects_bad_input():

@@ -199,6 +199,10 @@ def _block_step(
     residual = None if residual is None else residual.contiguous()
     in_w, x_w, out_w = in_proj_weight.contiguous(), x_proj_weight.contiguous(), out_proj_weight.contiguous()
     conv_w, dt_w, A_log = conv_weight.contiguous(), dt_proj_weight.contiguous(), A_log.contiguous()
+    # the kernels index every vector with unit stride (contiguous() is free for parameters)
+    norm_weight, dt_bias = norm_weight.contiguous(), dt_bias.contiguous()
+    conv_bias = None if conv_bias is None else conv_bias.contiguous()
+    D = None if D is None else D.contiguous()
     res_dtype = torch.promote_types(dtype, torch.float32) if residual_in_fp32 else dtype
     res_out = torch.empty(batch, d_model, device=dev, dtype=res_dtype)
 

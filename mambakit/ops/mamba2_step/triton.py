@@ -182,6 +182,11 @@ def _block_step(
     hidden = hidden.contiguous()
     residual = None if residual is None else residual.contiguous()
     in_w, out_w, conv_w = in_proj_weight.contiguous(), out_proj_weight.contiguous(), conv_weight.contiguous()
+    # the kernels index every vector with unit stride (contiguous() is free for parameters)
+    norm_weight, gate_norm_weight = norm_weight.contiguous(), gate_norm_weight.contiguous()
+    dt_bias, A_log = dt_bias.contiguous(), A_log.contiguous()
+    conv_bias = None if conv_bias is None else conv_bias.contiguous()
+    D = None if D is None else D.contiguous()
     res_dtype = torch.promote_types(dtype, torch.float32) if residual_in_fp32 else dtype
     res_out = torch.empty(batch, d_model, device=dev, dtype=res_dtype)
 
