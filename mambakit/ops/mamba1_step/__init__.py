@@ -2,7 +2,7 @@
 dt_proj, selective state update, gate, out_proj) as one op.
 
 Backends: `reference.py` (the block's step composed of the reference ops, i.e. the definition),
-`torch.py` (the same composition of the PyTorch backends) and `triton.py` (three fused kernels a
+`torch.py` (the same composition of the PyTorch backends) and `triton.py` (four fused kernels a
 block, for decoding at small batch on a GPU). Each defines `mamba1_block_step_impl` with the arguments
 of the entry (minus `backend`), already checked.
 """

@@ -1,4 +1,4 @@
-"""Triton backend of `mamba1_block_step`: a Mamba-1 block's decoding step in three kernels.
+"""Triton backend of `mamba1_block_step`: a Mamba-1 block's decoding step in four kernels.
 
 Why: at batch 1 a decoding step's kernels each take a few microseconds whatever their work, and the
 unfused block is ~7 of them (norm, in_proj, conv, x_proj, state update, out_proj, ...; 130M Mamba-1
@@ -6,15 +6,16 @@ on an H200: ~23 us a block, while its weights stream in ~1 us). Each kernel here
 needs no result of another program:
 1. `_in_conv_kernel`, one program per block of channels: the residual add and the RMS norm (every
    program recomputes them from the (d_model,) row, which costs less than a kernel boundary; program 0
-   writes the new residual), the channels' rows of in_proj (x and z), the depthwise conv step with
-   SiLU (its conv state updated in place), and the channels' share of x_proj, written as one partial
-   sum per program.
-2. `_ssm_kernel`, one program per block of channels: sums the x_proj partials in a fixed order (the
-   step is deterministic: no atomics), applies dt_proj, softplus and the state update, and writes the
+   writes the new residual), the channels' rows of in_proj (x and z), and the depthwise conv step with
+   SiLU (its conv state updated in place).
+2. `_gemv_kernel`: x_proj (dt_low, B, C), a few output rows per program. x_proj sums over every
+   channel; summing per-program partials inside the next kernel instead cost ~5 us (H200, first
+   version), and atomics would make the step nondeterministic.
+3. `_ssm_kernel`, one program per block of channels: dt_proj, softplus, the state update and the
    gated y.
-3. `_gemv_kernel`: out_proj, a block of output rows per program.
+4. `_gemv_kernel`: out_proj, a block of output rows per program.
 Values are rounded to the model's dtype where the unfused block's ops return them (normed input, x and
-z, the conv output, dt_low/B/C, y, out); every sum is in float32.
+z, the conv output, dt_low/B/C, y, out); every sum is in float32 and in a fixed order.
 """
 
 from __future__ import annotations
