@@ -12,7 +12,7 @@ import mambakit
 from mambakit.ops import BACKENDS
 from mambakit.ops._backend import resolve_backend, triton_available
 
-OPS = ("selective_scan", "ssd", "conv1d", "norm")
+OPS = ("selective_scan", "ssd", "conv1d", "norm", "cross_entropy", "mamba1_step", "mamba2_step")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
