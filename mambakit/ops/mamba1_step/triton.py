@@ -29,6 +29,8 @@ import triton.language as tl
 from mambakit.ops._eager import EagerOp
 from mambakit.ops._launch import next_power_of_2
 from mambakit.ops._step_tiles import tile_rows, tile_warps
+from mambakit.ops._triton_step import add_norm_row, conv_silu_step
+from mambakit.ops.norm.reference import residual_dtype
 from mambakit.ops.selective_scan.triton.scan_fwd import _softplus
 
 
@@ -54,36 +56,15 @@ def _in_conv_kernel(
     rows = W_in_ptr + offs_c[:, None] * d_model + k[None, :]
     w_x = tl.load(rows, mask=m, other=0.0)
     w_z = tl.load(rows + d_inner * d_model, mask=m, other=0.0)
-    r = tl.load(hid_ptr + b * d_model + k, mask=ok, other=0.0).to(tl.float32)
-    if HAS_RES:
-        r += tl.load(res_ptr + b * d_model + k, mask=ok, other=0.0).to(tl.float32)
-    norm_w = tl.load(nw_ptr + k, mask=ok, other=0.0).to(tl.float32)
-    if pid == 0:
-        tl.store(res_out_ptr + b * d_model + k, r.to(res_out_ptr.dtype.element_ty), mask=ok)
-    rstd = 1.0 / tl.sqrt(tl.sum(r * r, 0) / d_model + eps)
-    normed = (r * rstd * norm_w).to(DT).to(tl.float32)
+    normed = add_norm_row(hid_ptr, res_ptr, res_out_ptr, nw_ptr, b, k, ok, d_model, eps, pid == 0,
+                          HAS_RES, DT)  # fmt: skip
     x = tl.sum(w_x.to(tl.float32) * normed[None, :], 1)
     z = tl.sum(w_z.to(tl.float32) * normed[None, :], 1)
     x = x.to(DT).to(tl.float32)
     z = z.to(DT).to(tl.float32)
 
-    # conv window (BLOCK_C, BLOCK_W): the d_conv - 1 cached inputs, then x
-    offs_w = tl.arange(0, BLOCK_W)
-    cs = cs_ptr + b * s_cs_b + offs_c[:, None] * s_cs_d + offs_w[None, :] * s_cs_w
-    in_state = ok_c[:, None] & (offs_w[None, :] < d_conv - 1)
-    window = tl.load(cs, mask=in_state, other=0.0).to(tl.float32)
-    window = tl.where(offs_w[None, :] == d_conv - 1, x[:, None], window)
-    taps = tl.load(cw_ptr + offs_c[:, None] * d_conv + offs_w[None, :],
-                   mask=ok_c[:, None] & (offs_w[None, :] < d_conv), other=0.0).to(tl.float32)  # fmt: skip
-    conv = tl.sum(window * taps, 1)
-    if HAS_CONV_BIAS:
-        conv += tl.load(cb_ptr + offs_c, mask=ok_c, other=0.0).to(tl.float32)
-    xc = (conv / (1.0 + tl.exp(-conv))).to(DT).to(tl.float32)
-    # the new state is the window shifted left by one, selected in registers: reloading the state would
-    # read what another thread of this program may already have overwritten
-    shift = offs_w[None, None, :] == offs_w[None, :, None] + 1
-    new_state = tl.sum(tl.where(shift, window[:, None, :], 0.0), 2)
-    tl.store(cs, new_state.to(cs_ptr.dtype.element_ty), mask=in_state)
+    xc = conv_silu_step(cs_ptr, cw_ptr, cb_ptr, b, offs_c, ok_c, x, d_conv, s_cs_b, s_cs_d, s_cs_w,
+                        HAS_CONV_BIAS, BLOCK_W, DT)  # fmt: skip
     tl.store(xz_ptr + b * 2 * d_inner + offs_c, xc, mask=ok_c)
     tl.store(xz_ptr + b * 2 * d_inner + d_inner + offs_c, z, mask=ok_c)
 
@@ -204,8 +185,7 @@ def _block_step(
     norm_weight, dt_bias = norm_weight.contiguous(), dt_bias.contiguous()
     conv_bias = None if conv_bias is None else conv_bias.contiguous()
     D = None if D is None else D.contiguous()
-    res_dtype = torch.promote_types(dtype, torch.float32) if residual_in_fp32 else dtype
-    res_out = torch.empty(batch, d_model, device=dev, dtype=res_dtype)
+    res_out = torch.empty(batch, d_model, device=dev, dtype=residual_dtype(dtype, residual_in_fp32))
 
     # in_proj needs the whole row in one tile (the norm is computed from it): K = next power of two
     block_k = next_power_of_2(d_model)
@@ -249,7 +229,7 @@ _block_step_op = torch.library.custom_op(
 @_block_step_op.register_fake
 def _(hidden, residual, norm_weight, norm_eps, residual_in_fp32, in_proj_weight, conv_state, conv_weight,
       conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, ssm_state, out_proj_weight):  # fmt: skip
-    res_dtype = torch.promote_types(hidden.dtype, torch.float32) if residual_in_fp32 else hidden.dtype
+    res_dtype = residual_dtype(hidden.dtype, residual_in_fp32)
     return torch.empty_like(hidden), torch.empty(hidden.shape, dtype=res_dtype, device=hidden.device)
 
 

@@ -24,6 +24,8 @@ import triton.language as tl
 from mambakit.ops._eager import EagerOp
 from mambakit.ops._launch import next_power_of_2
 from mambakit.ops._step_tiles import tile_rows, tile_warps
+from mambakit.ops._triton_step import add_norm_row, conv_silu_step
+from mambakit.ops.norm.reference import residual_dtype
 from mambakit.ops.selective_scan.triton.scan_fwd import _softplus
 
 
@@ -44,34 +46,15 @@ def _in_conv_kernel(
     w = tl.load(
         W_in_ptr + offs_r[:, None] * d_model + k[None, :], mask=ok_r[:, None] & ok[None, :], other=0.0
     )
-    r = tl.load(hid_ptr + b * d_model + k, mask=ok, other=0.0).to(tl.float32)
-    if HAS_RES:
-        r += tl.load(res_ptr + b * d_model + k, mask=ok, other=0.0).to(tl.float32)
-    norm_w = tl.load(nw_ptr + k, mask=ok, other=0.0).to(tl.float32)
-    if pid == 0:
-        tl.store(res_out_ptr + b * d_model + k, r.to(res_out_ptr.dtype.element_ty), mask=ok)
-    rstd = 1.0 / tl.sqrt(tl.sum(r * r, 0) / d_model + eps)
-    normed = (r * rstd * norm_w).to(DT).to(tl.float32)
+    normed = add_norm_row(hid_ptr, res_ptr, res_out_ptr, nw_ptr, b, k, ok, d_model, eps, pid == 0,
+                          HAS_RES, DT)  # fmt: skip
     val = tl.sum(w.to(tl.float32) * normed[None, :], 1).to(DT).to(tl.float32)
 
     # rows d_inner .. d_inner + conv_dim are xBC: their conv step (other rows pass through)
     c = offs_r - d_inner
     is_conv = ok_r & (c >= 0) & (c < conv_dim)
-    offs_w = tl.arange(0, BLOCK_W)
-    cs = cs_ptr + b * s_cs_b + c[:, None] * s_cs_d + offs_w[None, :] * s_cs_w
-    in_state = is_conv[:, None] & (offs_w[None, :] < d_conv - 1)
-    window = tl.load(cs, mask=in_state, other=0.0).to(tl.float32)
-    window = tl.where(offs_w[None, :] == d_conv - 1, val[:, None], window)
-    taps = tl.load(cw_ptr + c[:, None] * d_conv + offs_w[None, :],
-                   mask=is_conv[:, None] & (offs_w[None, :] < d_conv), other=0.0).to(tl.float32)  # fmt: skip
-    conv = tl.sum(window * taps, 1)
-    if HAS_CONV_BIAS:
-        conv += tl.load(cb_ptr + c, mask=is_conv, other=0.0).to(tl.float32)
-    xc = (conv / (1.0 + tl.exp(-conv))).to(DT).to(tl.float32)
-    # the new state: the window shifted left by one, selected in registers (see ops/mamba1_step)
-    shift = offs_w[None, None, :] == offs_w[None, :, None] + 1
-    new_state = tl.sum(tl.where(shift, window[:, None, :], 0.0), 2)
-    tl.store(cs, new_state.to(cs_ptr.dtype.element_ty), mask=in_state)
+    xc = conv_silu_step(cs_ptr, cw_ptr, cb_ptr, b, c, is_conv, val, d_conv, s_cs_b, s_cs_d, s_cs_w,
+                        HAS_CONV_BIAS, BLOCK_W, DT)  # fmt: skip
     tl.store(out_ptr + b * n_rows + offs_r, tl.where(is_conv, xc, val), mask=ok_r)
 
 
@@ -187,8 +170,7 @@ def _block_step(
     dt_bias, A_log = dt_bias.contiguous(), A_log.contiguous()
     conv_bias = None if conv_bias is None else conv_bias.contiguous()
     D = None if D is None else D.contiguous()
-    res_dtype = torch.promote_types(dtype, torch.float32) if residual_in_fp32 else dtype
-    res_out = torch.empty(batch, d_model, device=dev, dtype=res_dtype)
+    res_out = torch.empty(batch, d_model, device=dev, dtype=residual_dtype(dtype, residual_in_fp32))
 
     block_k = next_power_of_2(d_model)
     # at least 4 rows a program: each program also reads the (d_model,) row for the norm, which for a
@@ -239,7 +221,7 @@ _block_step_op = torch.library.custom_op(
 def _(hidden, residual, norm_weight, norm_eps, residual_in_fp32, in_proj_weight, conv_state, conv_weight,
       conv_bias, dt_bias, A_log, D, dt_limit, ssm_state, ngroups, gate_norm_weight, gate_norm_eps,
       gate_group_size, norm_before_gate, out_proj_weight):  # fmt: skip
-    res_dtype = torch.promote_types(hidden.dtype, torch.float32) if residual_in_fp32 else hidden.dtype
+    res_dtype = residual_dtype(hidden.dtype, residual_in_fp32)
     return torch.empty_like(hidden), torch.empty(hidden.shape, dtype=res_dtype, device=hidden.device)
 
 
