@@ -75,6 +75,13 @@ def check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def check_positive_float(name: str, value: object) -> float:
+    """A real number > 0 (int or float, not bool); returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive float, got {value!r}")
+    return float(value)
+
+
 def check_divides(name: str, value: int, of_name: str, of_value: int) -> None:
     if value <= 0 or of_value % value != 0:
         raise ValueError(f"{name}={value} must be positive and divide {of_name}={of_value}")

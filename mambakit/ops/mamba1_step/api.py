@@ -7,7 +7,7 @@ import importlib
 import torch
 
 from mambakit.ops._backend import resolve_backend
-from mambakit.ops._checks import check_optional, check_tensor
+from mambakit.ops._checks import check_optional, check_positive_float, check_tensor
 
 _IMPLEMENTED = ("reference", "torch", "triton")
 _MODULES = {"reference": ".reference", "torch": ".torch", "triton": ".triton"}
@@ -63,8 +63,7 @@ def mamba1_block_step(
     dev = hidden.device
     check_optional("residual", residual, (batch, d_model), device=dev)
     check_tensor("norm_weight", norm_weight, (d_model,), device=dev)
-    if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not norm_eps > 0:
-        raise ValueError(f"norm_eps must be a positive float, got {norm_eps!r}")
+    norm_eps = check_positive_float("norm_eps", norm_eps)
     check_tensor("conv_weight", conv_weight, (None, None), device=dev)
     d_inner, d_conv = conv_weight.shape
     if d_conv < 2:
@@ -90,7 +89,7 @@ def mamba1_block_step(
         raise ValueError("mamba1_block_step is a decoding op without autograd: call it under torch.no_grad()")
     name = resolve_backend(backend, dev, _IMPLEMENTED)
     return _impl(name).mamba1_block_step_impl(
-        hidden, residual, norm_weight, float(norm_eps), bool(residual_in_fp32), in_proj_weight, conv_state,
+        hidden, residual, norm_weight, norm_eps, bool(residual_in_fp32), in_proj_weight, conv_state,
         conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, ssm_state,
         out_proj_weight,
     )  # fmt: skip

@@ -8,7 +8,7 @@ import math
 import torch
 
 from mambakit.ops._backend import resolve_backend
-from mambakit.ops._checks import check_divides, check_optional, check_tensor
+from mambakit.ops._checks import check_divides, check_optional, check_positive_float, check_tensor
 
 _IMPLEMENTED = ("reference", "torch", "triton")
 _MODULES = {"reference": ".reference", "torch": ".torch", "triton": ".triton"}
@@ -19,12 +19,6 @@ def _impl(backend: str):
     if backend not in _LOADED:
         _LOADED[backend] = importlib.import_module(_MODULES[backend], __package__)
     return _LOADED[backend]
-
-
-def _check_eps(name: str, eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"{name} must be a positive float, got {eps!r}")
-    return float(eps)
 
 
 def mamba2_block_step(
@@ -74,7 +68,8 @@ def mamba2_block_step(
     dev = hidden.device
     check_optional("residual", residual, (batch, d_model), device=dev)
     check_tensor("norm_weight", norm_weight, (d_model,), device=dev)
-    norm_eps, gate_norm_eps = _check_eps("norm_eps", norm_eps), _check_eps("gate_norm_eps", gate_norm_eps)
+    norm_eps = check_positive_float("norm_eps", norm_eps)
+    gate_norm_eps = check_positive_float("gate_norm_eps", gate_norm_eps)
     check_tensor("ssm_state", ssm_state, (batch, None, None, None), device=dev)
     _, nheads, headdim, dstate = ssm_state.shape
     d_inner = nheads * headdim
