@@ -27,7 +27,7 @@ from mambakit.layers.ssm_init import (
     state_dtype,
 )
 from mambakit.layers.state import MambaState
-from mambakit.layers.step_ops import fused_step_applies, step_ops
+from mambakit.layers.step_ops import fused_block_step, fused_step_applies, step_ops
 
 # The unfused step applies dt_proj inside the state update (one GEMV kernel less a token) while
 # batch * d_inner * dt_rank, the weight elements that kernel reads (once per row), stays at most this.
@@ -179,15 +179,12 @@ class Mamba1(nn.Module):
         that op does not apply, and the block then takes its unfused step."""
         if not fused_step_applies(self, hidden_states, residual, cache):
             return None
-        check_hidden(hidden_states, self.d_model, step=True)
-        out, residual = ops.mamba1_block_step(
-            hidden_states[:, 0], None if residual is None else residual[:, 0], norm.weight, norm.eps,
+        return fused_block_step(
+            ops.mamba1_block_step, self.d_model, hidden_states, residual, cache, norm.weight, norm.eps,
             residual_in_fp32, self.in_proj.weight, cache.conv_state, self._conv_weight(), self.conv1d.bias,
             self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, cache.ssm_state,
             self.out_proj.weight,
         )  # fmt: skip
-        cache.seqlen_offset += 1
-        return out.unsqueeze(1), residual.unsqueeze(1)
 
     def allocate_inference_cache(
         self,

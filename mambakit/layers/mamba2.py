@@ -21,7 +21,7 @@ from mambakit.layers.norm import GatedRMSNorm
 from mambakit.layers.packing import check_hidden, check_state_batch, cu_seqlens_as_seq_idx
 from mambakit.layers.ssm_init import cache_ssm_dtype, dt_bias_init, no_weight_decay, state_dtype
 from mambakit.layers.state import MambaState
-from mambakit.layers.step_ops import fused_step_applies, step_ops
+from mambakit.layers.step_ops import fused_block_step, fused_step_applies, step_ops
 
 
 class Mamba2(nn.Module):
@@ -192,16 +192,13 @@ class Mamba2(nn.Module):
         that op does not apply (`layers.step_ops.fused_step_applies`); the block then steps unfused."""
         if not fused_step_applies(self, hidden_states, residual, cache):
             return None
-        check_hidden(hidden_states, self.d_model, step=True)
         n = self.norm
-        out, residual = ops.mamba2_block_step(
-            hidden_states[:, 0], None if residual is None else residual[:, 0], norm.weight, norm.eps,
+        return fused_block_step(
+            ops.mamba2_block_step, self.d_model, hidden_states, residual, cache, norm.weight, norm.eps,
             residual_in_fp32, self.in_proj.weight, cache.conv_state, self._conv_weight(), self.conv1d.bias,
             self.dt_bias, self.A_log, self.D, self.dt_limit, cache.ssm_state, self.ngroups, n.weight, n.eps,
             n.group_size, n.norm_before_gate, self.out_proj.weight,
         )  # fmt: skip
-        cache.seqlen_offset += 1
-        return out.unsqueeze(1), residual.unsqueeze(1)
 
     def allocate_inference_cache(
         self,

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import torch
 
 from mambakit import ops
+from mambakit.layers.packing import check_hidden
 from mambakit.ops.conv1d import torch as _conv_torch
 from mambakit.ops.norm import torch as _norm_torch
 from mambakit.ops.selective_scan import torch as _scan_torch
@@ -53,6 +54,7 @@ def step_ops(hidden_states: torch.Tensor) -> SimpleNamespace:
 # 1-2 for Mamba-2 130M, at batch 1 for the 1.3B/1.4B; `benchmarks/gpu_block_step.py`): widths 3072
 # (Mamba-1) and 2048 (Mamba-2).
 
+
 def fused_step_applies(
     mixer: torch.nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None, cache
 ) -> bool:
@@ -78,3 +80,13 @@ def fused_step_applies(
         and cache.conv_state.dtype == dtype
         and (residual is None or residual.shape == hidden.shape)
     )
+
+
+def fused_block_step(op, d_model: int, hidden: torch.Tensor, residual: torch.Tensor | None, cache, *args):
+    """A block's step through a fused block-step op, called as op(hidden (batch, d_model), residual
+    (batch, d_model) or None, *args): hidden and residual (batch, 1, d_model) in and out, as
+    `Block.step`; advances the mixer's cache counter."""
+    check_hidden(hidden, d_model, step=True)
+    out, residual = op(hidden[:, 0], None if residual is None else residual[:, 0], *args)
+    cache.seqlen_offset += 1
+    return out.unsqueeze(1), residual.unsqueeze(1)
