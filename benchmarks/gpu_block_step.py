@@ -1,9 +1,11 @@
 """Decoding with the fused Mamba block steps (`ops.mamba1/2_block_step`) against the unfused step.
 
-For each model and batch size, one process captures the CUDA-graph decode step twice, with
-MAMBAKIT_FUSED_STEP=0 (unfused: 6-7 kernels a block) and =1 (the fused op: 3-4 kernels a block), decodes
-the same tokens with both, and prints replay ms/token, kernels a step, and how far the fused logits are
-from the unfused ones (max |difference| over max |logit|, and the share of equal greedy tokens).
+For each model and batch size, one process captures the CUDA-graph decode step three times, with
+MAMBAKIT_FUSED_STEP=0 (unfused: 6-7 kernels a block), with the fused op (3-4 kernels a block) launched
+plainly, and with the fused op under programmatic dependent launch (PDL, `ops/_launch.py`); decodes the
+same tokens with each, and prints replay ms/token, kernels a step, and how far the fused logits are
+from the unfused ones (max |difference| over max |logit|, and the share of equal greedy tokens). The
+two fused runs must give identical logits (the same kernels; PDL only moves their start).
 `--sweep` also times tile choices of the fused kernels (`ops/mamba{1,2}_step/triton.py` TILES).
 bf16 weights, random weights in the preset shapes.
 
@@ -26,6 +28,7 @@ from gpu_decode_profile import kernels_per_step, replay_ms  # noqa: E402
 from mambakit.inference.cuda_graph import CUDAGraphDecoder  # noqa: E402
 from mambakit.models.lm import LanguageModel  # noqa: E402
 from mambakit.models.presets import preset  # noqa: E402
+from mambakit.ops import _launch  # noqa: E402
 from mambakit.ops.mamba1_step import triton as mamba1_triton  # noqa: E402
 from mambakit.ops.mamba2_step import triton as mamba2_triton  # noqa: E402
 
@@ -62,8 +65,11 @@ SWEEP2 = [
 ]
 
 
-def _decode(model, batch: int, tokens: torch.Tensor, fused: bool, iters: int, profile: bool) -> dict:
+def _decode(
+    model, batch: int, tokens: torch.Tensor, fused: bool, iters: int, profile: bool, pdl: bool = True
+) -> dict:
     os.environ["MAMBAKIT_FUSED_STEP"] = "1" if fused else "0"
+    _launch.LAUNCH["pdl"] = pdl
     dec = CUDAGraphDecoder(model, batch, 512)
     logits = []
     for t in range(tokens.shape[1]):
@@ -96,19 +102,22 @@ def main() -> int:
         for batch in args.batch:
             tokens = torch.randint(0, 1000, (batch, args.steps), device=device)
             base = _decode(model, batch, tokens, False, args.iters, True)
+            plain = _decode(model, batch, tokens, True, args.iters, False, pdl=False)
             fused = _decode(model, batch, tokens, True, args.iters, True)
             scale = base["logits"].abs().max().item()
             rel = (fused["logits"] - base["logits"]).abs().max().item() / scale
             same = (fused["logits"].argmax(-1) == base["logits"].argmax(-1)).float().mean().item()
-            row = [name, batch, base["ms"], fused["ms"], base["ms"] / fused["ms"],
-                   base["kernels_per_step"], fused["kernels_per_step"], rel, same]  # fmt: skip
+            pdl_diff = (fused["logits"] - plain["logits"]).abs().max().item()
+            row = [name, batch, base["ms"], plain["ms"], fused["ms"], base["ms"] / fused["ms"],
+                   base["kernels_per_step"], fused["kernels_per_step"], rel, same, pdl_diff]  # fmt: skip
             rows.append(row)
             top = sorted(fused["kernels"].items(), key=lambda kv: -kv[1]["us"])[:8]
-            print(f"\n{name} batch {batch}, fused step, top kernels")
+            print(f"\n{name} batch {batch}, fused step (PDL), top kernels")
             table = [[k[:80], v["per_step"], v["us"]] for k, v in top]
             print_table(["kernel", "per step", "us per step"], table)
-            result = dict(zip(["model", "batch", "unfused_ms", "fused_ms", "speedup", "unfused_kernels",
-                               "fused_kernels", "max_rel_logit_diff", "greedy_agreement"], row))  # fmt: skip
+            result = dict(zip(["model", "batch", "unfused_ms", "fused_no_pdl_ms", "fused_ms", "speedup",
+                               "unfused_kernels", "fused_kernels", "max_rel_logit_diff", "greedy_agreement",
+                               "pdl_vs_plain_max_abs_diff"], row))  # fmt: skip
             result["fused_top_kernels"] = dict(top)
             if args.sweep:
                 sweep = []
@@ -129,8 +138,8 @@ def main() -> int:
         del model
         torch.cuda.empty_cache()
     print()
-    head = ["model", "batch", "unfused ms", "fused ms", "speedup", "kernels unfused", "kernels fused",
-            "max rel logit diff", "greedy agree"]  # fmt: skip
+    head = ["model", "batch", "unfused ms", "fused ms", "fused+PDL ms", "speedup", "kernels unfused",
+            "kernels fused", "max rel logit diff", "greedy agree", "PDL vs plain diff"]  # fmt: skip
     print_table(head, rows)
     write_json(args.out, {"environment": environment(), "results": results})
     return 0

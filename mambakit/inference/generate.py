@@ -13,9 +13,10 @@ document start (`KVCache.doc_start`) and restarts rotary positions there. So eac
 exactly as if it had been run alone, in one batched prefill.
 
 On CUDA the decode step is a CUDA graph (`cuda_graph.py`) captured per batch size and replayed;
-`cuda_graph=False` runs it eagerly, and on the CPU it always runs eagerly. Sampling happens outside
-the graph, on the device, without host syncs; the loop syncs per step only to check eos (when eos
-tokens are given) or to stream tokens to a callback.
+`cuda_graph=False` runs it eagerly, and on the CPU it always runs eagerly. Greedy decoding without a
+repetition penalty takes the argmax inside the graph, which feeds it back itself: one graph launch a
+token. Other sampling happens outside the graph, on the device, without host syncs; the loop syncs
+per step only to check eos (when eos tokens are given) or to stream tokens to a callback.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def _eos_tensor(eos_token_id: int | Sequence[int] | None, vocab_size: int, devic
     return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 
-def stream_generate(
+def _token_steps(
     model: nn.Module,
     input_ids: Prompts,
     *,
@@ -158,14 +159,10 @@ def stream_generate(
     compile: bool = False,
     ssm_dtype: torch.dtype | None = None,
     stats: dict | None = None,
+    copy_tokens: bool = True,
 ) -> Iterator[torch.Tensor]:
-    """Yield the new tokens (batch,) int64 (on the model's device) one step at a time.
-
-    Arguments as in `generate`. Stops after max_new_tokens steps or once every row has emitted an
-    eos token; a finished row yields pad_token_id. `stats`, when given, receives the prompt lengths
-    and timings ("prompt_lengths", "prefill_s", "decode_s"); time spent by the consumer between steps
-    counts as decode time.
-    """
+    """`stream_generate`'s steps. copy_tokens=False may yield views of a CUDA-graph decoder's token
+    history, which its next generation overwrites (`generate` stacks them before that)."""
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
     _check_int("max_new_tokens", max_new_tokens, 0)
     vocab = model.config.vocab_size
@@ -198,10 +195,13 @@ def stream_generate(
 
     t0 = time.perf_counter()
     use_graph = cuda_graph and device.type == "cuda"
+    greedy_in_graph = use_graph and params.greedy and params.repetition_penalty == 1.0
     if use_graph:
         from mambakit.inference.cuda_graph import cuda_graph_decoder
 
-        decoder = cuda_graph_decoder(model, batch, max_seqlen, compile=compile, ssm_dtype=ssm_dtype)
+        decoder = cuda_graph_decoder(
+            model, batch, max_seqlen, compile=compile, ssm_dtype=ssm_dtype, greedy=greedy_in_graph
+        )
         cache, step = decoder.cache, decoder.step
     else:
         cache = model.allocate_inference_cache(batch, max_seqlen, ssm_dtype=ssm_dtype)
@@ -219,7 +219,10 @@ def stream_generate(
         logits = prefill(model, ids, cache, seq_idx)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         for t in range(max_new_tokens):
-            tokens = sample(logits, params, seen, generator)
+            if greedy_in_graph and t > 0:
+                tokens = decoder.last_tokens()  # the graph's argmax, already the next step's input
+            else:
+                tokens = sample(logits, params, seen, generator)
             if eos is not None:
                 tokens = torch.where(finished, pad_token_id, tokens)
                 finished |= torch.isin(tokens, eos)
@@ -228,16 +231,53 @@ def stream_generate(
                     torch.cuda.synchronize(device)
                 stats["prefill_s"] = time.perf_counter() - t0
                 t1 = time.perf_counter()
-            yield tokens
+            yield tokens.clone() if copy_tokens and greedy_in_graph and t > 0 else tokens
             if t == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
                 break
             if seen is not None:
                 seen.scatter_(1, tokens[:, None], True)
-            logits = step(tokens)
+            # a finished row's input is its argmax, not the pad it yields: what it computes is discarded
+            logits = step(None if greedy_in_graph and t > 0 else tokens)
     if stats is not None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stats["decode_s"] = time.perf_counter() - t1
+
+
+def stream_generate(
+    model: nn.Module,
+    input_ids: Prompts,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    cuda_graph: bool = True,
+    compile: bool = False,
+    ssm_dtype: torch.dtype | None = None,
+    stats: dict | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the new tokens (batch,) int64 (on the model's device) one step at a time.
+
+    Arguments as in `generate`. Stops after max_new_tokens steps or once every row has emitted an
+    eos token; a finished row yields pad_token_id. `stats`, when given, receives the prompt lengths
+    and timings ("prompt_lengths", "prefill_s", "decode_s"); time spent by the consumer between steps
+    counts as decode time.
+    """
+    return _token_steps(
+        model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, seed=seed, generator=generator, attention_mask=attention_mask,
+        max_seqlen=max_seqlen, cuda_graph=cuda_graph, compile=compile, ssm_dtype=ssm_dtype, stats=stats,
+    )  # fmt: skip
 
 
 def generate(
@@ -277,11 +317,12 @@ def generate(
     """
     stats: dict = {}
     steps = []
-    for tokens in stream_generate(
+    for tokens in _token_steps(
         model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id, seed=seed, generator=generator, attention_mask=attention_mask,
         max_seqlen=max_seqlen, cuda_graph=cuda_graph, compile=compile, ssm_dtype=ssm_dtype, stats=stats,
+        copy_tokens=False,
     ):  # fmt: skip
         steps.append(tokens)
         if callback is not None:

@@ -7,6 +7,7 @@ calls a launch), and `torch.cuda.get_device_properties` builds a properties obje
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -57,3 +58,25 @@ class CachedTuning:
             out = self.tuned.fn[grid](*args, **kwargs, **config.all_kwargs())
         self.best_config = config
         return out
+
+
+# Programmatic dependent launch (PDL, Hopper and later): a kernel launched with it may start while the
+# previous kernel on the stream drains, load what no earlier kernel writes (its weights), and then wait
+# (`griddepcontrol.wait`) for the previous kernel's results. Between the small kernels of a decoding
+# step that hides most of a kernel boundary. Read at every launch, so a benchmark can compare both in
+# one process; MAMBAKIT_PDL=0 turns it off.
+LAUNCH = {"pdl": os.environ.get("MAMBAKIT_PDL", "1") != "0"}
+
+
+@functools.cache
+def _supports_pdl(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def use_pdl(t: torch.Tensor) -> bool:
+    """Whether a kernel on t's device launches with PDL (a CUDA device of compute capability >= 9, not
+    Triton's interpreter, and LAUNCH["pdl"] on). Kernels that take it must wait (`wait_for_inputs` in
+    ops/_triton_step.py) before they read or write anything an earlier kernel touches."""
+    return (
+        LAUNCH["pdl"] and t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and _supports_pdl(t.device)
+    )

@@ -7,6 +7,16 @@ import triton.language as tl
 
 
 @triton.jit
+def wait_for_inputs(USE_PDL: tl.constexpr):
+    """Under programmatic dependent launch (ops/_launch.py `use_pdl`), wait here for the previous
+    kernel's writes, then let the next kernel launch. A kernel calls this after loading its weights and
+    before its first read or write of activations or states; without PDL it is nothing."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def add_norm_row(hid_ptr, res_ptr, res_out_ptr, nw_ptr, b, k, ok, d_model, eps, write_residual,
                  HAS_RES: tl.constexpr, DT: tl.constexpr):  # fmt: skip
     """RMS norm of row b of hidden + residual over the (BLOCK_K,) columns k (ok: k < d_model), rounded

@@ -228,3 +228,62 @@ def test_cuda_graph_with_bfloat16_ssm_states_equals_eager(name):
     kw = dict(max_new_tokens=16, temperature=0, ssm_dtype=torch.bfloat16)
     eager = generate(model, PROMPTS, cuda_graph=False, **kw)
     assert torch.equal(generate(model, PROMPTS, cuda_graph=True, **kw).tokens, eager.tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", PRESETS)
+def test_greedy_in_graph_with_eos_equals_eager(name):
+    """Greedy decoding takes the argmax inside the CUDA graph and feeds it back there; with an eos that
+    ends some rows early, the tokens and lengths equal the eager loop's (which feeds the pad)."""
+    model = make_model(name, dtype=torch.float32, device="cuda")
+    kw = dict(max_new_tokens=16, temperature=0)
+    free = generate(model, PROMPTS, cuda_graph=False, **kw)
+    eos = int(free.tokens[1, 3])  # ends row 1 after 4 tokens, and any other row that meets it
+    eager = generate(model, PROMPTS, cuda_graph=False, eos_token_id=eos, pad_token_id=0, **kw)
+    graph = generate(model, PROMPTS, cuda_graph=True, eos_token_id=eos, pad_token_id=0, **kw)
+    assert eager.lengths[1] <= 4 and eager.lengths != [16] * len(PROMPTS)
+    assert torch.equal(graph.tokens, eager.tokens) and graph.lengths == eager.lengths
+
+
+@pytest.mark.gpu
+def test_streamed_graph_tokens_survive_the_next_generation():
+    """stream_generate yields copies of the graph's token history: a later generation with the same
+    batch size (which reuses the decoder and rewrites the history) leaves them as they were."""
+    model = make_model("tiny-mamba1", dtype=torch.float32, device="cuda")
+    kw = dict(max_new_tokens=10, temperature=0)
+    streamed = list(stream_generate(model, PROMPTS, **kw))
+    kept = [t.clone() for t in streamed]
+    other = generate(model, [list(reversed(p)) for p in PROMPTS], **kw)
+    assert not torch.equal(other.tokens, torch.stack(kept, 1).cpu())
+    assert all(torch.equal(a, b) for a, b in zip(streamed, kept))
+    eager = generate(model, PROMPTS, cuda_graph=False, **kw)
+    assert torch.equal(torch.stack(streamed, 1).cpu(), eager.tokens)
+
+
+@pytest.mark.gpu
+def test_greedy_cuda_graph_decoder_feeds_its_argmax_back():
+    from mambakit.inference.cuda_graph import CUDAGraphDecoder
+
+    model = make_model("hybrid-tiny", dtype=torch.float32, device="cuda")
+    greedy = CUDAGraphDecoder(model, 2, 8, greedy=True)
+    plain = CUDAGraphDecoder(model, 2, 8)
+    with pytest.raises(ValueError, match="tokens=None"):
+        greedy.step(None)
+    with pytest.raises(ValueError, match="last_tokens"):
+        greedy.last_tokens()
+    with pytest.raises(ValueError, match="tokens=None"):
+        plain.step(None)
+    tokens = torch.tensor([3, 77], device="cuda")
+    logits = greedy.step(tokens)
+    argmaxes = []
+    for _ in range(5):
+        want = plain.step(tokens)
+        torch.testing.assert_close(logits, want, rtol=0, atol=0)
+        tokens = want.argmax(-1)
+        argmaxes.append(tokens)
+        assert torch.equal(greedy.last_tokens(), tokens)
+        logits = greedy.step(None)
+    assert torch.equal(greedy.history[:, :5], torch.stack(argmaxes, 1))
+    greedy.reset()
+    with pytest.raises(ValueError, match="last_tokens"):
+        greedy.last_tokens()

@@ -27,9 +27,9 @@ import triton
 import triton.language as tl
 
 from mambakit.ops._eager import EagerOp
-from mambakit.ops._launch import next_power_of_2
+from mambakit.ops._launch import next_power_of_2, use_pdl
 from mambakit.ops._step_tiles import tile_rows, tile_warps
-from mambakit.ops._triton_step import add_norm_row, conv_silu_step
+from mambakit.ops._triton_step import add_norm_row, conv_silu_step, wait_for_inputs
 from mambakit.ops.norm.reference import residual_dtype
 from mambakit.ops.selective_scan.triton.scan_fwd import _softplus
 
@@ -39,7 +39,7 @@ def _in_conv_kernel(
     hid_ptr, res_ptr, res_out_ptr, nw_ptr, W_in_ptr, cs_ptr, cw_ptr, cb_ptr, xz_ptr,
     eps, d_model, d_inner, d_conv, s_cs_b, s_cs_d, s_cs_w,
     HAS_RES: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_W: tl.constexpr,
+    BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """Residual add, RMS norm, the x and z rows of in_proj for BLOCK_C channels, their conv step + SiLU.
     BLOCK_K >= d_model: the whole row is one load, so every load of the program is in flight at once."""
@@ -56,6 +56,7 @@ def _in_conv_kernel(
     rows = W_in_ptr + offs_c[:, None] * d_model + k[None, :]
     w_x = tl.load(rows, mask=m, other=0.0)
     w_z = tl.load(rows + d_inner * d_model, mask=m, other=0.0)
+    wait_for_inputs(USE_PDL)
     normed = add_norm_row(hid_ptr, res_ptr, res_out_ptr, nw_ptr, b, k, ok, d_model, eps, pid == 0,
                           HAS_RES, DT)  # fmt: skip
     x = tl.sum(w_x.to(tl.float32) * normed[None, :], 1)
@@ -70,22 +71,35 @@ def _in_conv_kernel(
 
 
 @triton.jit
-def _gemv_kernel(v_ptr, W_ptr, out_ptr, n_out, n_in, s_v_b, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(
+    v_ptr, W_ptr, out_ptr, n_out, n_in, s_v_b, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    ONE_TILE: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
     """out[b] = W @ v[b], rounded to out's dtype: W (n_out, n_in) contiguous, v (batch, n_in) with row
-    stride s_v_b, out (batch, n_out) contiguous. Takes one load when BLOCK_K >= n_in: a loop step
-    waits for its loads, and at decoding sizes that wait, not bandwidth, is the cost."""
+    stride s_v_b, out (batch, n_out) contiguous. ONE_TILE (BLOCK_K >= n_in) takes one load of W, made
+    before waiting on v: a loop step waits for its loads, and at decoding sizes that wait, not
+    bandwidth, is the cost."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     ok_m = offs_m < n_out
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M], tl.float32)
-    for k0 in range(0, n_in, BLOCK_K):
-        k = k0 + offs_k
-        ok = k < n_in
-        v = tl.load(v_ptr + b * s_v_b + k, mask=ok, other=0.0).to(tl.float32)
-        w = tl.load(W_ptr + offs_m[:, None] * n_in + k[None, :], mask=ok_m[:, None] & ok[None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * v[None, :], 1)
+    W_rows = W_ptr + offs_m[:, None] * n_in
+    if ONE_TILE:
+        ok = offs_k < n_in
+        w = tl.load(W_rows + offs_k[None, :], mask=ok_m[:, None] & ok[None, :], other=0.0)
+        wait_for_inputs(USE_PDL)
+        v = tl.load(v_ptr + b * s_v_b + offs_k, mask=ok, other=0.0).to(tl.float32)
+        acc = tl.sum(w.to(tl.float32) * v[None, :], 1)
+    else:
+        wait_for_inputs(USE_PDL)
+        acc = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, n_in, BLOCK_K):
+            k = k0 + offs_k
+            ok = k < n_in
+            v = tl.load(v_ptr + b * s_v_b + k, mask=ok, other=0.0).to(tl.float32)
+            w = tl.load(W_rows + k[None, :], mask=ok_m[:, None] & ok[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * v[None, :], 1)
     tl.store(out_ptr + b * n_out + offs_m, acc.to(out_ptr.dtype.element_ty), mask=ok_m)
 
 
@@ -94,6 +108,7 @@ def _ssm_kernel(
     xp_ptr, xz_ptr, W_dt_ptr, dt_bias_ptr, A_log_ptr, D_ptr, h_ptr, y_ptr,
     d_inner, dstate, dt_rank, s_h_b, s_h_d, s_h_n,
     HAS_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """dt_proj, softplus, the state update and the gated y for BLOCK_C channels; xp (batch, dt_rank +
     2 dstate) is x_proj's output (dt_low, B, C), already rounded to the model's dtype."""
@@ -103,22 +118,26 @@ def _ssm_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     ok_r = offs_r < dt_rank
     ok_n = offs_n < dstate
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok_c = offs_c < d_inner
+    ok_cn = ok_c[:, None] & ok_n[None, :]
+    # the parameters first (see wait_for_inputs)
+    W_dt = tl.load(W_dt_ptr + offs_c[:, None] * dt_rank + offs_r[None, :],
+                   mask=ok_c[:, None] & ok_r[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    bias = tl.load(dt_bias_ptr + offs_c, mask=ok_c, other=0.0).to(tl.float32)
+    A_log = tl.load(A_log_ptr + offs_c[:, None] * dstate + offs_n[None, :], mask=ok_cn, other=0.0)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_c, mask=ok_c, other=0.0).to(tl.float32)
+    wait_for_inputs(USE_PDL)
+
     xp = xp_ptr + b * (dt_rank + 2 * dstate)
     dt_low = tl.load(xp + offs_r, mask=ok_r, other=0.0).to(tl.float32)
     Bv = tl.load(xp + dt_rank + offs_n, mask=ok_n, other=0.0).to(tl.float32)
     Cv = tl.load(xp + dt_rank + dstate + offs_n, mask=ok_n, other=0.0).to(tl.float32)
-
-    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok_c = offs_c < d_inner
-    W_dt = tl.load(W_dt_ptr + offs_c[:, None] * dt_rank + offs_r[None, :],
-                   mask=ok_c[:, None] & ok_r[None, :], other=0.0).to(tl.float32)  # fmt: skip
-    delta = tl.sum(W_dt * dt_low[None, :], 1)
-    delta += tl.load(dt_bias_ptr + offs_c, mask=ok_c, other=0.0).to(tl.float32)
+    delta = tl.sum(W_dt * dt_low[None, :], 1) + bias
     delta = tl.where(ok_c, _softplus(delta), 0.0)
     x = tl.load(xz_ptr + b * 2 * d_inner + offs_c, mask=ok_c, other=0.0)
     z = tl.load(xz_ptr + b * 2 * d_inner + d_inner + offs_c, mask=ok_c, other=0.0)
-    ok_cn = ok_c[:, None] & ok_n[None, :]
-    A_log = tl.load(A_log_ptr + offs_c[:, None] * dstate + offs_n[None, :], mask=ok_cn, other=0.0)
     A = -tl.exp(A_log.to(tl.float32))
     h_ptrs = h_ptr + b * s_h_b + offs_c[:, None] * s_h_d + offs_n[None, :] * s_h_n
     h = tl.load(h_ptrs, mask=ok_cn, other=0.0).to(tl.float32)
@@ -126,7 +145,7 @@ def _ssm_kernel(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=ok_cn)
     y = tl.sum(h * Cv[None, :], 1)
     if HAS_D:
-        y += tl.load(D_ptr + offs_c, mask=ok_c, other=0.0).to(tl.float32) * x
+        y += D * x
     y *= z / (1.0 + tl.exp(-z))
     tl.store(y_ptr + b * d_inner + offs_c, y.to(y_ptr.dtype.element_ty), mask=ok_c)
 
@@ -149,9 +168,11 @@ def _gemv(v: torch.Tensor, W: torch.Tensor, elems: int) -> torch.Tensor:
     block_k = min(next_power_of_2(n_in), TILES["max_k"])
     rows = tile_rows(n_out, block_k, elems)
     warps = tile_warps(rows * block_k, TILES["per_thread"])
+    pdl = use_pdl(v)
     _gemv_kernel[(triton.cdiv(n_out, rows), batch)](
-        v, W, out, n_out, n_in, v.stride(0), BLOCK_M=rows, BLOCK_K=block_k, num_warps=warps
-    )
+        v, W, out, n_out, n_in, v.stride(0), BLOCK_M=rows, BLOCK_K=block_k, ONE_TILE=block_k >= n_in,
+        USE_PDL=pdl, num_warps=warps, launch_pdl=pdl,
+    )  # fmt: skip
     return out
 
 
@@ -192,12 +213,13 @@ def _block_step(
     block_c = tile_rows(d_inner, block_k, TILES["in_elems"] // 2)  # two rows (x and z) a channel
     warps = tile_warps(2 * block_c * block_k, TILES["per_thread"])
     xz = torch.empty(batch, 2, d_inner, device=dev, dtype=torch.float32)
+    pdl = use_pdl(hidden)
     _in_conv_kernel[(triton.cdiv(d_inner, block_c), batch)](
         hidden, residual if residual is not None else hidden, res_out, norm_weight, in_w, conv_state, conv_w,
         conv_bias if conv_bias is not None else conv_w, xz, norm_eps, d_model, d_inner, d_conv,
         conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
         HAS_RES=residual is not None, HAS_CONV_BIAS=conv_bias is not None, BLOCK_C=block_c,
-        BLOCK_K=block_k, BLOCK_W=next_power_of_2(d_conv), num_warps=warps,
+        BLOCK_K=block_k, BLOCK_W=next_power_of_2(d_conv), USE_PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
 
     x_conv = xz[:, 0]  # (batch, d_inner), rows strided by 2 d_inner
@@ -212,7 +234,7 @@ def _block_step(
         xp, xz, dt_w, dt_bias, A_log, D if D is not None else dt_bias, ssm_state, y,
         d_inner, dstate, dt_rank, ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2),
         HAS_D=D is not None, BLOCK_C=ssm_block, BLOCK_N=next_power_of_2(dstate),
-        BLOCK_R=next_power_of_2(dt_rank), num_warps=4,
+        BLOCK_R=next_power_of_2(dt_rank), USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
     if TILES["out_cublas"]:
         return torch.nn.functional.linear(y, out_w), res_out

@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 from mambakit.ops._eager import EagerOp
-from mambakit.ops._launch import next_power_of_2
+from mambakit.ops._launch import next_power_of_2, use_pdl
 from mambakit.ops._step_tiles import tile_rows, tile_warps
-from mambakit.ops._triton_step import add_norm_row, conv_silu_step
+from mambakit.ops._triton_step import add_norm_row, conv_silu_step, wait_for_inputs
 from mambakit.ops.norm.reference import residual_dtype
 from mambakit.ops.selective_scan.triton.scan_fwd import _softplus
 
@@ -34,7 +34,7 @@ def _in_conv_kernel(
     hid_ptr, res_ptr, res_out_ptr, nw_ptr, W_in_ptr, cs_ptr, cw_ptr, cb_ptr, out_ptr,
     eps, d_model, d_inner, conv_dim, n_rows, d_conv, s_cs_b, s_cs_d, s_cs_w,
     HAS_RES: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_W: tl.constexpr,
+    BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -46,6 +46,7 @@ def _in_conv_kernel(
     w = tl.load(
         W_in_ptr + offs_r[:, None] * d_model + k[None, :], mask=ok_r[:, None] & ok[None, :], other=0.0
     )
+    wait_for_inputs(USE_PDL)
     normed = add_norm_row(hid_ptr, res_ptr, res_out_ptr, nw_ptr, b, k, ok, d_model, eps, pid == 0,
                           HAS_RES, DT)  # fmt: skip
     val = tl.sum(w.to(tl.float32) * normed[None, :], 1).to(DT).to(tl.float32)
@@ -64,7 +65,7 @@ def _state_kernel(
     dt_lo, dt_hi, d_inner, conv_dim, n_rows, nheads, headdim, dstate, heads_per_group, ngroups,
     s_h_b, s_h_h, s_h_p, s_h_n,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -76,25 +77,29 @@ def _state_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     ok_n = offs_n < dstate
     ok_pn = ok_p[:, None] & ok_n[None, :]
+    # the parameters first (see wait_for_inputs)
+    bias = tl.load(dt_bias_ptr + head).to(tl.float32)
+    A = -tl.exp(tl.load(A_log_ptr + head).to(tl.float32))
+    if HAS_D:
+        if D_PER_CHANNEL:
+            D = tl.load(D_ptr + head * headdim + offs_p, mask=ok_p, other=0.0).to(tl.float32)
+        else:
+            D = tl.load(D_ptr + head).to(tl.float32)
+    wait_for_inputs(USE_PDL)
     h_ptrs = h_ptr + b * s_h_b + head * s_h_h + offs_p[:, None] * s_h_p + offs_n[None, :] * s_h_n
     h = tl.load(h_ptrs, mask=ok_pn, other=0.0).to(tl.float32)
     row = zxbcdt_ptr + b * n_rows
     x = tl.load(row + d_inner + head * headdim + offs_p, mask=ok_p, other=0.0)
     Bv = tl.load(row + 2 * d_inner + g * dstate + offs_n, mask=ok_n, other=0.0)
     Cv = tl.load(row + 2 * d_inner + (ngroups + g) * dstate + offs_n, mask=ok_n, other=0.0)
-    dt = tl.load(row + d_inner + conv_dim + head) + tl.load(dt_bias_ptr + head).to(tl.float32)
-    delta = _softplus(dt)
+    delta = _softplus(tl.load(row + d_inner + conv_dim + head) + bias)
     if HAS_LIMIT:
         delta = tl.minimum(tl.maximum(delta, dt_lo), dt_hi)
-    A = -tl.exp(tl.load(A_log_ptr + head).to(tl.float32))
     h = tl.exp(delta * A) * h + (delta * x)[:, None] * Bv[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=ok_pn)
     y = tl.sum(h * Cv[None, :], 1)
     if HAS_D:
-        if D_PER_CHANNEL:
-            y += tl.load(D_ptr + head * headdim + offs_p, mask=ok_p, other=0.0).to(tl.float32) * x
-        else:
-            y += tl.load(D_ptr + head).to(tl.float32) * x
+        y += D * x
     tl.store(y_ptr + b * d_inner + head * headdim + offs_p, y.to(y_ptr.dtype.element_ty), mask=ok_p)
 
 
@@ -102,6 +107,7 @@ def _state_kernel(
 def _gated_norm_out_kernel(
     y_ptr, zxbcdt_ptr, gw_ptr, W_out_ptr, out_ptr, eps, d_model, d_inner, n_rows, group_size, ngroups,
     NORM_BEFORE_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -114,9 +120,10 @@ def _gated_norm_out_kernel(
     chan = offs_g[:, None] * group_size + offs_s[None, :]  # (BLOCK_G, BLOCK_S) channel index
     W = tl.load(W_out_ptr + offs_m[:, None, None] * d_inner + chan[None, :, :],
                 mask=ok_m[:, None, None] & ok_gs[None, :, :], other=0.0)  # fmt: skip
+    gw = tl.load(gw_ptr + chan, mask=ok_gs, other=0.0).to(tl.float32)
+    wait_for_inputs(USE_PDL)
     y = tl.load(y_ptr + b * d_inner + chan, mask=ok_gs, other=0.0).to(tl.float32)
     z = tl.load(zxbcdt_ptr + b * n_rows + chan, mask=ok_gs, other=0.0)
-    gw = tl.load(gw_ptr + chan, mask=ok_gs, other=0.0).to(tl.float32)
     gate = z / (1.0 + tl.exp(-z))
     v = y if NORM_BEFORE_GATE else y * gate
     rstd = 1.0 / tl.sqrt(tl.sum(v * v, 1) / group_size + eps)
@@ -178,12 +185,14 @@ def _block_step(
     # at 130M and 1.3B, 4 rows is the default's or measured equal to it)
     block_r = max(min(4, next_power_of_2(n_rows)), tile_rows(n_rows, block_k, TILES["in_elems"]))
     zxbcdt = torch.empty(batch, n_rows, device=dev, dtype=torch.float32)
+    pdl = use_pdl(hidden)
     _in_conv_kernel[(triton.cdiv(n_rows, block_r), batch)](
         hidden, residual if residual is not None else hidden, res_out, norm_weight, in_w, conv_state, conv_w,
         conv_bias if conv_bias is not None else conv_w, zxbcdt, norm_eps, d_model, d_inner, conv_dim, n_rows,
         d_conv, conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
         HAS_RES=residual is not None, HAS_CONV_BIAS=conv_bias is not None, BLOCK_R=block_r, BLOCK_K=block_k,
-        BLOCK_W=next_power_of_2(d_conv), num_warps=tile_warps(block_r * block_k, TILES["per_thread"]),
+        BLOCK_W=next_power_of_2(d_conv), USE_PDL=pdl, launch_pdl=pdl,
+        num_warps=tile_warps(block_r * block_k, TILES["per_thread"]),
     )  # fmt: skip
 
     y = torch.empty(batch, d_inner, device=dev, dtype=dtype)
@@ -195,7 +204,7 @@ def _block_step(
         ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), ssm_state.stride(3),
         HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.ndim == 2,
         HAS_LIMIT=(lo, hi) != (0.0, float("inf")), BLOCK_P=block_p, BLOCK_N=next_power_of_2(dstate),
-        num_warps=4,
+        USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
 
     out = torch.empty(batch, d_model, device=dev, dtype=dtype)
@@ -205,7 +214,7 @@ def _block_step(
     _gated_norm_out_kernel[(triton.cdiv(d_model, block_m), batch)](
         y, zxbcdt, gate_norm_weight, out_w, out, gate_norm_eps, d_model, d_inner, n_rows, gate_group_size,
         groups, NORM_BEFORE_GATE=bool(norm_before_gate), BLOCK_M=block_m, BLOCK_G=block_g, BLOCK_S=block_s,
-        num_warps=tile_warps(block_m * block_g * block_s, TILES["per_thread"]),
+        USE_PDL=pdl, launch_pdl=pdl, num_warps=tile_warps(block_m * block_g * block_s, TILES["per_thread"]),
     )  # fmt: skip
     return out, res_out
 
