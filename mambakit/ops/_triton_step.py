@@ -9,8 +9,12 @@ import triton.language as tl
 @triton.jit
 def wait_for_inputs(USE_PDL: tl.constexpr):
     """Under programmatic dependent launch (ops/_launch.py `use_pdl`), wait here for the previous
-    kernel's writes, then let the next kernel launch. A kernel calls this after loading its weights and
-    before its first read or write of activations or states; without PDL it is nothing."""
+    kernel's writes, then let the next kernel launch; without PDL it is nothing.
+
+    Before the wait a kernel may read what the previous kernel does not write: its weights, and a
+    decoding state that only this kernel writes (its last writer, this kernel one token earlier, is at
+    least two launches back, and a kernel starts only once the previous one has passed its own wait,
+    i.e. once the one before that has finished). Everything else, and every write, comes after."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

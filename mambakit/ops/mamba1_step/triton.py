@@ -121,13 +121,15 @@ def _ssm_kernel(
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     ok_c = offs_c < d_inner
     ok_cn = ok_c[:, None] & ok_n[None, :]
-    # the parameters first (see wait_for_inputs)
+    # the parameters and the state first (see wait_for_inputs)
     W_dt = tl.load(W_dt_ptr + offs_c[:, None] * dt_rank + offs_r[None, :],
                    mask=ok_c[:, None] & ok_r[None, :], other=0.0).to(tl.float32)  # fmt: skip
     bias = tl.load(dt_bias_ptr + offs_c, mask=ok_c, other=0.0).to(tl.float32)
     A_log = tl.load(A_log_ptr + offs_c[:, None] * dstate + offs_n[None, :], mask=ok_cn, other=0.0)
     if HAS_D:
         D = tl.load(D_ptr + offs_c, mask=ok_c, other=0.0).to(tl.float32)
+    h_ptrs = h_ptr + b * s_h_b + offs_c[:, None] * s_h_d + offs_n[None, :] * s_h_n
+    h = tl.load(h_ptrs, mask=ok_cn, other=0.0).to(tl.float32)  # only this kernel writes it
     wait_for_inputs(USE_PDL)
 
     xp = xp_ptr + b * (dt_rank + 2 * dstate)
@@ -139,8 +141,6 @@ def _ssm_kernel(
     x = tl.load(xz_ptr + b * 2 * d_inner + offs_c, mask=ok_c, other=0.0)
     z = tl.load(xz_ptr + b * 2 * d_inner + d_inner + offs_c, mask=ok_c, other=0.0)
     A = -tl.exp(A_log.to(tl.float32))
-    h_ptrs = h_ptr + b * s_h_b + offs_c[:, None] * s_h_d + offs_n[None, :] * s_h_n
-    h = tl.load(h_ptrs, mask=ok_cn, other=0.0).to(tl.float32)
     h = tl.exp(delta[:, None] * A) * h + (delta * x)[:, None] * Bv[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=ok_cn)
     y = tl.sum(h * Cv[None, :], 1)

@@ -77,7 +77,7 @@ def _state_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     ok_n = offs_n < dstate
     ok_pn = ok_p[:, None] & ok_n[None, :]
-    # the parameters first (see wait_for_inputs)
+    # the parameters and the state first (see wait_for_inputs)
     bias = tl.load(dt_bias_ptr + head).to(tl.float32)
     A = -tl.exp(tl.load(A_log_ptr + head).to(tl.float32))
     if HAS_D:
@@ -85,9 +85,9 @@ def _state_kernel(
             D = tl.load(D_ptr + head * headdim + offs_p, mask=ok_p, other=0.0).to(tl.float32)
         else:
             D = tl.load(D_ptr + head).to(tl.float32)
-    wait_for_inputs(USE_PDL)
     h_ptrs = h_ptr + b * s_h_b + head * s_h_h + offs_p[:, None] * s_h_p + offs_n[None, :] * s_h_n
-    h = tl.load(h_ptrs, mask=ok_pn, other=0.0).to(tl.float32)
+    h = tl.load(h_ptrs, mask=ok_pn, other=0.0).to(tl.float32)  # only this kernel writes it
+    wait_for_inputs(USE_PDL)
     row = zxbcdt_ptr + b * n_rows
     x = tl.load(row + d_inner + head * headdim + offs_p, mask=ok_p, other=0.0)
     Bv = tl.load(row + 2 * d_inner + g * dstate + offs_n, mask=ok_n, other=0.0)
