@@ -153,11 +153,13 @@ def _ssm_kernel(
 # Tile choices, read at every call so that `benchmarks/gpu_block_step.py` can sweep them in one process.
 # A program of a GEMV-like kernel holds a (rows, K) tile, K the whole input row (a power of two, at
 # most `max_k` for the plain GEMV); `*_elems` is the tile size a program aims at, `per_thread` the
-# elements a thread (which sets the warps, 1 to 8). in / x / out: in_proj (+ norm + conv), x_proj,
-# out_proj; ssm_channels: channels a program of the state update; *_cublas: that projection as
-# F.linear (cuBLAS) instead.
-TILES = {"in_elems": 8192, "x_elems": 4096, "out_elems": 4096, "max_k": 4096, "per_thread": 64,
-         "ssm_channels": 8, "x_cublas": False, "out_cublas": False}  # fmt: skip
+# elements a thread (which sets the warps, 1 to 8). in / x / out: in_proj (+ norm + conv, at least
+# `in_min_channels` channels of an x and a z row each), x_proj, out_proj; ssm_channels: channels a
+# program of the state update; *_cublas: that projection as F.linear (cuBLAS) instead. Two in_proj
+# channels a program were the best at both 130M (0.262 -> 0.247 ms, a 4096-element tile) and 1.4B
+# (an 8192-element tile, the minimum) (H200, batch 1, PDL; benchmarks/results/h200-2026-12-02).
+TILES = {"in_elems": 4096, "in_min_channels": 2, "x_elems": 4096, "out_elems": 4096, "max_k": 4096,
+         "per_thread": 64, "ssm_channels": 8, "x_cublas": False, "out_cublas": False}  # fmt: skip
 
 
 def _gemv(v: torch.Tensor, W: torch.Tensor, elems: int) -> torch.Tensor:
@@ -210,7 +212,9 @@ def _block_step(
 
     # in_proj needs the whole row in one tile (the norm is computed from it): K = next power of two
     block_k = next_power_of_2(d_model)
-    block_c = tile_rows(d_inner, block_k, TILES["in_elems"] // 2)  # two rows (x and z) a channel
+    # two rows (x and z) a channel
+    min_c = min(TILES["in_min_channels"], next_power_of_2(d_inner))
+    block_c = max(min_c, tile_rows(d_inner, block_k, TILES["in_elems"] // 2))
     warps = tile_warps(2 * block_c * block_k, TILES["per_thread"])
     xz = torch.empty(batch, 2, d_inner, device=dev, dtype=torch.float32)
     pdl = use_pdl(hidden)

@@ -135,10 +135,15 @@ def _gated_norm_out_kernel(
     tl.store(out_ptr + b * d_model + offs_m, out.to(DT), mask=ok_m)
 
 
-# Tile choices, read at every call (benchmarks/gpu_block_step.py sweeps them): `*_elems` the tile size
-# a program of in_proj / out_proj aims at, `per_thread` elements a thread; headdim_block: headdim rows
-# of a state-update program.
-TILES = {"in_elems": 4096, "out_elems": 16384, "per_thread": 64, "headdim_block": 16}
+# Tile choices, read at every call (benchmarks/gpu_block_step.py sweeps them). in_proj: `in_elems` the
+# tile size a program aims at (at least 4 rows), `per_thread` elements a thread (sets the warps);
+# out_proj: `out_rows` rows a program (at most `out_max_elems` a tile), on `out_warps` warps;
+# headdim_block: headdim rows of a state-update program. Swept at batch 1 with PDL (H200,
+# benchmarks/results/h200-2026-12-02 calls 2-3): per_thread 128 (1 warp for 4096-element in_proj
+# tiles, not 2): 0.245 -> 0.217 ms at 130M, 1.230 -> 1.195 at 1.3B; out_proj tiles of 8 rows on 4
+# warps were the best at both sizes (1.3B: 1.115 ms).
+TILES = {"in_elems": 4096, "per_thread": 128, "out_rows": 8, "out_max_elems": 32768, "out_warps": 4,
+         "headdim_block": 16}  # fmt: skip
 
 
 def _block_step(
@@ -210,11 +215,12 @@ def _block_step(
     out = torch.empty(batch, d_model, device=dev, dtype=dtype)
     groups = d_inner // gate_group_size
     block_g, block_s = next_power_of_2(groups), next_power_of_2(gate_group_size)
-    block_m = tile_rows(d_model, block_g * block_s, TILES["out_elems"])
+    # at most out_max_elems a tile (the largest measured; more would be > 256 weights a thread)
+    block_m = min(TILES["out_rows"], tile_rows(d_model, block_g * block_s, TILES["out_max_elems"]))
     _gated_norm_out_kernel[(triton.cdiv(d_model, block_m), batch)](
         y, zxbcdt, gate_norm_weight, out_w, out, gate_norm_eps, d_model, d_inner, n_rows, gate_group_size,
         groups, NORM_BEFORE_GATE=bool(norm_before_gate), BLOCK_M=block_m, BLOCK_G=block_g, BLOCK_S=block_s,
-        USE_PDL=pdl, launch_pdl=pdl, num_warps=tile_warps(block_m * block_g * block_s, TILES["per_thread"]),
+        USE_PDL=pdl, launch_pdl=pdl, num_warps=TILES["out_warps"],
     )  # fmt: skip
     return out, res_out
 
