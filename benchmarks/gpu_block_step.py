@@ -5,7 +5,9 @@ MAMBAKIT_FUSED_STEP=0 (unfused: 6-7 kernels a block), with the fused op (3-4 ker
 plainly, and with the fused op under programmatic dependent launch (PDL, `ops/_launch.py`); decodes the
 same tokens with each, and prints replay ms/token, kernels a step, and how far the fused logits are
 from the unfused ones (max |difference| over max |logit|, and the share of equal greedy tokens). The
-two fused runs must give identical logits (the same kernels; PDL only moves their start).
+two fused runs must give identical logits (the same kernels; PDL only moves their start). The fused
+runs take the fused op at every batch size; "rule" says whether `Block.step` would
+(`layers/step_ops.fused_step_applies`).
 `--sweep` also times tile choices of the fused kernels (`ops/mamba{1,2}_step/triton.py` TILES).
 bf16 weights, random weights in the preset shapes.
 
@@ -26,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_decode_profile import kernels_per_step, replay_ms  # noqa: E402
 
 from mambakit.inference.cuda_graph import CUDAGraphDecoder  # noqa: E402
+from mambakit.layers.mamba1 import Mamba1  # noqa: E402
+from mambakit.layers.mamba2 import Mamba2  # noqa: E402
 from mambakit.models.lm import LanguageModel  # noqa: E402
 from mambakit.models.presets import preset  # noqa: E402
 from mambakit.ops import _launch  # noqa: E402
@@ -71,7 +75,12 @@ def _decode(
 ) -> dict:
     os.environ["MAMBAKIT_FUSED_STEP"] = "1" if fused else "0"
     _launch.LAUNCH["pdl"] = pdl
-    dec = CUDAGraphDecoder(model, batch, 512)
+    widths = Mamba1.fused_step_batch_width, Mamba2.fused_step_batch_width
+    Mamba1.fused_step_batch_width = Mamba2.fused_step_batch_width = 1 << 30  # the fused op at any batch
+    try:
+        dec = CUDAGraphDecoder(model, batch, 512)
+    finally:
+        Mamba1.fused_step_batch_width, Mamba2.fused_step_batch_width = widths
     logits = []
     for t in range(tokens.shape[1]):
         logits.append(dec.step(tokens[:, t]).float().clone())
@@ -109,16 +118,20 @@ def main() -> int:
             rel = (fused["logits"] - base["logits"]).abs().max().item() / scale
             same = (fused["logits"].argmax(-1) == base["logits"].argmax(-1)).float().mean().item()
             pdl_diff = (fused["logits"] - plain["logits"]).abs().max().item()
-            row = [name, batch, base["ms"], plain["ms"], fused["ms"], base["ms"] / fused["ms"],
+            mixer = Mamba2 if "mamba2" in name else Mamba1
+            rule = batch <= max(1, mixer.fused_step_batch_width // model.config.d_model)
+            row = [name, batch, rule, base["ms"], plain["ms"], fused["ms"], base["ms"] / fused["ms"],
                    base["kernels_per_step"], fused["kernels_per_step"], rel, same, pdl_diff]  # fmt: skip
             rows.append(row)
             top = sorted(fused["kernels"].items(), key=lambda kv: -kv[1]["us"])[:8]
             print(f"\n{name} batch {batch}, fused step (PDL), top kernels")
             table = [[k[:80], v["per_step"], v["us"]] for k, v in top]
             print_table(["kernel", "per step", "us per step"], table)
-            result = dict(zip(["model", "batch", "unfused_ms", "fused_no_pdl_ms", "fused_ms", "speedup",
-                               "unfused_kernels", "fused_kernels", "max_rel_logit_diff", "greedy_agreement",
-                               "pdl_vs_plain_max_abs_diff"], row))  # fmt: skip
+            keys = ["model", "batch", "rule_takes_fused", "unfused_ms", "fused_no_pdl_ms", "fused_ms",
+                    "speedup",
+                    "unfused_kernels", "fused_kernels", "max_rel_logit_diff", "greedy_agreement",
+                    "pdl_vs_plain_max_abs_diff"]  # fmt: skip
+            result = dict(zip(keys, row))
             result["fused_top_kernels"] = dict(top)
             if args.sweep:
                 sweep = []
@@ -139,7 +152,7 @@ def main() -> int:
         del model
         torch.cuda.empty_cache()
     print()
-    head = ["model", "batch", "unfused ms", "fused ms", "fused+PDL ms", "speedup", "kernels unfused",
+    head = ["model", "batch", "rule", "unfused ms", "fused ms", "fused+PDL ms", "speedup", "kernels unfused",
             "kernels fused", "max rel logit diff", "greedy agree", "PDL vs plain diff"]  # fmt: skip
     print_table(head, rows)
     write_json(args.out, {"environment": environment(), "results": results})
