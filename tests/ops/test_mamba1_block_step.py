@@ -163,17 +163,3 @@ def test_block_step_gpu_pdl_equals_plain_launches(batch, d_model):
         assert torch.equal(p, q)
     want = _chain(args, 6, "reference")[0].float()  # and both are the block steps (bf16, six deep)
     assert (pdl[0].float() - want).abs().max() <= 0.05 * want.abs().max()
-
-
-@pytest.mark.parametrize("batch_rows", [1, 2, 8])
-def test_block_step_batch_rows_per_program(batch_rows, monkeypatch):
-    """A program of the GEMV-like kernels takes `batch_rows` rows of the batch (its weight tile loaded
-    once): 5 rows as 5, 3 (the last one partial) or 1 group of programs give the reference's result."""
-    from mambakit.ops.mamba1_step import triton as fused
-
-    monkeypatch.setitem(fused.TILES, "batch_rows", batch_rows)
-    gen = torch.Generator().manual_seed(batch_rows)
-    args = _inputs(gen, 5, 40, 72, 8, 3, 4, torch.float32)
-    for name, w, g in zip(("out", "residual", "conv_state", "ssm_state"), _run(args, "reference"),
-                          _run(args, "triton")):  # fmt: skip
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")

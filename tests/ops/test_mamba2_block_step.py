@@ -173,15 +173,3 @@ def test_block_step_gpu_pdl_equals_plain_launches(batch, d_model):
         assert torch.equal(p, q)
     want = _chain(args, 6, "reference")[0].float()  # and both are the block steps (bf16, six deep)
     assert (pdl[0].float() - want).abs().max() <= 0.05 * want.abs().max()
-
-
-@pytest.mark.parametrize("batch_rows", [1, 2, 8])
-def test_block_step_batch_rows_per_program(batch_rows, monkeypatch):
-    """A program of in_proj and out_proj takes `batch_rows` rows of the batch (its weight tile loaded
-    once): 5 rows as 5, 3 (the last one partial) or 1 group of programs give the reference's result."""
-    from mambakit.ops.mamba2_step import triton as fused
-
-    monkeypatch.setitem(fused.TILES, "batch_rows", batch_rows)
-    gen = torch.Generator().manual_seed(batch_rows)
-    args = _inputs(gen, 5, 40, 3, 12, 8, 1, 4, torch.float32)
-    _check(_run(args, "reference"), _run(args, "triton"), torch.float32)

@@ -37,15 +37,14 @@ from mambakit.ops.selective_scan.triton.scan_fwd import _softplus
 @triton.jit
 def _in_conv_kernel(
     hid_ptr, res_ptr, res_out_ptr, nw_ptr, W_in_ptr, cs_ptr, cw_ptr, cb_ptr, xz_ptr,
-    eps, d_model, d_inner, d_conv, s_cs_b, s_cs_d, s_cs_w, batch, batch_rows,
+    eps, d_model, d_inner, d_conv, s_cs_b, s_cs_d, s_cs_w,
     HAS_RES: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    """Residual add, RMS norm, the x and z rows of in_proj for BLOCK_C channels, their conv step + SiLU,
-    for `batch_rows` rows of the batch (the weight tiles loaded once for all of them).
+    """Residual add, RMS norm, the x and z rows of in_proj for BLOCK_C channels, their conv step + SiLU.
     BLOCK_K >= d_model: the whole row is one load, so every load of the program is in flight at once."""
     pid = tl.program_id(0)
-    b0 = tl.program_id(1) * batch_rows
+    b = tl.program_id(1).to(tl.int64)
     DT = W_in_ptr.dtype.element_ty
     k = tl.arange(0, BLOCK_K)
     ok = k < d_model
@@ -58,33 +57,30 @@ def _in_conv_kernel(
     w_x = tl.load(rows, mask=m, other=0.0)
     w_z = tl.load(rows + d_inner * d_model, mask=m, other=0.0)
     wait_for_inputs(USE_PDL)
-    for row in range(b0, tl.minimum(b0 + batch_rows, batch)):
-        b = tl.cast(row, tl.int64)
-        normed = add_norm_row(hid_ptr, res_ptr, res_out_ptr, nw_ptr, b, k, ok, d_model, eps, pid == 0,
-                              HAS_RES, DT)  # fmt: skip
-        x = tl.sum(w_x.to(tl.float32) * normed[None, :], 1)
-        z = tl.sum(w_z.to(tl.float32) * normed[None, :], 1)
-        x = x.to(DT).to(tl.float32)
-        z = z.to(DT).to(tl.float32)
+    normed = add_norm_row(hid_ptr, res_ptr, res_out_ptr, nw_ptr, b, k, ok, d_model, eps, pid == 0,
+                          HAS_RES, DT)  # fmt: skip
+    x = tl.sum(w_x.to(tl.float32) * normed[None, :], 1)
+    z = tl.sum(w_z.to(tl.float32) * normed[None, :], 1)
+    x = x.to(DT).to(tl.float32)
+    z = z.to(DT).to(tl.float32)
 
-        xc = conv_silu_step(cs_ptr, cw_ptr, cb_ptr, b, offs_c, ok_c, x, d_conv, s_cs_b, s_cs_d, s_cs_w,
-                            HAS_CONV_BIAS, BLOCK_W, DT)  # fmt: skip
-        tl.store(xz_ptr + b * 2 * d_inner + offs_c, xc, mask=ok_c)
-        tl.store(xz_ptr + b * 2 * d_inner + d_inner + offs_c, z, mask=ok_c)
+    xc = conv_silu_step(cs_ptr, cw_ptr, cb_ptr, b, offs_c, ok_c, x, d_conv, s_cs_b, s_cs_d, s_cs_w,
+                        HAS_CONV_BIAS, BLOCK_W, DT)  # fmt: skip
+    tl.store(xz_ptr + b * 2 * d_inner + offs_c, xc, mask=ok_c)
+    tl.store(xz_ptr + b * 2 * d_inner + d_inner + offs_c, z, mask=ok_c)
 
 
 @triton.jit
 def _gemv_kernel(
-    v_ptr, W_ptr, out_ptr, n_out, n_in, s_v_b, batch, batch_rows, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr, USE_PDL: tl.constexpr,
+    v_ptr, W_ptr, out_ptr, n_out, n_in, s_v_b, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    ONE_TILE: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """out[b] = W @ v[b], rounded to out's dtype: W (n_out, n_in) contiguous, v (batch, n_in) with row
-    stride s_v_b, out (batch, n_out) contiguous; a program takes `batch_rows` rows of the batch.
-    ONE_TILE (BLOCK_K >= n_in) takes one load of W for all of them, made before waiting on v: a loop
-    step waits for its loads, and at decoding sizes that wait, not bandwidth, is the cost."""
+    stride s_v_b, out (batch, n_out) contiguous. ONE_TILE (BLOCK_K >= n_in) takes one load of W, made
+    before waiting on v: a loop step waits for its loads, and at decoding sizes that wait, not
+    bandwidth, is the cost."""
     pid = tl.program_id(0)
-    b0 = tl.program_id(1) * batch_rows
-    b_end = tl.minimum(b0 + batch_rows, batch)
+    b = tl.program_id(1).to(tl.int64)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     ok_m = offs_m < n_out
     offs_k = tl.arange(0, BLOCK_K)
@@ -93,23 +89,18 @@ def _gemv_kernel(
         ok = offs_k < n_in
         w = tl.load(W_rows + offs_k[None, :], mask=ok_m[:, None] & ok[None, :], other=0.0)
         wait_for_inputs(USE_PDL)
-        for row in range(b0, b_end):
-            b = tl.cast(row, tl.int64)
-            v = tl.load(v_ptr + b * s_v_b + offs_k, mask=ok, other=0.0).to(tl.float32)
-            acc = tl.sum(w.to(tl.float32) * v[None, :], 1)
-            tl.store(out_ptr + b * n_out + offs_m, acc.to(out_ptr.dtype.element_ty), mask=ok_m)
+        v = tl.load(v_ptr + b * s_v_b + offs_k, mask=ok, other=0.0).to(tl.float32)
+        acc = tl.sum(w.to(tl.float32) * v[None, :], 1)
     else:
         wait_for_inputs(USE_PDL)
-        for row in range(b0, b_end):
-            b = tl.cast(row, tl.int64)
-            acc = tl.zeros([BLOCK_M], tl.float32)
-            for k0 in range(0, n_in, BLOCK_K):
-                k = k0 + offs_k
-                ok = k < n_in
-                v = tl.load(v_ptr + b * s_v_b + k, mask=ok, other=0.0).to(tl.float32)
-                w = tl.load(W_rows + k[None, :], mask=ok_m[:, None] & ok[None, :], other=0.0)
-                acc += tl.sum(w.to(tl.float32) * v[None, :], 1)
-            tl.store(out_ptr + b * n_out + offs_m, acc.to(out_ptr.dtype.element_ty), mask=ok_m)
+        acc = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, n_in, BLOCK_K):
+            k = k0 + offs_k
+            ok = k < n_in
+            v = tl.load(v_ptr + b * s_v_b + k, mask=ok, other=0.0).to(tl.float32)
+            w = tl.load(W_rows + k[None, :], mask=ok_m[:, None] & ok[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * v[None, :], 1)
+    tl.store(out_ptr + b * n_out + offs_m, acc.to(out_ptr.dtype.element_ty), mask=ok_m)
 
 
 @triton.jit
@@ -164,13 +155,11 @@ def _ssm_kernel(
 # most `max_k` for the plain GEMV); `*_elems` is the tile size a program aims at, `per_thread` the
 # elements a thread (which sets the warps, 1 to 8). in / x / out: in_proj (+ norm + conv, at least
 # `in_min_channels` channels of an x and a z row each), x_proj, out_proj; ssm_channels: channels a
-# program of the state update; *_cublas: that projection as F.linear (cuBLAS) instead; batch_rows:
-# batch rows a program of in_proj, x_proj and out_proj takes, reading its weight tile once for all.
-# Two in_proj channels a program were the best at both 130M (0.262 -> 0.247 ms, a 4096-element tile)
-# and 1.4B (an 8192-element tile, the minimum) (H200, batch 1, PDL; benchmarks/results/h200-2026-12-02).
+# program of the state update; *_cublas: that projection as F.linear (cuBLAS) instead. Two in_proj
+# channels a program were the best at both 130M (0.262 -> 0.247 ms, a 4096-element tile) and 1.4B
+# (an 8192-element tile, the minimum) (H200, batch 1, PDL; benchmarks/results/h200-2026-12-02).
 TILES = {"in_elems": 4096, "in_min_channels": 2, "x_elems": 4096, "out_elems": 4096, "max_k": 4096,
-         "per_thread": 64, "ssm_channels": 8, "x_cublas": False, "out_cublas": False,
-         "batch_rows": 8}  # fmt: skip
+         "per_thread": 64, "ssm_channels": 8, "x_cublas": False, "out_cublas": False}  # fmt: skip
 
 
 def _gemv(v: torch.Tensor, W: torch.Tensor, elems: int) -> torch.Tensor:
@@ -182,10 +171,9 @@ def _gemv(v: torch.Tensor, W: torch.Tensor, elems: int) -> torch.Tensor:
     rows = tile_rows(n_out, block_k, elems)
     warps = tile_warps(rows * block_k, TILES["per_thread"])
     pdl = use_pdl(v)
-    batch_rows = TILES["batch_rows"]
-    _gemv_kernel[(triton.cdiv(n_out, rows), triton.cdiv(batch, batch_rows))](
-        v, W, out, n_out, n_in, v.stride(0), batch, batch_rows, BLOCK_M=rows, BLOCK_K=block_k,
-        ONE_TILE=block_k >= n_in, USE_PDL=pdl, num_warps=warps, launch_pdl=pdl,
+    _gemv_kernel[(triton.cdiv(n_out, rows), batch)](
+        v, W, out, n_out, n_in, v.stride(0), BLOCK_M=rows, BLOCK_K=block_k, ONE_TILE=block_k >= n_in,
+        USE_PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
     return out
 
@@ -230,11 +218,10 @@ def _block_step(
     warps = tile_warps(2 * block_c * block_k, TILES["per_thread"])
     xz = torch.empty(batch, 2, d_inner, device=dev, dtype=torch.float32)
     pdl = use_pdl(hidden)
-    batch_rows = TILES["batch_rows"]
-    _in_conv_kernel[(triton.cdiv(d_inner, block_c), triton.cdiv(batch, batch_rows))](
+    _in_conv_kernel[(triton.cdiv(d_inner, block_c), batch)](
         hidden, residual if residual is not None else hidden, res_out, norm_weight, in_w, conv_state, conv_w,
         conv_bias if conv_bias is not None else conv_w, xz, norm_eps, d_model, d_inner, d_conv,
-        conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), batch, batch_rows,
+        conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
         HAS_RES=residual is not None, HAS_CONV_BIAS=conv_bias is not None, BLOCK_C=block_c,
         BLOCK_K=block_k, BLOCK_W=next_power_of_2(d_conv), USE_PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip

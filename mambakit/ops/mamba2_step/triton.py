@@ -32,12 +32,12 @@ from mambakit.ops.selective_scan.triton.scan_fwd import _softplus
 @triton.jit
 def _in_conv_kernel(
     hid_ptr, res_ptr, res_out_ptr, nw_ptr, W_in_ptr, cs_ptr, cw_ptr, cb_ptr, out_ptr,
-    eps, d_model, d_inner, conv_dim, n_rows, d_conv, s_cs_b, s_cs_d, s_cs_w, batch, batch_rows,
+    eps, d_model, d_inner, conv_dim, n_rows, d_conv, s_cs_b, s_cs_d, s_cs_w,
     HAS_RES: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    b0 = tl.program_id(1) * batch_rows  # the batch rows this program takes, its weight tile loaded once
+    b = tl.program_id(1).to(tl.int64)
     DT = W_in_ptr.dtype.element_ty
     k = tl.arange(0, BLOCK_K)
     ok = k < d_model
@@ -47,17 +47,16 @@ def _in_conv_kernel(
         W_in_ptr + offs_r[:, None] * d_model + k[None, :], mask=ok_r[:, None] & ok[None, :], other=0.0
     )
     wait_for_inputs(USE_PDL)
+    normed = add_norm_row(hid_ptr, res_ptr, res_out_ptr, nw_ptr, b, k, ok, d_model, eps, pid == 0,
+                          HAS_RES, DT)  # fmt: skip
+    val = tl.sum(w.to(tl.float32) * normed[None, :], 1).to(DT).to(tl.float32)
+
     # rows d_inner .. d_inner + conv_dim are xBC: their conv step (other rows pass through)
     c = offs_r - d_inner
     is_conv = ok_r & (c >= 0) & (c < conv_dim)
-    for row in range(b0, tl.minimum(b0 + batch_rows, batch)):
-        b = tl.cast(row, tl.int64)
-        normed = add_norm_row(hid_ptr, res_ptr, res_out_ptr, nw_ptr, b, k, ok, d_model, eps, pid == 0,
-                              HAS_RES, DT)  # fmt: skip
-        val = tl.sum(w.to(tl.float32) * normed[None, :], 1).to(DT).to(tl.float32)
-        xc = conv_silu_step(cs_ptr, cw_ptr, cb_ptr, b, c, is_conv, val, d_conv, s_cs_b, s_cs_d, s_cs_w,
-                            HAS_CONV_BIAS, BLOCK_W, DT)  # fmt: skip
-        tl.store(out_ptr + b * n_rows + offs_r, tl.where(is_conv, xc, val), mask=ok_r)
+    xc = conv_silu_step(cs_ptr, cw_ptr, cb_ptr, b, c, is_conv, val, d_conv, s_cs_b, s_cs_d, s_cs_w,
+                        HAS_CONV_BIAS, BLOCK_W, DT)  # fmt: skip
+    tl.store(out_ptr + b * n_rows + offs_r, tl.where(is_conv, xc, val), mask=ok_r)
 
 
 @triton.jit
@@ -107,11 +106,11 @@ def _state_kernel(
 @triton.jit
 def _gated_norm_out_kernel(
     y_ptr, zxbcdt_ptr, gw_ptr, W_out_ptr, out_ptr, eps, d_model, d_inner, n_rows, group_size, ngroups,
-    batch, batch_rows, NORM_BEFORE_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
+    NORM_BEFORE_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    b0 = tl.program_id(1) * batch_rows  # the batch rows this program takes, its weight tile loaded once
+    b = tl.program_id(1).to(tl.int64)
     DT = out_ptr.dtype.element_ty
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     ok_m = offs_m < d_model
@@ -123,31 +122,28 @@ def _gated_norm_out_kernel(
                 mask=ok_m[:, None, None] & ok_gs[None, :, :], other=0.0)  # fmt: skip
     gw = tl.load(gw_ptr + chan, mask=ok_gs, other=0.0).to(tl.float32)
     wait_for_inputs(USE_PDL)
-    for row in range(b0, tl.minimum(b0 + batch_rows, batch)):
-        b = tl.cast(row, tl.int64)
-        y = tl.load(y_ptr + b * d_inner + chan, mask=ok_gs, other=0.0).to(tl.float32)
-        z = tl.load(zxbcdt_ptr + b * n_rows + chan, mask=ok_gs, other=0.0)
-        gate = z / (1.0 + tl.exp(-z))
-        v = y if NORM_BEFORE_GATE else y * gate
-        rstd = 1.0 / tl.sqrt(tl.sum(v * v, 1) / group_size + eps)
-        normed = v * rstd[:, None] * gw
-        if NORM_BEFORE_GATE:
-            normed = normed * gate
-        normed = normed.to(DT).to(tl.float32)
-        out = tl.sum(tl.sum(W.to(tl.float32) * normed[None, :, :], 2), 1)
-        tl.store(out_ptr + b * d_model + offs_m, out.to(DT), mask=ok_m)
+    y = tl.load(y_ptr + b * d_inner + chan, mask=ok_gs, other=0.0).to(tl.float32)
+    z = tl.load(zxbcdt_ptr + b * n_rows + chan, mask=ok_gs, other=0.0)
+    gate = z / (1.0 + tl.exp(-z))
+    v = y if NORM_BEFORE_GATE else y * gate
+    rstd = 1.0 / tl.sqrt(tl.sum(v * v, 1) / group_size + eps)
+    normed = v * rstd[:, None] * gw
+    if NORM_BEFORE_GATE:
+        normed = normed * gate
+    normed = normed.to(DT).to(tl.float32)
+    out = tl.sum(tl.sum(W.to(tl.float32) * normed[None, :, :], 2), 1)
+    tl.store(out_ptr + b * d_model + offs_m, out.to(DT), mask=ok_m)
 
 
 # Tile choices, read at every call (benchmarks/gpu_block_step.py sweeps them). in_proj: `in_elems` the
 # tile size a program aims at (at least 4 rows), `per_thread` elements a thread (sets the warps);
 # out_proj: `out_rows` rows a program (at most `out_max_elems` a tile), on `out_warps` warps;
-# headdim_block: headdim rows of a state-update program; batch_rows: batch rows a program of in_proj and
-# out_proj takes, reading its weight tile once for all. Swept at batch 1 with PDL (H200,
+# headdim_block: headdim rows of a state-update program. Swept at batch 1 with PDL (H200,
 # benchmarks/results/h200-2026-12-02 calls 2-3): per_thread 128 (1 warp for 4096-element in_proj
 # tiles, not 2): 0.245 -> 0.217 ms at 130M, 1.230 -> 1.195 at 1.3B; out_proj tiles of 8 rows on 4
 # warps were the best at both sizes (1.3B: 1.115 ms).
 TILES = {"in_elems": 4096, "per_thread": 128, "out_rows": 8, "out_max_elems": 32768, "out_warps": 4,
-         "headdim_block": 16, "batch_rows": 8}  # fmt: skip
+         "headdim_block": 16}  # fmt: skip
 
 
 def _block_step(
@@ -195,12 +191,10 @@ def _block_step(
     block_r = max(min(4, next_power_of_2(n_rows)), tile_rows(n_rows, block_k, TILES["in_elems"]))
     zxbcdt = torch.empty(batch, n_rows, device=dev, dtype=torch.float32)
     pdl = use_pdl(hidden)
-    batch_rows = TILES["batch_rows"]
-    batch_progs = triton.cdiv(batch, batch_rows)
-    _in_conv_kernel[(triton.cdiv(n_rows, block_r), batch_progs)](
+    _in_conv_kernel[(triton.cdiv(n_rows, block_r), batch)](
         hidden, residual if residual is not None else hidden, res_out, norm_weight, in_w, conv_state, conv_w,
         conv_bias if conv_bias is not None else conv_w, zxbcdt, norm_eps, d_model, d_inner, conv_dim, n_rows,
-        d_conv, conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), batch, batch_rows,
+        d_conv, conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
         HAS_RES=residual is not None, HAS_CONV_BIAS=conv_bias is not None, BLOCK_R=block_r, BLOCK_K=block_k,
         BLOCK_W=next_power_of_2(d_conv), USE_PDL=pdl, launch_pdl=pdl,
         num_warps=tile_warps(block_r * block_k, TILES["per_thread"]),
@@ -223,10 +217,10 @@ def _block_step(
     block_g, block_s = next_power_of_2(groups), next_power_of_2(gate_group_size)
     # at most out_max_elems a tile (the largest measured; more would be > 256 weights a thread)
     block_m = min(TILES["out_rows"], tile_rows(d_model, block_g * block_s, TILES["out_max_elems"]))
-    _gated_norm_out_kernel[(triton.cdiv(d_model, block_m), batch_progs)](
+    _gated_norm_out_kernel[(triton.cdiv(d_model, block_m), batch)](
         y, zxbcdt, gate_norm_weight, out_w, out, gate_norm_eps, d_model, d_inner, n_rows, gate_group_size,
-        groups, batch, batch_rows, NORM_BEFORE_GATE=bool(norm_before_gate), BLOCK_M=block_m, BLOCK_G=block_g,
-        BLOCK_S=block_s, USE_PDL=pdl, launch_pdl=pdl, num_warps=TILES["out_warps"],
+        groups, NORM_BEFORE_GATE=bool(norm_before_gate), BLOCK_M=block_m, BLOCK_G=block_g, BLOCK_S=block_s,
+        USE_PDL=pdl, launch_pdl=pdl, num_warps=TILES["out_warps"],
     )  # fmt: skip
     return out, res_out
 
