@@ -142,3 +142,19 @@ def test_check_seq_idx():
         check_seq_idx(torch.zeros(1, 4, dtype=torch.int32), 1, 3, CPU)
     with pytest.raises(TypeError, match="seq_idx must have dtype"):
         check_seq_idx(torch.zeros(1, 3), 1, 3, CPU)
+
+
+def test_backend_modules_import_on_first_use_and_once():
+    """Each op's `_impl` (ops/_backend.py BackendModules) imports a backend module when first asked,
+    and hands back the same module after."""
+    import sys
+
+    from mambakit.ops._backend import BackendModules
+
+    impl = BackendModules("mambakit.ops.norm", ("reference", "torch"))
+    assert impl.implemented == ("reference", "torch")
+    module = impl("reference")
+    assert module is sys.modules["mambakit.ops.norm.reference"] and impl("reference") is module
+    assert hasattr(impl("torch"), "rms_norm_impl")
+    with pytest.raises(ModuleNotFoundError):
+        impl("nonexistent")

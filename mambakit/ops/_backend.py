@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import torch
@@ -49,3 +50,24 @@ def resolve_backend(backend: str, device: torch.device, implemented: tuple[str, 
                 "set TRITON_INTERPRET=1 to run the kernels on the CPU through Triton's interpreter"
             )
     return backend
+
+
+class BackendModules:
+    """An op package's backend modules (`reference.py`, `torch.py`, `triton/`), imported on first use:
+    Triton's import is slow and useful only with a GPU or the interpreter.
+
+        _impl = BackendModules(__package__)
+        name = resolve_backend(backend, x.device, _impl.implemented)
+        _impl(name).my_op_impl(...)
+    """
+
+    def __init__(self, package: str, implemented: tuple[str, ...] = BACKENDS) -> None:
+        self.package = package
+        self.implemented = implemented
+        self._loaded: dict = {}
+
+    def __call__(self, backend: str):
+        module = self._loaded.get(backend)
+        if module is None:
+            module = self._loaded[backend] = importlib.import_module(f".{backend}", self.package)
+        return module

@@ -92,3 +92,30 @@ def test_cached_tuning_runs_the_autotuner_once_per_key(monkeypatch):
     # a non-key scalar argument that changes does not re-tune, and reaches the kernel
     torch.testing.assert_close(launch(x33, factor=-3.0), x33 * -3.0 + 16)
     assert runs == [50, 50, 33, 33]
+
+
+def test_use_pdl_only_on_hopper_cuda_outside_the_interpreter(monkeypatch):
+    """Programmatic dependent launch: never for CPU tensors or under TRITON_INTERPRET=1, and only with
+    LAUNCH["pdl"] on and a device of compute capability >= 9 (the capability read once a device)."""
+    cpu = torch.zeros(1)
+    assert not _launch.use_pdl(cpu)
+
+    class FakeCuda:
+        is_cuda = True
+        device = torch.device("cuda", 0)
+
+    capability = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability.append(d) or (9, 0))
+    monkeypatch.setattr(_launch, "_supports_pdl", _launch.functools.cache(_launch._supports_pdl.__wrapped__))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setitem(_launch.LAUNCH, "pdl", True)
+    assert _launch.use_pdl(FakeCuda()) and _launch.use_pdl(FakeCuda()) and len(capability) == 1
+    monkeypatch.setitem(_launch.LAUNCH, "pdl", False)
+    assert not _launch.use_pdl(FakeCuda())
+    monkeypatch.setitem(_launch.LAUNCH, "pdl", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not _launch.use_pdl(FakeCuda())
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: (8, 0))
+    monkeypatch.setattr(_launch, "_supports_pdl", _launch.functools.cache(_launch._supports_pdl.__wrapped__))
+    assert not _launch.use_pdl(FakeCuda())

@@ -7,26 +7,17 @@ defines `linear_cross_entropy_impl` with the arguments below (minus `backend`), 
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from mambakit.ops._backend import resolve_backend
+from mambakit.ops._backend import BackendModules, resolve_backend
 from mambakit.ops._checks import check_positive_int, check_tensor, values_unreadable
 
-_IMPLEMENTED = ("reference", "torch", "triton")
-_MODULES = {"reference": ".reference", "torch": ".torch", "triton": ".triton"}
-_LOADED: dict = {}
+_impl = BackendModules(__package__)
+_IMPLEMENTED = _impl.implemented
 
 # elements of one chunk's (tokens, vocab) logits: 2**27 float32 = 512 MiB at most
 _CHUNK_ELEMENTS = 2**27
 _REDUCTIONS = ("mean", "sum", "none")
-
-
-def _impl(backend: str):
-    if backend not in _LOADED:
-        _LOADED[backend] = importlib.import_module(_MODULES[backend], __package__)
-    return _LOADED[backend]
 
 
 def default_chunk_size(vocab_size: int) -> int:

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from mambakit.ops._backend import resolve_backend
+from mambakit.ops._backend import BackendModules, resolve_backend
 from mambakit.ops._checks import check_optional, check_positive_float, check_tensor
 
-_IMPLEMENTED = ("reference", "torch", "triton")
-_MODULES = {"reference": ".reference", "torch": ".torch", "triton": ".triton"}
-_LOADED: dict = {}
-
-
-def _impl(backend: str):
-    if backend not in _LOADED:
-        _LOADED[backend] = importlib.import_module(_MODULES[backend], __package__)
-    return _LOADED[backend]
+_impl = BackendModules(__package__)
+_IMPLEMENTED = _impl.implemented
 
 
 def mamba1_block_step(

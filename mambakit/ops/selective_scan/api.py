@@ -7,25 +7,13 @@ and `selective_state_update_impl` with the arguments below (minus `backend`), al
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from mambakit.ops._backend import resolve_backend
+from mambakit.ops._backend import BackendModules, resolve_backend
 from mambakit.ops._checks import FLOAT_DTYPES, check_divides, check_optional, check_seq_idx, check_tensor
 
-_IMPLEMENTED = ("reference", "torch", "triton")
-_MODULES = {"reference": ".reference", "torch": ".torch", "triton": ".triton"}
-
-
-_LOADED: dict = {}
-
-
-def _impl(backend: str):
-    # Backends load on first use (Triton's import is slow and needs a GPU build to be useful).
-    if backend not in _LOADED:
-        _LOADED[backend] = importlib.import_module(_MODULES[backend], __package__)
-    return _LOADED[backend]
+_impl = BackendModules(__package__)
+_IMPLEMENTED = _impl.implemented
 
 
 def selective_scan(
