@@ -139,7 +139,7 @@ def _eos_tensor(eos_token_id: int | Sequence[int] | None, vocab_size: int, devic
     return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 
-def _token_steps(
+def stream_generate(
     model: nn.Module,
     input_ids: Prompts,
     *,
@@ -161,8 +161,15 @@ def _token_steps(
     stats: dict | None = None,
     copy_tokens: bool = True,
 ) -> Iterator[torch.Tensor]:
-    """`stream_generate`'s steps. copy_tokens=False may yield views of a CUDA-graph decoder's token
-    history, which its next generation overwrites (`generate` stacks them before that)."""
+    """Yield the new tokens (batch,) int64 (on the model's device) one step at a time.
+
+    Arguments as in `generate`. Stops after max_new_tokens steps or once every row has emitted an
+    eos token; a finished row yields pad_token_id. `stats`, when given, receives the prompt lengths
+    and timings ("prompt_lengths", "prefill_s", "decode_s"); time spent by the consumer between steps
+    counts as decode time. copy_tokens=False saves a copy a step in greedy CUDA-graph decoding: the
+    tokens are then views of the decoder's token history, which the next generation at this batch
+    size overwrites (`generate` stacks them before that).
+    """
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
     _check_int("max_new_tokens", max_new_tokens, 0)
     vocab = model.config.vocab_size
@@ -219,8 +226,9 @@ def _token_steps(
         logits = prefill(model, ids, cache, seq_idx)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         for t in range(max_new_tokens):
-            if greedy_in_graph and t > 0:
-                tokens = decoder.last_tokens()  # the graph's argmax, already the next step's input
+            from_graph = greedy_in_graph and t > 0  # the graph's argmax, already the next step's input
+            if from_graph:
+                tokens = decoder.last_tokens()
             else:
                 tokens = sample(logits, params, seen, generator)
             if eos is not None:
@@ -231,53 +239,17 @@ def _token_steps(
                     torch.cuda.synchronize(device)
                 stats["prefill_s"] = time.perf_counter() - t0
                 t1 = time.perf_counter()
-            yield tokens.clone() if copy_tokens and greedy_in_graph and t > 0 else tokens
+            yield tokens.clone() if copy_tokens and from_graph else tokens
             if t == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
                 break
             if seen is not None:
                 seen.scatter_(1, tokens[:, None], True)
             # a finished row's input is its argmax, not the pad it yields: what it computes is discarded
-            logits = step(None if greedy_in_graph and t > 0 else tokens)
+            logits = step(None if from_graph else tokens)
     if stats is not None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stats["decode_s"] = time.perf_counter() - t1
-
-
-def stream_generate(
-    model: nn.Module,
-    input_ids: Prompts,
-    *,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
-    attention_mask: torch.Tensor | None = None,
-    max_seqlen: int | None = None,
-    cuda_graph: bool = True,
-    compile: bool = False,
-    ssm_dtype: torch.dtype | None = None,
-    stats: dict | None = None,
-) -> Iterator[torch.Tensor]:
-    """Yield the new tokens (batch,) int64 (on the model's device) one step at a time.
-
-    Arguments as in `generate`. Stops after max_new_tokens steps or once every row has emitted an
-    eos token; a finished row yields pad_token_id. `stats`, when given, receives the prompt lengths
-    and timings ("prompt_lengths", "prefill_s", "decode_s"); time spent by the consumer between steps
-    counts as decode time.
-    """
-    return _token_steps(
-        model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-        top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, seed=seed, generator=generator, attention_mask=attention_mask,
-        max_seqlen=max_seqlen, cuda_graph=cuda_graph, compile=compile, ssm_dtype=ssm_dtype, stats=stats,
-    )  # fmt: skip
 
 
 def generate(
@@ -317,7 +289,7 @@ def generate(
     """
     stats: dict = {}
     steps = []
-    for tokens in _token_steps(
+    for tokens in stream_generate(
         model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id, seed=seed, generator=generator, attention_mask=attention_mask,

@@ -130,16 +130,35 @@ def test_block_step_gpu_preset_shapes(batch, dtype, d_model):
         torch.testing.assert_close(g, w, **tol)
 
 
-def _chain(args, layers, backend):
-    """`layers` block steps back to back, each on the previous one's output and residual (own states):
-    under programmatic dependent launch each kernel starts while the previous one drains."""
+def chain_block_steps(op, args, layers, backend):
+    """`layers` steps of a block-step op back to back, each on the previous one's output and residual
+    (own states): under programmatic dependent launch each kernel starts while the previous one
+    drains. Returns the last output and residual and every layer's states."""
     out, res = args["hidden"], args["residual"]
     states = [(args["conv_state"].clone(), args["ssm_state"].clone()) for _ in range(layers)]
     with torch.no_grad():
         for conv, ssm in states:
             step = dict(args, hidden=out, residual=res, conv_state=conv, ssm_state=ssm)
-            out, res = mamba1_block_step(**step, backend=backend)
+            out, res = op(**step, backend=backend)
     return [out, res] + [s for pair in states for s in pair]
+
+
+def check_pdl_equals_plain_launches(op, args, layers=6):
+    """A chain of Triton block steps computes exactly the same under PDL as launched plainly, and both
+    are the block steps (the reference chain, bf16 six deep, within 5% of its scale)."""
+    from mambakit.ops import _launch
+
+    try:
+        _launch.LAUNCH["pdl"] = False
+        plain = chain_block_steps(op, args, layers, "triton")
+        _launch.LAUNCH["pdl"] = True
+        pdl = chain_block_steps(op, args, layers, "triton")
+    finally:
+        _launch.LAUNCH["pdl"] = True
+    for p, q in zip(plain, pdl):
+        assert torch.equal(p, q)
+    want = chain_block_steps(op, args, layers, "reference")[0].float()
+    assert (pdl[0].float() - want).abs().max() <= 0.05 * want.abs().max()
 
 
 @pytest.mark.gpu
@@ -148,18 +167,6 @@ def _chain(args, layers, backend):
 def test_block_step_gpu_pdl_equals_plain_launches(batch, d_model):
     """With programmatic dependent launch (ops/_launch.py) the kernels compute exactly what they do
     launched plainly, over a chain of steps (d_model 2560: out_proj's input row, 5120, is a loop)."""
-    from mambakit.ops import _launch
-
     gen = torch.Generator().manual_seed(d_model)
     args = _inputs(gen, batch, d_model, 2 * d_model, 16, d_model // 16, 4, torch.bfloat16)
-    try:
-        _launch.LAUNCH["pdl"] = False
-        plain = _chain(args, 6, "triton")
-        _launch.LAUNCH["pdl"] = True
-        pdl = _chain(args, 6, "triton")
-    finally:
-        _launch.LAUNCH["pdl"] = True
-    for p, q in zip(plain, pdl):
-        assert torch.equal(p, q)
-    want = _chain(args, 6, "reference")[0].float()  # and both are the block steps (bf16, six deep)
-    assert (pdl[0].float() - want).abs().max() <= 0.05 * want.abs().max()
+    check_pdl_equals_plain_launches(mamba1_block_step, args)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mambakit.ops import mamba2_block_step
+from tests.ops.test_mamba1_block_step import check_pdl_equals_plain_launches
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -140,36 +141,12 @@ def test_block_step_gpu_preset_shapes(batch, dtype, d_model):
     _check(_run(args, "reference"), _run(args, "triton"), dtype)
 
 
-def _chain(args, layers, backend):
-    """`layers` block steps back to back, each on the previous one's output and residual (own states):
-    under programmatic dependent launch each kernel starts while the previous one drains."""
-    out, res = args["hidden"], args["residual"]
-    states = [(args["conv_state"].clone(), args["ssm_state"].clone()) for _ in range(layers)]
-    with torch.no_grad():
-        for conv, ssm in states:
-            step = dict(args, hidden=out, residual=res, conv_state=conv, ssm_state=ssm)
-            out, res = mamba2_block_step(**step, backend=backend)
-    return [out, res] + [s for pair in states for s in pair]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("d_model", [768, 2560])
 def test_block_step_gpu_pdl_equals_plain_launches(batch, d_model):
     """With programmatic dependent launch (ops/_launch.py) the kernels compute exactly what they do
     launched plainly, over a chain of steps."""
-    from mambakit.ops import _launch
-
     gen = torch.Generator().manual_seed(d_model)
     args = _inputs(gen, batch, d_model, 2 * d_model // 64, 64, 128, 1, 4, torch.bfloat16)
-    try:
-        _launch.LAUNCH["pdl"] = False
-        plain = _chain(args, 6, "triton")
-        _launch.LAUNCH["pdl"] = True
-        pdl = _chain(args, 6, "triton")
-    finally:
-        _launch.LAUNCH["pdl"] = True
-    for p, q in zip(plain, pdl):
-        assert torch.equal(p, q)
-    want = _chain(args, 6, "reference")[0].float()  # and both are the block steps (bf16, six deep)
-    assert (pdl[0].float() - want).abs().max() <= 0.05 * want.abs().max()
+    check_pdl_equals_plain_launches(mamba2_block_step, args)
