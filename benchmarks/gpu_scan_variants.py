@@ -51,9 +51,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def variants(kind: str, bwd_maxnreg=("0", "168"), bwd_chunks=(6, 12)) -> list[tuple[str, dict]]:
+def variants(
+    kind: str, bwd_maxnreg=("0", "168"), bwd_chunks=(6, 12), bwd_configs=("",)
+) -> list[tuple[str, dict]]:
     if kind == "bwd":
-        return _bwd_variants(bwd_maxnreg, bwd_chunks)
+        return _bwd_variants(bwd_maxnreg, bwd_chunks, bwd_configs)
     out = [("tile default", {"MAMBAKIT_SCAN_KERNEL": "tile"})]
     # (BLOCK_D, num_warps, num_stages): 1, 2 or 4 channels a thread (sm_90 SASS, 2026-12-01: 415, 353
     # and 299 instructions a channel-step over the two passes) and several warps
@@ -73,19 +75,23 @@ def variants(kind: str, bwd_maxnreg=("0", "168"), bwd_chunks=(6, 12)) -> list[tu
     return out
 
 
-def _bwd_variants(maxnregs, chunk_counts) -> list[tuple[str, dict]]:
+def _bwd_variants(maxnregs, chunk_counts, configs=("",)) -> list[tuple[str, dict]]:
     """The tile-scan backward (the reference of the comparison), then the step-loop backward over its
-    (BLOCK_D, num_warps) and sequence chunks."""
+    configs ("BLOCK_D,num_warps,SEG,PRELOAD"; "" the default), register caps and sequence chunks."""
     out = [("tile bwd default", {"MAMBAKIT_SCAN_BWD_KERNEL": "tile"})]
     out.append(("seq bwd default", {"MAMBAKIT_SCAN_BWD_KERNEL": "seq"}))
-    for maxnreg in maxnregs:
-        for chunks in chunk_counts:
-            env = {
-                "MAMBAKIT_SCAN_BWD_KERNEL": "seq",
-                "MAMBAKIT_SCAN_BWD_SEQ_CHUNKS": str(chunks),
-                "MAMBAKIT_SCAN_BWD_MAXNREG": maxnreg,
-            }
-            out.append((f"seq bwd default config, maxnreg {maxnreg}, {chunks} chunks", env))
+    for config in configs:
+        for maxnreg in maxnregs:
+            for chunks in chunk_counts:
+                env = {
+                    "MAMBAKIT_SCAN_BWD_KERNEL": "seq",
+                    "MAMBAKIT_SCAN_BWD_SEQ_CHUNKS": str(chunks),
+                    "MAMBAKIT_SCAN_BWD_MAXNREG": maxnreg,
+                }
+                if config:
+                    env["MAMBAKIT_SCAN_BWD_SEQ_CONFIG"] = config
+                name = f"seq bwd {config or 'default config'}, maxnreg {maxnreg}, {chunks} chunks"
+                out.append((name, env))
     return out
 
 
@@ -96,6 +102,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench_out/scan_variants.json")
     parser.add_argument("--bwd-maxnreg", nargs="+", default=["0", "168"], help="register caps (0: none)")
     parser.add_argument("--bwd-chunks", nargs="+", type=int, default=[6, 12], help="sequence chunks")
+    parser.add_argument(
+        "--bwd-configs", nargs="+", default=[""], help='"BLOCK_D,num_warps,SEG,PRELOAD" ("" the default)'
+    )
     args = parser.parse_args()
     a = ANCHOR
     rows, results = [], []
@@ -106,7 +115,7 @@ def main() -> None:
         dy = torch.randn_like(ins["x"])
         for kind in args.kinds:
             ref = None
-            for name, env in variants(kind, args.bwd_maxnreg, args.bwd_chunks):
+            for name, env in variants(kind, args.bwd_maxnreg, args.bwd_chunks, args.bwd_configs):
 
                 def fn(kind=kind, call=call, dy=dy):
                     if kind == "fwd":

@@ -62,14 +62,18 @@ def kernels() -> list[tuple[str, object, dict, dict, int]]:
 
     block_d, warps, _ = seq_config(4096)
     fwd = dict(_COMMON, HAS_D=True, HAS_H0=True, BLOCK_D=block_d, BLOCK_N=16, NUM_STAGES=1, EVEN_D=True,
-               EVEN_N=True)  # fmt: skip
-    bwd = dict(_COMMON, HAS_D=True, HAS_H0=True, HAS_CARRY=True, WRITE_DH0=False, BLOCK_D=32, BLOCK_N=16)
+               EVEN_N=True, CKPT_SEG=0)  # fmt: skip
+    bwd = dict(_COMMON, HAS_D=True, HAS_CARRY=True, WRITE_DH0=False, BLOCK_D=32, BLOCK_N=16)
     return [
         (f"fwd rescan (writes y), {block_d} channels / {warps} warps", selective_scan_fwd_seq_kernel,
          dict(fwd, WRITE_Y=True, WRITE_DECAY=False), {"num_warps": warps}, block_d // (32 * warps)),
         (f"fwd chunk pass (decays), {block_d} channels / {warps} warps", selective_scan_fwd_seq_kernel,
          dict(fwd, WRITE_Y=False, WRITE_DECAY=True), {"num_warps": warps}, block_d // (32 * warps)),
-        ("bwd adjoint chunk pass", _adjoint_chunk_kernel, dict(_COMMON, BLOCK_D=32, BLOCK_N=16), {}, 1),
+        (f"bwd checkpoint pass (SEG 2), {block_d} channels / {warps} warps", selective_scan_fwd_seq_kernel,
+         dict(fwd, WRITE_Y=False, WRITE_DECAY=False, CKPT_SEG=2), {"num_warps": warps},
+         block_d // (32 * warps)),
+        (f"bwd adjoint chunk pass, {block_d} channels / {warps} warps", _adjoint_chunk_kernel,
+         dict(_COMMON, BLOCK_D=block_d, BLOCK_N=16), {"num_warps": warps}, block_d // (32 * warps)),
         ("bwd default (SEG 2, preload, maxnreg 168)", selective_scan_bwd_seq_kernel,
          dict(bwd, SEG=2, PRELOAD=True), {"maxnreg": 168}, 2),
         ("bwd SEG 2, preload, no cap", selective_scan_bwd_seq_kernel, dict(bwd, SEG=2, PRELOAD=True), {}, 2),

@@ -362,13 +362,16 @@ def seq_config(dim_per_group: int) -> tuple[int, int, int]:
 
 def _launch(
     x, dt, A, B, C, D, z, dt_bias, seq_idx, y, dt_softplus, acc, nchunks, chunk_len,
-    block_l, block_d, num_warps, h0, hT, decays, write_y,
+    block_l, block_d, num_warps, h0, hT, decays, write_y, ckpt=None,
 ):  # fmt: skip
+    """One launch of the forward kernel over `nchunks` chunks of `chunk_len` steps. ckpt (step loop
+    only): (buffer, seg, nseg) to store the state at every segment start instead of the end state (see
+    `seq_fwd.selective_scan_fwd_seq_kernel`)."""
     batch, seqlen, dim = x.shape
     dstate = A.shape[1]
     ngroups = B.shape[2]
     dim_per_group = dim // ngroups
-    seq = kernel_choice() == "seq"
+    seq = kernel_choice() == "seq" or ckpt is not None
     stages = 1
     if seq:
         block_d, num_warps, stages = seq_config(dim_per_group)
@@ -379,7 +382,9 @@ def _launch(
         x, dt, A, B, C, D if D is not None else x, z if z is not None else x,
         dt_bias if dt_bias is not None else x, h0 if h0 is not None else hT, si,
         y, hT, decays if decays is not None else hT,
+        *((ckpt[0] if ckpt is not None else hT,) if seq else ()),
         seqlen, dim, dstate, dim_per_group, ngroups, nchunks, chunk_len,
+        *((ckpt[2] if ckpt is not None else 0,) if seq else ()),
         x.stride(0), x.stride(1), dt.stride(0), dt.stride(1),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
         z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
@@ -394,6 +399,7 @@ def _launch(
     )  # fmt: skip
     if seq:
         even = dict(EVEN_D=dim_per_group % block_d == 0, EVEN_N=next_power_of_2(dstate) == dstate)
-        selective_scan_fwd_seq_kernel[grid](*args, **flags, **even, NUM_STAGES=stages)
+        ckpt_seg = ckpt[1] if ckpt is not None else 0
+        selective_scan_fwd_seq_kernel[grid](*args, **flags, **even, NUM_STAGES=stages, CKPT_SEG=ckpt_seg)
     else:
         _selective_scan_fwd_kernel[grid](*args, **flags, BLOCK_L=block_l)

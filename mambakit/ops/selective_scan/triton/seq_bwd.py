@@ -1,33 +1,38 @@
-"""Triton backward kernel of the Mamba-1 selective scan that walks the sequence one step at a time, each
-thread owning whole channels, as the forward in `seq_fwd.py` does: the (dstate, BLOCK_D) state and adjoint
-of a program lie in fp32 registers with every channel's dstate values in one thread.
+"""Triton backward kernel of the Mamba-1 selective scan that walks the sequence one step at a time, in
+reverse, with a program's (dstate, BLOCK_D) state and adjoint in fp32 registers.
 
 Math (per channel d and state n; a_t = exp(delta_t A), b_t = delta_t B_t x_t, h_t = a_t h_{t-1} + b_t; see
 `scan_bwd.py`): the adjoint g_t = dL/dh_t obeys g_t = dyp_t C_t + a_{t+1} g_{t+1}; then
     dx_t = delta_t sum_n g_t B_t + D dyp_t,    ddelta_t = x_t sum_n g_t B_t + sum_n A g_t (h_t - b_t),
     dA = sum_t delta_t g_t (h_t - b_t),        dB_t = sum_d g_t delta_t x_t,    dC_t = sum_d dyp_t h_t.
-The sums over n stay inside a thread; dB_t and dC_t sum over channels, i.e. across the warp's lanes, and
-are written as one partial per program (batch, seqlen, ngroups, nblocks, dstate), reduced by the launcher.
+dB_t and dC_t sum over channels, i.e. across lanes, and are written as one partial per program (batch,
+seqlen, ngroups, nblocks, dstate), reduced by the launcher.
 
 Why not the tile scan of `scan_bwd.py`: like the forward, its log-depth scans over (BLOCK_L, BLOCK_D,
 dstate) tiles cost several times the work of solving the two recurrences in order (31 ms at the anchor,
 batch 4, L 8192, dim 4096, dstate 16, on an H200).
 
-States in reverse order without storing them all: pass 1 walks the chunk forward and writes the state at
-the start of every segment of SEG = 4 steps to a scratch buffer (batch, nchunks * nseg, dstate, dim),
-channels last so that a warp's stores are contiguous. Pass 2 walks the segments backward: it reloads the
-segment's start state, rebuilds the segment's 4 states forward into registers (h1..h4), then takes the 4
-steps in reverse. Cost per state element and step: 3 exp2 (pass 1, the rebuild, a_t in reverse) and
-about 20 other instructions, plus the two cross-lane sums (5 shuffles and adds each per dstate value).
+States in reverse order without storing them all: a checkpoint pass (the forward's step loop,
+`seq_fwd.py` with CKPT_SEG) walks each chunk forward from its start state and writes the state at the
+start of every segment of SEG = 2 steps to a scratch buffer (batch, nchunks * nseg, dstate, dim). This
+kernel walks the segments backward: it reloads a segment's start state, rebuilds the segment's states
+forward into registers (h1, h2), then takes its steps in reverse.
+
+Layout: A, the checkpoints, the chunk states and adjoints, the dA partials and dh0 are all channel-major,
+(dstate, dim), as in the forward. Triton lays a (BLOCK_N, BLOCK_D) tile out after the memory order of its
+loads and stores; with some of them (dim, dstate) and some (dstate, dim) (as until 2026-12-02) the
+compiled kernel moved its tiles between two register layouts through shared memory several times a step
+(sm_90, Triton 3.6: 30 layout conversions, 11.5 barriers a step; now 20 and 8). The checkpoint pass
+used to be the first loop of this kernel, at its 32-channel blocks; in the forward's 128-channel blocks
+it costs no more instructions a channel-step and leaves this kernel fewer live registers. Anchor, L =
+8192, H200, side by side in one call: 12.91 -> 10.10 ms (SASS per channel-step over all passes 1,191 ->
+1,006: the chunk-state pass 123, the adjoint pass 142 -> 130, the checkpoint pass 170 -> 144, the
+reverse pass 757 -> 610).
 
 Sequence chunks: when batch x channel blocks underfill the GPU, each chunk runs in its own program. Its
 start state comes from the forward's chunk pass (`chunk_start_states`) and the adjoint entering it from
 `_adjoint_chunk_kernel` below (each chunk's outgoing adjoint from a zero carry, and its decay product),
 combined over chunks by the launcher.
-
-Prediction (anchor, L = 8192, H200): the SASS count of the forward's rescan loop is ~325 instructions a
-channel-step at 75% of peak issue (2.55 ms for its two passes). This backward is about 750 instructions a
-channel-step plus ~300 in the chunk passes: ~5.5-6.5 ms, against 31 ms for the tile-scan backward.
 """
 
 from __future__ import annotations
@@ -42,10 +47,14 @@ from mambakit.ops._launch import next_power_of_2
 from mambakit.ops.selective_scan.triton.scan_bwd import chunk_carries, grad_buffers, reduce_partials
 from mambakit.ops.selective_scan.triton.scan_fwd import (
     _acc_dtype,
+    _channel_major,
     _seq_chunk_override_or_sms,
     chunk_start_states,
     default_config,
+    kernel_choice,
+    seq_config,
 )
+from mambakit.ops.selective_scan.triton.scan_fwd import _launch as fwd_launch
 from mambakit.ops.selective_scan.triton.seq_fwd import _program_channels, _softplus
 
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -157,19 +166,22 @@ def _reverse_step(
 
 @triton.jit
 def selective_scan_bwd_seq_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h0_ptr, seq_idx_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, seq_idx_ptr,
     dy_ptr, carry_ptr, hbuf_ptr,
     dx_ptr, ddt_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbiasp_ptr, dh0_ptr,
     seqlen, dim, dstate, dim_per_group, ngroups, nblocks, nchunks, chunk_len, nseg,
     s_x_b, s_x_l, s_dt_b, s_dt_l, s_B_b, s_B_l, s_B_g, s_C_b, s_C_l, s_C_g,
     s_z_b, s_z_l, s_si_b, s_si_l, s_dy_b, s_dy_l, s_dx_b, s_dx_l, s_ddt_b, s_ddt_l, s_dz_b, s_dz_l,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     HAS_CARRY: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, DT_SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
     WRITE_DH0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SEG: tl.constexpr,
     PRELOAD: tl.constexpr,
 ):  # fmt: skip
-    """One program per (batch x group, block of BLOCK_D channels, sequence chunk). h0 / carry are the
-    chunk's start state and incoming adjoint, (batch, nchunks, dim, dstate), or absent (zeros).
+    """One program per (batch x group, block of BLOCK_D channels, sequence chunk). hbuf holds the state
+    at the start of every segment of SEG steps (batch, nchunks * nseg, dstate, dim), written by the
+    checkpoint pass; carry is the adjoint entering the chunk from after it, (batch, nchunks, dstate,
+    dim), or absent (zeros). A is transposed, (dstate, dim), and the dA partials and dh0 are
+    channel-major too.
 
     PRELOAD: the segment's rebuild loads every input of its steps at once (one wait on memory per segment)
     and the reverse steps use them; else the reverse steps reload theirs with volatile loads (which the
@@ -177,45 +189,20 @@ def selective_scan_bwd_seq_kernel(
     pid_d = tl.program_id(1)
     pid_c = tl.program_id(2)
     b, g, offs_dg, mask_d, offs_d, offs_n, mask_n, mask_nd, A2, dt_bias = _program_channels(
-        A_ptr, dt_bias_ptr, ngroups, dim_per_group, dstate, HAS_DT_BIAS, ACC, BLOCK_D, BLOCK_N
+        A_ptr, dt_bias_ptr, ngroups, dim_per_group, dstate, HAS_DT_BIAS, ACC, BLOCK_D, BLOCK_N, True
     )
     Dv = tl.zeros((BLOCK_D,), dtype=ACC)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
-    state_offs = ((b * nchunks + pid_c) * dim + offs_d[None, :]) * dstate + offs_n[:, None]
-    if HAS_H0:
-        h = tl.load(h0_ptr + state_offs, mask=mask_nd, other=0.0).to(ACC)
-    else:
-        h = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
-    # Checkpoints: (batch, nchunks * nseg, dstate, dim), channels last.
+    state_offs = ((b * nchunks + pid_c) * dstate + offs_n[:, None]) * dim + offs_d[None, :]
     hbuf = hbuf_ptr + ((b * nchunks + pid_c) * nseg * dstate + offs_n[:, None]) * dim + offs_d[None, :]
     seg_stride = dstate * dim
 
     l_begin = pid_c * chunk_len
     l_end = tl.minimum(l_begin + chunk_len, seqlen)
-    l0 = l_begin.to(tl.int64)
-    x_row = x_ptr + b * s_x_b + l0 * s_x_l
-    dt_row = dt_ptr + b * s_dt_b + l0 * s_dt_l
-    B_row = B_ptr + b * s_B_b + l0 * s_B_l + g * s_B_g
-    si_row = seq_idx_ptr + b * s_si_b + l0 * s_si_l
+    nseg_here = tl.cdiv(l_end - l_begin, SEG)  # the segments the checkpoint pass wrote
 
-    # Pass 1: the state at the start of every segment.
-    for s in range(0, nseg):
-        tl.store(hbuf + s * seg_stride, h, mask=mask_nd)
-        t = l_begin + s * SEG
-        for j in tl.static_range(SEG):
-            x, delta, _, reset, Bt, _, _, _ = _step_inputs(
-                x_row + j * s_x_l, dt_row + j * s_dt_l, B_row + j * s_B_l, B_row, x_row, x_row,
-                si_row + j * s_si_l, s_si_l, t + j, l_end, dt_bias, mask_d, mask_n, offs_dg, offs_d, offs_n,
-                HAS_Z, HAS_DT_BIAS, HAS_SEQ_IDX, DT_SOFTPLUS, ACC, False, False,
-            )  # fmt: skip
-            h = _advance(h, A2, x, delta, reset, Bt, HAS_SEQ_IDX)
-        x_row += SEG * s_x_l
-        dt_row += SEG * s_dt_l
-        B_row += SEG * s_B_l
-        si_row += SEG * s_si_l
-
-    # Pass 2: segments in reverse; `carry` is the adjoint flowing into the last state seen so far.
+    # Segments in reverse; `carry` is the adjoint flowing into the last state seen so far.
     if HAS_CARRY:
         carry = tl.load(carry_ptr + state_offs, mask=mask_nd, other=0.0).to(ACC)
     else:
@@ -223,8 +210,8 @@ def selective_scan_bwd_seq_kernel(
     dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
     dD_acc = tl.zeros((BLOCK_D,), dtype=ACC)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=ACC)
-    for i in range(0, nseg):
-        s = nseg - 1 - i
+    for i in range(0, nseg_here):
+        s = nseg_here - 1 - i
         t = l_begin + s * SEG
         tt = t.to(tl.int64)
         h = tl.load(hbuf + s * seg_stride, mask=mask_nd, other=0.0)
@@ -322,7 +309,7 @@ def selective_scan_bwd_seq_kernel(
     tl.store(dDp_ptr + (b * nchunks + pid_c) * dim + offs_d, dD_acc, mask=mask_d)
     tl.store(dbiasp_ptr + (b * nchunks + pid_c) * dim + offs_d, dbias_acc, mask=mask_d)
     if WRITE_DH0:  # the adjoint left after the first step of the first chunk is dL/d(initial state)
-        dh0_offs = (b * dim + offs_d[None, :]) * dstate + offs_n[:, None]
+        dh0_offs = (b * dstate + offs_n[:, None]) * dim + offs_d[None, :]
         tl.store(dh0_ptr + dh0_offs, carry, mask=mask_nd & (offs_n * 0 + pid_c == 0)[:, None])
 
 
@@ -336,11 +323,11 @@ def _adjoint_chunk_kernel(
 ):  # fmt: skip
     """Per chunk, the adjoint it passes to the step before it when nothing flows in from after it (G), and
     the product of its decays (Q): the adjoint entering chunk c - 1 is G(c) + Q(c) * (adjoint entering c).
-    Needs no states: the adjoint's input dyp_t C_t depends on dy, z and C only. Outputs are (batch,
-    nchunks, dim, dstate)."""
+    Needs no states: the adjoint's input dyp_t C_t depends on dy, z and C only. A is transposed,
+    (dstate, dim); outputs are (batch, nchunks, dstate, dim)."""
     pid_c = tl.program_id(2)
     b, g, offs_dg, mask_d, offs_d, offs_n, mask_n, mask_nd, A2, dt_bias = _program_channels(
-        A_ptr, dt_bias_ptr, ngroups, dim_per_group, dstate, HAS_DT_BIAS, ACC, BLOCK_D, BLOCK_N
+        A_ptr, dt_bias_ptr, ngroups, dim_per_group, dstate, HAS_DT_BIAS, ACC, BLOCK_D, BLOCK_N, True
     )
     carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
     delta_sum = tl.zeros((BLOCK_D,), dtype=ACC)
@@ -373,7 +360,7 @@ def _adjoint_chunk_kernel(
         z_row -= s_z_l
         dy_row -= s_dy_l
         si_row -= s_si_l
-    offs = ((b * nchunks + pid_c) * dim + offs_d[None, :]) * dstate + offs_n[:, None]
+    offs = ((b * nchunks + pid_c) * dstate + offs_n[:, None]) * dim + offs_d[None, :]
     tl.store(G_ptr + offs, carry, mask=mask_nd)
     decay = tl.where(alive[None, :], tl.exp2(A2 * delta_sum[None, :]), 0.0)
     tl.store(Q_ptr + offs, decay, mask=mask_nd)
@@ -389,9 +376,10 @@ def seq_bwd_config(dim_per_group: int) -> tuple[int, int, int, int]:
         return bd, nw, seg, pre
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 16, 1, 2, 1  # the GPU default's segments, narrower blocks
-    # H200 sweep at the anchor (batch 4, dim 4096, bf16; docs/benchmarks.md), L = 8192: segments of 2
-    # with preloading 14.9 ms, of 4 with preloading 16.0, of 2 / 4 with volatile reloads 17.3 / 24.0 (6
-    # sequence chunks each); tile-scan backward 30.3 ms.
+    # H200 sweeps at the anchor (batch 4, dim 4096, bf16; docs/benchmarks.md), L = 8192, 6 sequence
+    # chunks: segments of 2 with preloading 10.10 ms (capped at 168 registers; 10.31 uncapped), segments
+    # of 4 with preloading 12.27 (uncapped; 17.41 capped), 64 channels a program 12.15 (uncapped);
+    # tile-scan backward 29.9 ms (2026-12-02). Before the checkpoint pass moved out: 12.9 ms.
     return 32, 1, 2, 1
 
 
@@ -412,8 +400,9 @@ _WARPS_PER_SM = 24  # two waves of 12 resident warps
 
 def _maxnreg() -> dict:
     """The kernel's cap on registers per thread: 168 lets 12 warps per multiprocessor run instead of 8
-    (uncapped it takes 255) at the price of a few spills. H200, anchor, L = 8192, 6 chunks: 12.9 ms capped
-    at 168, 15.1 uncapped, 17.9 at 128. MAMBAKIT_SCAN_BWD_MAXNREG overrides (0: no cap)."""
+    (uncapped it takes 227) at the price of a few spills. H200, anchor, L = 8192, 6 chunks: 10.10 ms
+    capped at 168, 10.31 uncapped (2026-12-02; before the checkpoint pass moved out, 12.9 / 15.1 / 17.9 at
+    168 / none / 128). MAMBAKIT_SCAN_BWD_MAXNREG overrides (0: no cap)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return {}
     cap = int(os.environ.get("MAMBAKIT_SCAN_BWD_MAXNREG", "168"))
@@ -454,11 +443,13 @@ def selective_scan_bwd_seq(
     num_warps = max(1, min(num_warps, block_d // 32))
     block_n = next_power_of_2(dstate)
     nblocks = triton.cdiv(dim_per_group, block_d)
-    A = A.contiguous()
+    # Channel-major: A as (dstate, dim) and every state (batch, [nchunks,] dstate, dim), as in the
+    # forward (see the module docstring: one register layout for all of the kernel's tiles).
+    A_t = A.t().contiguous()
     D = D.contiguous() if D is not None else None
     dt_bias = dt_bias.contiguous() if dt_bias is not None else None
-    h0 = initial_state.contiguous() if initial_state is not None else None
-    dfinal = dfinal.contiguous() if dfinal is not None else None
+    h0 = _channel_major(initial_state)
+    dfinal = _channel_major(dfinal)
     si = seq_idx if seq_idx is not None else x  # a placeholder pointer; never read without HAS_SEQ_IDX
     s_si = (si.stride(0), si.stride(1)) if seq_idx is not None else (0, 0)
     s_z = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
@@ -477,30 +468,47 @@ def selective_scan_bwd_seq(
     nseg = triton.cdiv(chunk_len, seg)
     if nchunks > 1:
         starts = chunk_start_states(
-            x, dt, A, B, dt_bias, dt_softplus, h0, seq_idx, chunk_len, default_config(dim_per_group, dstate)
-        )
+            x, dt, A, B, dt_bias, dt_softplus, initial_state, seq_idx, chunk_len,
+            default_config(dim_per_group, dstate), channel_major=True,
+        )  # fmt: skip
+        if kernel_choice() != "seq":  # the tile forward's chunk pass returns (dim, dstate) states
+            starts = _channel_major(starts)
         G = torch.empty_like(starts)
         Q = torch.empty_like(starts)
-        _adjoint_chunk_kernel[(batch * ngroups, nblocks, nchunks)](
-            dt, A, C, z if z is not None else x, dt_bias if dt_bias is not None else x, si, dy, G, Q,
+        # One state tile a thread and no reductions: the forward's wide blocks (4 channels a thread).
+        adj_bd, adj_nw, _ = seq_config(dim_per_group)
+        _adjoint_chunk_kernel[(batch * ngroups, triton.cdiv(dim_per_group, adj_bd), nchunks)](
+            dt, A_t, C, z if z is not None else x, dt_bias if dt_bias is not None else x, si, dy, G, Q,
             seqlen, dim, dstate, dim_per_group, ngroups, nchunks, chunk_len,
             dt.stride(0), dt.stride(1), C.stride(0), C.stride(1), C.stride(2), *s_z, *s_si,
             dy.stride(0), dy.stride(1),
             HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, HAS_SEQ_IDX=seq_idx is not None,
-            DT_SOFTPLUS=bool(dt_softplus), ACC=acc, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
+            DT_SOFTPLUS=bool(dt_softplus), ACC=acc, BLOCK_D=adj_bd, BLOCK_N=block_n, num_warps=adj_nw,
         )  # fmt: skip
         state_in, carry_in = starts, chunk_carries(G, Q, dfinal)
     else:
-        state_in, carry_in = h0, dfinal
+        state_in = h0.unsqueeze(1) if h0 is not None else None
+        carry_in = dfinal.unsqueeze(1) if dfinal is not None else None
 
+    # The checkpoint pass: the forward's step loop from each chunk's start state, storing the state at
+    # every segment start (its wide blocks do this at a fraction of the cost a step of this kernel's
+    # 32-channel blocks would).
     hbuf = torch.empty((batch, nchunks * nseg, dstate, dim), dtype=acc_torch, device=dev)
+    if seqlen > 0:
+        fwd_launch(
+            x, dt, A, B32, B32, None, None, dt_bias, seq_idx, x, dt_softplus, acc, nchunks, chunk_len,
+            16, block_d, num_warps, state_in, hbuf, None, write_y=False, ckpt=(hbuf, seg, nseg),
+        )  # fmt: skip
     dx, ddt, dz, dBp, dCp, dAp, dDp, dbiasp, dh0 = grad_buffers(
         x, dt, z, h0, ngroups, nblocks, nchunks, dstate
     )
+    # The kernel writes these channel-major; the views read them back as (dim, dstate).
+    dAp = dAp.view(batch, nchunks, dstate, dim)
+    dh0 = dh0.view(batch, dstate, dim) if dh0 is not None else None
     if seqlen > 0:
         selective_scan_bwd_seq_kernel[(batch * ngroups, nblocks, nchunks)](
-            x, dt, A, B32, C32, D if D is not None else x, z if z is not None else x,
-            dt_bias if dt_bias is not None else x, state_in if state_in is not None else dAp, si,
+            x, dt, A_t, B32, C32, D if D is not None else x, z if z is not None else x,
+            dt_bias if dt_bias is not None else x, si,
             dy, carry_in if carry_in is not None else dAp, hbuf,
             dx, ddt, dz if dz is not None else dx, dBp, dCp, dAp, dDp, dbiasp,
             dh0 if dh0 is not None else dAp,
@@ -510,7 +518,7 @@ def selective_scan_bwd_seq(
             *s_z, *s_si, dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), ddt.stride(0), ddt.stride(1),
             dz.stride(0) if dz is not None else 0, dz.stride(1) if dz is not None else 0,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
-            HAS_H0=state_in is not None, HAS_CARRY=carry_in is not None, HAS_SEQ_IDX=seq_idx is not None,
+            HAS_CARRY=carry_in is not None, HAS_SEQ_IDX=seq_idx is not None,
             DT_SOFTPLUS=bool(dt_softplus), ACC=acc, WRITE_DH0=h0 is not None,
             BLOCK_D=block_d, BLOCK_N=block_n, SEG=seg, PRELOAD=bool(preload), num_warps=num_warps,
             **_maxnreg(),
@@ -522,6 +530,8 @@ def selective_scan_bwd_seq(
         if dh0 is not None:
             dh0.copy_(dfinal if dfinal is not None else torch.zeros_like(dh0))
     dA, dB, dC, dD, ddt_bias, dh0 = reduce_partials(
-        dBp, dCp, dAp, dDp, dbiasp, dh0, A, B, C, D, dt_bias, initial_state
-    )
-    return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0
+        dBp, dCp, dAp.transpose(-1, -2), dDp, dbiasp, dh0.transpose(-1, -2) if dh0 is not None else None,
+        A, B, C, D, dt_bias, initial_state,
+    )  # fmt: skip
+    dh0 = dh0.contiguous() if dh0 is not None else None
+    return dx, ddt, dA.contiguous(), dB, dC, dD, dz, ddt_bias, dh0

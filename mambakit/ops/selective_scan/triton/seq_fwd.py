@@ -106,16 +106,19 @@ def _program_channels(A_ptr, dt_bias_ptr, ngroups, dim_per_group, dstate, HAS_DT
 @triton.jit
 def selective_scan_fwd_seq_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h0_ptr, seq_idx_ptr,
-    y_ptr, hT_ptr, P_ptr,
-    seqlen, dim, dstate, dim_per_group, ngroups, nchunks, chunk_len,
+    y_ptr, hT_ptr, P_ptr, ckpt_ptr,
+    seqlen, dim, dstate, dim_per_group, ngroups, nchunks, chunk_len, nseg,
     s_x_b, s_x_l, s_dt_b, s_dt_l, s_B_b, s_B_l, s_B_g, s_C_b, s_C_l, s_C_g,
     s_z_b, s_z_l, s_y_b, s_y_l, s_si_b, s_si_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr, DT_SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
     WRITE_Y: tl.constexpr, WRITE_DECAY: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
-    EVEN_D: tl.constexpr = False, EVEN_N: tl.constexpr = False,
+    EVEN_D: tl.constexpr = False, EVEN_N: tl.constexpr = False, CKPT_SEG: tl.constexpr = 0,
 ):  # fmt: skip
+    """CKPT_SEG > 0 (the backward's checkpoint pass, `seq_bwd.py`): instead of the end state, store the
+    state at the start of every segment of CKPT_SEG steps to ckpt_ptr, (batch, nchunks * nseg, dstate,
+    dim), segment s of chunk c at row c * nseg + s."""
     pid_c = tl.program_id(2)
     # A and the states are channel-major here (see the module docstring)
     b, g, offs_dg, mask_d, offs_d, offs_n, mask_n, mask_nd, A2, dt_bias = _program_channels(
@@ -135,6 +138,8 @@ def selective_scan_fwd_seq_kernel(
     alive = mask_d
     l_begin = pid_c * chunk_len
     l_end = tl.minimum(l_begin + chunk_len, seqlen)
+
+    ckpt = ckpt_ptr + ((b * nchunks + pid_c) * nseg * dstate + offs_n[:, None]) * dim + offs_d[None, :]
 
     # Loop-invariant row bases; each step adds its scalar row offset (see _load_step).
     x_base = x_ptr + b * s_x_b + offs_d
@@ -167,6 +172,10 @@ def selective_scan_fwd_seq_kernel(
             s_x_l, s_dt_l, s_z_l, s_B_l, s_C_l, s_si_l,
             mask_d, mask_n, offs_dg, HAS_Z, HAS_SEQ_IDX, WRITE_Y, EVEN_D, EVEN_N,
         )  # fmt: skip
+        if CKPT_SEG > 0:
+            if (t - l_begin) % CKPT_SEG == 0:
+                tl.store(ckpt, h, mask=mask_nd)
+                ckpt += dstate * dim
         x = x0.to(ACC)
         delta = dt0.to(ACC)
         if HAS_DT_BIAS:
@@ -196,7 +205,8 @@ def selective_scan_fwd_seq_kernel(
         x1, dt1, B1, C1, z1, si1 = x2, dt2, B2, C2, z2, si2
         y_off += s_y_l
 
-    tl.store(hT_ptr + state_offs, h.to(hT_ptr.dtype.element_ty), mask=mask_nd)
+    if CKPT_SEG == 0:
+        tl.store(hT_ptr + state_offs, h.to(hT_ptr.dtype.element_ty), mask=mask_nd)
     if WRITE_DECAY:
         decay = tl.where(alive[None, :], tl.exp2(A2 * delta_sum[None, :]), 0.0)
         tl.store(P_ptr + state_offs, decay.to(P_ptr.dtype.element_ty), mask=mask_nd)
