@@ -118,3 +118,23 @@ def cuda_kernel_totals(prof) -> dict[str, tuple[int, float]]:
             entry[0] += 1
             entry[1] += ev.device_time
     return {name: (int(n), us) for name, (n, us) in totals.items()}
+
+
+def profile_kernels(step, reps: int = 5, top: int = 15) -> list[dict]:
+    """GPU time per kernel (ms per call, launches per call) of `step()`, from torch.profiler: three
+    untimed calls first (compile and tune outside the profile), then `reps` profiled ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    rows = [
+        {"kernel": name[:60], "ms_per_call": us / 1e3 / reps, "launches": n // reps}
+        for name, (n, us) in cuda_kernel_totals(prof).items()
+    ]
+    rows.sort(key=lambda r: -r["ms_per_call"])
+    return rows[:top]

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mambakit.ops.selective_scan import selective_scan  # noqa: E402
 
-from _common import environment, print_table, write_json  # noqa: E402
+from _common import environment, print_table, profile_kernels, write_json  # noqa: E402
 
 DEV = "cuda"
 ANCHOR = dict(batch=4, dim=4096, dstate=16, ngroups=1)
@@ -209,6 +209,9 @@ def main() -> None:
     parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--no-sweep", action="store_true", help="keep the default tile configurations")
     parser.add_argument("--skip-torch", action="store_true", help="skip the (slow, memory-hungry) torch rows")
+    parser.add_argument(
+        "--breakdown", type=int, default=0, help="seqlen of a per-kernel profile of fwd+bwd (0: none)"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
@@ -259,6 +262,20 @@ def main() -> None:
     payload["rows"] = [dict(zip(headers, r)) for r in rows]
     if sel is None:
         payload["official"] = "mamba_ssm not importable"
+
+    if args.breakdown:
+        ins = make_inputs(a["batch"], args.breakdown, a["dim"], a["dstate"], a["ngroups"], requires_grad=True)
+        dy = torch.randn_like(ins["x"])
+        leaves = list(ins.values())  # gradients returned, not accumulated into .grad (as in a model)
+        payload["breakdown"] = rows = profile_kernels(
+            lambda: torch.autograd.grad(run_scan("triton", ins), leaves, dy)
+        )
+        print(f"Triton forward+backward at seqlen {args.breakdown}, GPU time per kernel:")
+        print_table(
+            ["kernel", "ms", "launches"], [[r["kernel"], r["ms_per_call"], r["launches"]] for r in rows]
+        )
+        del ins, dy, leaves
+        torch.cuda.empty_cache()
 
     try:
         payload["million_token_forward"] = million_token_forward()

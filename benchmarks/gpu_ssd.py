@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mambakit.ops.ssd import ssd  # noqa: E402
 
-from _common import environment, print_table, write_json  # noqa: E402
+from _common import environment, print_table, profile_kernels, write_json  # noqa: E402
 
 DEV = "cuda"
 ANCHOR = dict(batch=4, nheads=64, headdim=64, ngroups=1, dstate=128, chunk=256)
@@ -191,27 +191,11 @@ def time_sdpa(seqlen: int) -> dict:
 
 def kernel_breakdown(seqlen: int) -> list[dict]:
     """GPU time per kernel (ms per call) of one Triton forward+backward at the anchor, from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
     a = ANCHOR
     shape = (a["batch"], seqlen, a["nheads"], a["headdim"], a["ngroups"], a["dstate"])
     insg = make_inputs(*shape, requires_grad=True)
     gy = torch.randn(a["batch"], seqlen, a["nheads"], a["headdim"], device=DEV, dtype=torch.bfloat16)
-    for _ in range(3):  # compile and tune outside the profile
-        run_ssd("triton", insg, a["chunk"]).backward(gy)
-    torch.cuda.synchronize()
-    reps = 5
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            run_ssd("triton", insg, a["chunk"]).backward(gy)
-        torch.cuda.synchronize()
-    rows = []
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if t > 0:
-            rows.append({"kernel": ev.key[:60], "ms_per_call": t / 1e3 / reps, "launches": ev.count // reps})
-    rows.sort(key=lambda r: -r["ms_per_call"])
-    return rows[:15]
+    return profile_kernels(lambda: run_ssd("triton", insg, a["chunk"]).backward(gy))
 
 
 def tuned_kernels() -> dict:

@@ -59,21 +59,24 @@ def kernels() -> list[tuple[str, object, dict, dict, int]]:
     spread over 16 lanes, with them to 236 (Triton 3.6, 2026-12-01), and the backward's pass 2 to
     1,158 against 757, so counts made without them (before 2026-12-01's ninth session) overstate."""
     from mambakit.ops.selective_scan.triton.scan_fwd import seq_config
+    from mambakit.ops.selective_scan.triton.seq_bwd import chunk_pass_blocks
 
     block_d, warps, _ = seq_config(4096)
+    (pbd, pnw), (abd, anw) = chunk_pass_blocks(4096)
     fwd = dict(_COMMON, HAS_D=True, HAS_H0=True, BLOCK_D=block_d, BLOCK_N=16, NUM_STAGES=1, EVEN_D=True,
-               EVEN_N=True, CKPT_SEG=0)  # fmt: skip
+               EVEN_N=True)  # fmt: skip
     bwd = dict(_COMMON, HAS_D=True, HAS_CARRY=True, WRITE_DH0=False, BLOCK_D=32, BLOCK_N=16)
     return [
         (f"fwd rescan (writes y), {block_d} channels / {warps} warps", selective_scan_fwd_seq_kernel,
          dict(fwd, WRITE_Y=True, WRITE_DECAY=False), {"num_warps": warps}, block_d // (32 * warps)),
         (f"fwd chunk pass (decays), {block_d} channels / {warps} warps", selective_scan_fwd_seq_kernel,
          dict(fwd, WRITE_Y=False, WRITE_DECAY=True), {"num_warps": warps}, block_d // (32 * warps)),
-        (f"bwd checkpoint pass (SEG 2), {block_d} channels / {warps} warps", selective_scan_fwd_seq_kernel,
-         dict(fwd, WRITE_Y=False, WRITE_DECAY=False, CKPT_SEG=2), {"num_warps": warps},
-         block_d // (32 * warps)),
-        (f"bwd adjoint chunk pass, {block_d} channels / {warps} warps", _adjoint_chunk_kernel,
-         dict(_COMMON, BLOCK_D=block_d, BLOCK_N=16), {"num_warps": warps}, block_d // (32 * warps)),
+        (f"bwd checkpoint pass (SEG 2), {pbd} channels / {pnw} warps", selective_scan_fwd_seq_kernel,
+         dict(fwd, BLOCK_D=pbd, WRITE_Y=False, WRITE_DECAY=False, CKPT_SEG=2), {"num_warps": pnw},
+         pbd // (32 * pnw)),
+        (f"bwd adjoint chunk pass, {abd} channels / {anw} warps", _adjoint_chunk_kernel,
+         dict(_COMMON, BLOCK_D=abd, BLOCK_N=16, EVEN_D=True, EVEN_N=True), {"num_warps": anw},
+         abd // (32 * anw)),
         ("bwd default (SEG 2, preload, maxnreg 168)", selective_scan_bwd_seq_kernel,
          dict(bwd, SEG=2, PRELOAD=True), {"maxnreg": 168}, 2),
         ("bwd SEG 2, preload, no cap", selective_scan_bwd_seq_kernel, dict(bwd, SEG=2, PRELOAD=True), {}, 2),
@@ -194,6 +197,9 @@ def compile_sm90(kernel, constexprs: dict, options: dict, half=_HALF, ones=(), d
     from triton.compiler import ASTSource
 
     sig, constexprs, attrs = {}, dict(constexprs), {}
+    for param in kernel.params:  # constexpr parameters left out take their defaults, as a launch does
+        if param.is_constexpr and param.has_default and param.name not in constexprs:
+            constexprs[param.name] = param.default
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"

@@ -153,6 +153,34 @@ def test_forward_matches_reference(batch, seqlen, dim, dstate, ngroups, opts):
     assert_close_rel(final, final_ref, 1e-4, "final_state")
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_chunk_combine_never_reads_the_walks_last_chunk(reverse):
+    """The chunk passes skip the chunk whose end state (forward) or outgoing adjoint (backward) feeds no
+    other chunk, leaving its entries unwritten: the combine must give the same values with infinities
+    there, and (under the interpreter, where arithmetic on them warns) must not compute with them."""
+    import importlib
+    import warnings
+
+    combine = importlib.import_module("mambakit.ops.selective_scan.triton.chunk_combine").combine_chunks
+    g = torch.Generator().manual_seed(5)
+    ends = torch.randn(2, 4, 3, 5, generator=g)
+    decays = torch.rand(2, 4, 3, 5, generator=g)
+    init = torch.randn(2, 3, 5, generator=g)
+    order = list(range(4))[::-1] if reverse else list(range(4))
+    want, v = torch.empty_like(ends), init.clone()
+    for c in order:
+        want[:, c] = v
+        v = ends[:, c] + decays[:, c] * v
+    ends[:, order[-1]] = float("inf")
+    decays[:, order[-1]] = float("inf")
+    decays[:, order[-1], :, ::2] = -float("inf")  # inf + inf * v or inf - inf * v: NaN for either sign of v
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = combine(ends.to(DEVICE), decays.to(DEVICE), init.to(DEVICE), reverse=reverse).cpu()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("seq_chunks", [2, 3])
 def test_sequence_chunks_match_reference(seq_chunks):
     """The chunk-parallel paths (used when batch x channel blocks leave the GPU idle): forward chunks from

@@ -42,7 +42,9 @@ def chunk_combine_kernel(
         c = nchunks - 1 - i if REVERSE else i
         at = base + c * per_batch
         tl.store(out_ptr + at, v, mask=ok)
-        v = tl.load(ends_ptr + at, mask=ok, other=0.0) + tl.load(decays_ptr + at, mask=ok, other=0.0) * v
+        # The walk's last chunk passes nothing on: its entries may be unwritten, so they are not read.
+        rd = ok & (offs * 0 + i < nchunks - 1)
+        v = tl.load(ends_ptr + at, mask=rd, other=0.0) + tl.load(decays_ptr + at, mask=rd, other=0.0) * v
 
 
 def combine_chunks(
@@ -50,7 +52,9 @@ def combine_chunks(
 ) -> torch.Tensor:
     """ends, decays (batch, nchunks, dim, dstate) float, init (batch, dim, dstate) or None (zeros) ->
     the value entering each chunk, (batch, nchunks, dim, dstate) in ends' dtype; walked from the
-    first chunk (reverse=False: states) or the last (reverse=True: adjoints)."""
+    first chunk (reverse=False: states) or the last (reverse=True: adjoints). The walk's last chunk
+    (the last for states, the first for adjoints) is not read: its ends and decays may be left unwritten.
+    Any order of the trailing (dim, dstate) works, as long as init has the same."""
     batch, nchunks = ends.shape[:2]
     per_batch = ends[0, 0].numel()
     ends, decays = ends.contiguous(), decays.contiguous()

@@ -313,11 +313,13 @@ def chunk_start_states(
     chunk_len: int,
     config: tuple[int, int, int],
     channel_major: bool = False,
+    seq_block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The state before each chunk of `chunk_len` steps (a multiple of BLOCK_L), (batch, nchunks, dim,
     dstate) contiguous, or with `channel_major` (batch, nchunks, dstate, dim) contiguous, as the
     step-loop forward reads it: each chunk scanned from zero state gives its end state and total decay in
-    parallel, then one kernel walks the (few) chunks in order (`chunk_combine.combine_chunks`)."""
+    parallel, then one kernel walks the (few) chunks in order (`chunk_combine.combine_chunks`).
+    seq_block: the step loop's (BLOCK_D, num_warps), as in `_launch`."""
     batch, seqlen, dim = x.shape
     dstate = A.shape[1]
     nchunks = triton.cdiv(seqlen, chunk_len)
@@ -328,9 +330,11 @@ def chunk_start_states(
     shape = (batch, nchunks, dstate, dim) if seq else (batch, nchunks, dim, dstate)
     ends = torch.empty(shape, dtype=state_dtype, device=x.device)
     decays = torch.empty_like(ends)
+    # The last chunk's end state and decay would feed no other chunk: its programs are not launched.
     _launch(
         x, dt, A, B, B, None, None, dt_bias, seq_idx, x, dt_softplus, _acc_dtype(x), nchunks, chunk_len,
-        block_l, block_d, num_warps, None, ends, decays, write_y=False,
+        block_l, block_d, num_warps, None, ends, decays, write_y=False, grid_chunks=nchunks - 1,
+        seq_block=seq_block,
     )  # fmt: skip
     starts = combine_chunks(ends, decays, _channel_major(h0) if seq else h0, reverse=False)
     if seq and not channel_major:
@@ -362,11 +366,12 @@ def seq_config(dim_per_group: int) -> tuple[int, int, int]:
 
 def _launch(
     x, dt, A, B, C, D, z, dt_bias, seq_idx, y, dt_softplus, acc, nchunks, chunk_len,
-    block_l, block_d, num_warps, h0, hT, decays, write_y, ckpt=None,
+    block_l, block_d, num_warps, h0, hT, decays, write_y, ckpt=None, grid_chunks=None, seq_block=None,
 ):  # fmt: skip
-    """One launch of the forward kernel over `nchunks` chunks of `chunk_len` steps. ckpt (step loop
-    only): (buffer, seg, nseg) to store the state at every segment start instead of the end state (see
-    `seq_fwd.selective_scan_fwd_seq_kernel`)."""
+    """One launch of the forward kernel over `nchunks` chunks of `chunk_len` steps (the first
+    `grid_chunks` of them, default all). ckpt (step loop only): (buffer, seg, nseg) to store the state at
+    every segment start instead of the end state (see `seq_fwd.selective_scan_fwd_seq_kernel`).
+    seq_block: (BLOCK_D, num_warps) of the step loop instead of `seq_config`'s."""
     batch, seqlen, dim = x.shape
     dstate = A.shape[1]
     ngroups = B.shape[2]
@@ -375,8 +380,10 @@ def _launch(
     stages = 1
     if seq:
         block_d, num_warps, stages = seq_config(dim_per_group)
+        if seq_block is not None:
+            block_d, num_warps = seq_block
         A = A.t().contiguous()  # (dstate, dim), channels contiguous like the states (see _channel_major)
-    grid = (batch * ngroups, triton.cdiv(dim_per_group, block_d), nchunks)
+    grid = (batch * ngroups, triton.cdiv(dim_per_group, block_d), grid_chunks or nchunks)
     si = seq_idx if seq_idx is not None else x  # a placeholder pointer; never read without HAS_SEQ_IDX
     args = (
         x, dt, A, B, C, D if D is not None else x, z if z is not None else x,

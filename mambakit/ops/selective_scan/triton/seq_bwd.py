@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from mambakit.ops._launch import next_power_of_2
+from mambakit.ops._triton_tiles import load_tile
 from mambakit.ops.selective_scan.triton.scan_bwd import chunk_carries, grad_buffers, reduce_partials
 from mambakit.ops.selective_scan.triton.scan_fwd import (
     _acc_dtype,
@@ -52,7 +53,6 @@ from mambakit.ops.selective_scan.triton.scan_fwd import (
     chunk_start_states,
     default_config,
     kernel_choice,
-    seq_config,
 )
 from mambakit.ops.selective_scan.triton.scan_fwd import _launch as fwd_launch
 from mambakit.ops.selective_scan.triton.seq_fwd import _program_channels, _softplus
@@ -314,18 +314,39 @@ def selective_scan_bwd_seq_kernel(
 
 
 @triton.jit
+def _load_adjoint_step(dt_base, C_base, z_base, dy_base, step, s_dt_l, s_C_l, s_z_l, s_dy_l, mask_d, mask_n,
+                       HAS_Z: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr):  # fmt: skip
+    """(dt, C_t, z, dy) of sequence step `step` as stored (the caller keeps `step` inside the chunk), from
+    loop-invariant row bases plus a scalar row offset, as `seq_fwd._load_step` does."""
+    step = step.to(tl.int64)
+    dt = load_tile(dt_base + step * s_dt_l, mask_d, EVEN_D)
+    Ct = load_tile(C_base + step * s_C_l, mask_n, EVEN_N)
+    dy = load_tile(dy_base + step * s_dy_l, mask_d, EVEN_D)
+    zt = dy
+    if HAS_Z:
+        zt = load_tile(z_base + step * s_z_l, mask_d, EVEN_D)
+    return dt, Ct, zt, dy
+
+
+@triton.jit
 def _adjoint_chunk_kernel(
     dt_ptr, A_ptr, C_ptr, z_ptr, dt_bias_ptr, seq_idx_ptr, dy_ptr, G_ptr, Q_ptr,
     seqlen, dim, dstate, dim_per_group, ngroups, nchunks, chunk_len,
     s_dt_b, s_dt_l, s_C_b, s_C_l, s_C_g, s_z_b, s_z_l, s_si_b, s_si_l, s_dy_b, s_dy_l,
     HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_D: tl.constexpr = False, EVEN_N: tl.constexpr = False,
 ):  # fmt: skip
     """Per chunk, the adjoint it passes to the step before it when nothing flows in from after it (G), and
     the product of its decays (Q): the adjoint entering chunk c - 1 is G(c) + Q(c) * (adjoint entering c).
     Needs no states: the adjoint's input dyp_t C_t depends on dy, z and C only. A is transposed,
-    (dstate, dim); outputs are (batch, nchunks, dstate, dim)."""
-    pid_c = tl.program_id(2)
+    (dstate, dim); outputs are (batch, nchunks, dstate, dim). The grid skips chunk 0, whose G and Q
+    nothing reads (program_id(2) is chunk - 1).
+
+    The loop keeps the inputs of the next two steps (in reverse) in flight, as the forward's does: with
+    each step waiting on its own loads this pass took 1.94 ms at the anchor (L = 8192, H200), against
+    ~0.8 for the forward's chunk pass of about as many instructions."""
+    pid_c = tl.program_id(2) + 1
     b, g, offs_dg, mask_d, offs_d, offs_n, mask_n, mask_nd, A2, dt_bias = _program_channels(
         A_ptr, dt_bias_ptr, ngroups, dim_per_group, dstate, HAS_DT_BIAS, ACC, BLOCK_D, BLOCK_N, True
     )
@@ -334,32 +355,47 @@ def _adjoint_chunk_kernel(
     alive = mask_d
     l_begin = pid_c * chunk_len
     l_end = tl.minimum(l_begin + chunk_len, seqlen)
-    last = (l_end - 1).to(tl.int64)
-    dt_row = dt_ptr + b * s_dt_b + last * s_dt_l
-    C_row = C_ptr + b * s_C_b + last * s_C_l + g * s_C_g
-    z_row = z_ptr + b * s_z_b + last * s_z_l
-    dy_row = dy_ptr + b * s_dy_b + last * s_dy_l
-    si_row = seq_idx_ptr + b * s_si_b + last * s_si_l
-    for i in range(0, l_end - l_begin):
+    dt_base = dt_ptr + b * s_dt_b + offs_d
+    C_base = C_ptr + b * s_C_b + g * s_C_g + offs_n
+    z_base = z_ptr + b * s_z_b + offs_d
+    dy_base = dy_ptr + b * s_dy_b + offs_d
+    si_base = seq_idx_ptr + b * s_si_b
+    # Inputs of steps t (set 0) and t - 1 (set 1); the loop loads step t - 2 before computing step t
+    # (before the chunk's start: its first step again, never used).
+    dt0, C0, z0, dy0 = _load_adjoint_step(
+        dt_base, C_base, z_base, dy_base, l_end - 1, s_dt_l, s_C_l, s_z_l, s_dy_l, mask_d, mask_n,
+        HAS_Z, EVEN_D, EVEN_N,
+    )  # fmt: skip
+    dt1, C1, z1, dy1 = _load_adjoint_step(
+        dt_base, C_base, z_base, dy_base, tl.maximum(l_end - 2, l_begin), s_dt_l, s_C_l, s_z_l, s_dy_l,
+        mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N,
+    )  # fmt: skip
+    for i in tl.range(0, l_end - l_begin):
         t = l_end - 1 - i
-        Ct = tl.load(C_row + offs_n, mask=mask_n, other=0.0).to(ACC)
-        dyp = tl.load(dy_row + offs_d, mask=mask_d, other=0.0).to(ACC)
+        dt2, C2, z2, dy2 = _load_adjoint_step(
+            dt_base, C_base, z_base, dy_base, tl.maximum(t - 2, l_begin), s_dt_l, s_C_l, s_z_l, s_dy_l,
+            mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N,
+        )  # fmt: skip
+        dyp = dy0.to(ACC)
         if HAS_Z:
-            z = tl.load(z_row + offs_d, mask=mask_d, other=0.0).to(ACC)
+            z = z0.to(ACC)
             dyp = dyp * z / (1.0 + tl.exp(-z))
-        delta, _ = _delta_at(dt_row, offs_d, dt_bias, mask_d, HAS_DT_BIAS, DT_SOFTPLUS, ACC)
+        delta = dt0.to(ACC)
+        if HAS_DT_BIAS:
+            delta = delta + dt_bias
+        if DT_SOFTPLUS:
+            delta = _softplus(delta)
+        delta = tl.where(mask_d, delta, 0.0)
         dA = tl.exp2(A2 * delta[None, :])
         delta_sum += delta
         if HAS_SEQ_IDX:
+            si_row = si_base + t.to(tl.int64) * s_si_l
             reset = _reset_at(si_row, s_si_l, t, l_end, HAS_SEQ_IDX)
             dA = tl.where(reset, 0.0, dA)
             alive = alive & (reset == 0)
-        carry = dA * (carry + Ct[:, None] * dyp[None, :])
-        dt_row -= s_dt_l
-        C_row -= s_C_l
-        z_row -= s_z_l
-        dy_row -= s_dy_l
-        si_row -= s_si_l
+        carry = dA * (carry + C0.to(ACC)[:, None] * dyp[None, :])
+        dt0, C0, z0, dy0 = dt1, C1, z1, dy1
+        dt1, C1, z1, dy1 = dt2, C2, z2, dy2
     offs = ((b * nchunks + pid_c) * dstate + offs_n[:, None]) * dim + offs_d[None, :]
     tl.store(G_ptr + offs, carry, mask=mask_nd)
     decay = tl.where(alive[None, :], tl.exp2(A2 * delta_sum[None, :]), 0.0)
@@ -381,6 +417,24 @@ def seq_bwd_config(dim_per_group: int) -> tuple[int, int, int, int]:
     # of 4 with preloading 12.27 (uncapped; 17.41 capped), 64 channels a program 12.15 (uncapped);
     # tile-scan backward 29.9 ms (2026-12-02). Before the checkpoint pass moved out: 12.9 ms.
     return 32, 1, 2, 1
+
+
+def chunk_pass_blocks(dim_per_group: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(BLOCK_D, num_warps) of the backward's chunk passes: first of the two that run the forward's step
+    loop (chunk start states, checkpoints), then of the adjoint pass. They hold one state tile a thread
+    and do no reductions, so wide blocks cost the fewest instructions a channel-step, but with the
+    backward's few sequence chunks wide blocks leave the GPU underoccupied. H200, anchor, L = 8192, 6
+    chunks, forward+backward with all three at 128/1, 64/1, 32/1, 128/2, 256/2: 11.66, 11.20, 11.99,
+    11.19, 11.64 ms; the adjoint pass alone 1.47, 1.20, 1.03, 1.17, 1.47 ms, the four step-loop launches
+    4.81, 4.61, 5.56, 4.62, 4.80 (2026-12-02). MAMBAKIT_SCAN_BWD_PASS_BLOCK="bd,nw" sets both."""
+    env = os.environ.get("MAMBAKIT_SCAN_BWD_PASS_BLOCK")
+    if env:
+        bd, nw = (int(v) for v in env.split(","))
+        return (bd, nw), (bd, nw)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return (16, 1), (16, 1)
+    width = next_power_of_2(dim_per_group)
+    return (max(32, min(64, width)), 1), (32, 1)
 
 
 def default_bwd_seq_chunks(x: torch.Tensor, warps: int, seqlen: int) -> int:
@@ -466,24 +520,25 @@ def selective_scan_bwd_seq(
     chunk_len = triton.cdiv(triton.cdiv(max(seqlen, 1), nchunks), step) * step
     nchunks = triton.cdiv(seqlen, chunk_len) if seqlen > 0 else 1
     nseg = triton.cdiv(chunk_len, seg)
+    pass_block, adjoint_block = chunk_pass_blocks(dim_per_group)
     if nchunks > 1:
         starts = chunk_start_states(
             x, dt, A, B, dt_bias, dt_softplus, initial_state, seq_idx, chunk_len,
-            default_config(dim_per_group, dstate), channel_major=True,
+            default_config(dim_per_group, dstate), channel_major=True, seq_block=pass_block,
         )  # fmt: skip
         if kernel_choice() != "seq":  # the tile forward's chunk pass returns (dim, dstate) states
             starts = _channel_major(starts)
         G = torch.empty_like(starts)
         Q = torch.empty_like(starts)
-        # One state tile a thread and no reductions: the forward's wide blocks (4 channels a thread).
-        adj_bd, adj_nw, _ = seq_config(dim_per_group)
-        _adjoint_chunk_kernel[(batch * ngroups, triton.cdiv(dim_per_group, adj_bd), nchunks)](
+        adj_bd, adj_nw = adjoint_block
+        _adjoint_chunk_kernel[(batch * ngroups, triton.cdiv(dim_per_group, adj_bd), nchunks - 1)](
             dt, A_t, C, z if z is not None else x, dt_bias if dt_bias is not None else x, si, dy, G, Q,
             seqlen, dim, dstate, dim_per_group, ngroups, nchunks, chunk_len,
             dt.stride(0), dt.stride(1), C.stride(0), C.stride(1), C.stride(2), *s_z, *s_si,
             dy.stride(0), dy.stride(1),
             HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, HAS_SEQ_IDX=seq_idx is not None,
             DT_SOFTPLUS=bool(dt_softplus), ACC=acc, BLOCK_D=adj_bd, BLOCK_N=block_n, num_warps=adj_nw,
+            EVEN_D=dim_per_group % adj_bd == 0, EVEN_N=block_n == dstate,
         )  # fmt: skip
         state_in, carry_in = starts, chunk_carries(G, Q, dfinal)
     else:
@@ -498,6 +553,7 @@ def selective_scan_bwd_seq(
         fwd_launch(
             x, dt, A, B32, B32, None, None, dt_bias, seq_idx, x, dt_softplus, acc, nchunks, chunk_len,
             16, block_d, num_warps, state_in, hbuf, None, write_y=False, ckpt=(hbuf, seg, nseg),
+            seq_block=pass_block,
         )  # fmt: skip
     dx, ddt, dz, dBp, dCp, dAp, dDp, dbiasp, dh0 = grad_buffers(
         x, dt, z, h0, ngroups, nblocks, nchunks, dstate
