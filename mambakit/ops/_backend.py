@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 
@@ -11,14 +10,22 @@ import torch
 BACKENDS = ("reference", "torch", "triton")
 
 
-@functools.cache
+_TRITON_IMPORTS: bool | None = None
+
+
 def triton_available() -> bool:
-    """True when Triton imports (it needs a CUDA device unless TRITON_INTERPRET=1)."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """True when Triton imports (it needs a CUDA device unless TRITON_INTERPRET=1). Remembered in a
+    module global rather than by `functools.cache`: torch.compile traces this call inside the ops, and
+    Dynamo warns about (and bypasses) cache wrappers."""
+    global _TRITON_IMPORTS
+    if _TRITON_IMPORTS is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_IMPORTS = True
+        except Exception:
+            _TRITON_IMPORTS = False
+    return _TRITON_IMPORTS
 
 
 def resolve_backend(backend: str, device: torch.device, implemented: tuple[str, ...]) -> str:
