@@ -120,21 +120,27 @@ def cuda_kernel_totals(prof) -> dict[str, tuple[int, float]]:
     return {name: (int(n), us) for name, (n, us) in totals.items()}
 
 
-def profile_kernels(step, reps: int = 5, top: int = 15) -> list[dict]:
-    """GPU time per kernel (ms per call, launches per call) of `step()`, from torch.profiler: three
-    untimed calls first (compile and tune outside the profile), then `reps` profiled ones."""
+def profiled_kernel_totals(step, reps: int, warmup: int) -> dict[str, tuple[int, float]]:
+    """`cuda_kernel_totals` over `reps` profiled calls of `step()`, after `warmup` untimed ones (compile
+    and tune outside the profile)."""
     from torch.profiler import ProfilerActivity, profile
 
-    for _ in range(3):
+    for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             step()
         torch.cuda.synchronize()
+    return cuda_kernel_totals(prof)
+
+
+def profile_kernels(step, reps: int = 5, top: int = 15) -> list[dict]:
+    """GPU time per kernel (ms per call, launches per call) of `step()`, from torch.profiler: three
+    untimed calls first, then `reps` profiled ones."""
     rows = [
         {"kernel": name[:60], "ms_per_call": us / 1e3 / reps, "launches": n // reps}
-        for name, (n, us) in cuda_kernel_totals(prof).items()
+        for name, (n, us) in profiled_kernel_totals(step, reps, warmup=3).items()
     ]
     rows.sort(key=lambda r: -r["ms_per_call"])
     return rows[:top]

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_ssd import ANCHOR, make_inputs, rel_err, run_ssd  # noqa: E402
 
-from _common import cuda_kernel_totals, environment, print_table, write_json  # noqa: E402
+from _common import cuda_kernel_totals, environment, print_table, profiled_kernel_totals, write_json  # noqa: E402
 
 CONFIGS = [
     "64,128,8,2", "64,128,4,2", "64,64,8,2", "64,64,4,2", "64,64,4,3", "64,32,4,2", "64,32,4,3",
@@ -35,15 +35,7 @@ CONFIGS = [
 
 
 def kernel_us(fn, name: str, reps: int = 10) -> float:
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    totals = cuda_kernel_totals(prof)
+    totals = profiled_kernel_totals(fn, reps, warmup=1)
     us = [t for k, (_, t) in totals.items() if name in k]
     return sum(us) / reps if us else float("nan")
 

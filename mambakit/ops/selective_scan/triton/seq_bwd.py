@@ -55,7 +55,7 @@ from mambakit.ops.selective_scan.triton.scan_fwd import (
     kernel_choice,
 )
 from mambakit.ops.selective_scan.triton.scan_fwd import _launch as fwd_launch
-from mambakit.ops.selective_scan.triton.seq_fwd import _program_channels, _softplus
+from mambakit.ops.selective_scan.triton.seq_fwd import _program_channels, _softplus, step_delta
 
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -380,12 +380,7 @@ def _adjoint_chunk_kernel(
         if HAS_Z:
             z = z0.to(ACC)
             dyp = dyp * z / (1.0 + tl.exp(-z))
-        delta = dt0.to(ACC)
-        if HAS_DT_BIAS:
-            delta = delta + dt_bias
-        if DT_SOFTPLUS:
-            delta = _softplus(delta)
-        delta = tl.where(mask_d, delta, 0.0)
+        delta = step_delta(dt0, dt_bias, mask_d, HAS_DT_BIAS, DT_SOFTPLUS, ACC)
         dA = tl.exp2(A2 * delta[None, :])
         delta_sum += delta
         if HAS_SEQ_IDX:

@@ -48,6 +48,18 @@ def _softplus(v):
 
 
 @triton.jit
+def step_delta(dt, dt_bias, mask_d, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, ACC: tl.constexpr):
+    """delta of one step from its loaded dt (BLOCK_D,): plus the bias, through softplus, 0 where not
+    mask_d (padded channels then decay by 1 and add nothing)."""
+    delta = dt.to(ACC)
+    if HAS_DT_BIAS:
+        delta = delta + dt_bias
+    if DT_SOFTPLUS:
+        delta = _softplus(delta)
+    return tl.where(mask_d, delta, 0.0)
+
+
+@triton.jit
 def _load_step(x_base, dt_base, z_base, B_base, C_base, si_base, step, s_x_l, s_dt_l, s_z_l, s_B_l, s_C_l,
                s_si_l, mask_d, mask_n, offs_d, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
                WRITE_Y: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr):  # fmt: skip
@@ -177,12 +189,7 @@ def selective_scan_fwd_seq_kernel(
                 tl.store(ckpt, h, mask=mask_nd)
                 ckpt += dstate * dim
         x = x0.to(ACC)
-        delta = dt0.to(ACC)
-        if HAS_DT_BIAS:
-            delta = delta + dt_bias
-        if DT_SOFTPLUS:
-            delta = _softplus(delta)
-        delta = tl.where(mask_d, delta, 0.0)
+        delta = step_delta(dt0, dt_bias, mask_d, HAS_DT_BIAS, DT_SOFTPLUS, ACC)
         dA = tl.exp2(A2 * delta[None, :])
         if HAS_SEQ_IDX:
             # A new document starts: the previous state is taken as zero, i.e. its decay is zero.
